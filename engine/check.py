@@ -1,0 +1,87 @@
+"""Prove a plan complete before anything is written.
+
+Every source tensor is used in full (or listed as deliberately dropped), every target
+entry is exactly assembled from in-bounds pieces of the right shape and dtype, and no
+key appears twice in a chunk. This is the guard against silently dropped or misplaced
+weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .plan import Plan
+from .safetensors_header import TensorMeta
+
+Rect = tuple[int, int, int, int]  # rows [r0, r1) x cols [c0, c1)
+
+
+def _extent(meta: TensorMeta) -> tuple[int, int]:
+    rows = meta.shape[0] if meta.shape else 1
+    cols = meta.shape[1] if len(meta.shape) >= 2 else 1
+    return rows, cols
+
+
+def _uncovered(rows: int, cols: int, rects: set[Rect]) -> Rect | None:
+    """A cell of the [0,rows) x [0,cols) grid that no rectangle covers, if any."""
+    rs = sorted({0, rows, *(r for a, b, _, _ in rects for r in (a, b))})
+    cs = sorted({0, cols, *(c for _, _, a, b in rects for c in (a, b))})
+    for r0, r1 in zip(rs, rs[1:], strict=False):
+        live = [x for x in rects if x[0] <= r0 and r1 <= x[1]]
+        for c0, c1 in zip(cs, cs[1:], strict=False):
+            if not any(x[2] <= c0 and c1 <= x[3] for x in live):
+                return r0, r1, c0, c1
+    return None
+
+
+def check_plan(plan: Plan) -> list[str]:
+    """All problems found; an empty list means the plan is complete and consistent."""
+    problems: list[str] = []
+    used: dict[str, set[Rect]] = defaultdict(set)
+    for f in plan.files:
+        for ci, chunk in enumerate(f.chunks):
+            seen: set[str] = set()
+            where = f"{f.path} [{f.chunk_names[ci]}]"
+            for e in chunk:
+                if e.key in seen:
+                    problems.append(f"{where}: {e.key} appears twice")
+                seen.add(e.key)
+                problems += _check_entry(plan, e, where, used)
+    for name, meta in plan.sources.items():
+        if name in plan.dropped:
+            continue
+        rows, cols = _extent(meta)
+        if name not in used:
+            problems.append(f"source {name} is used by no output and not listed as dropped")
+            continue
+        hole = _uncovered(rows, cols, used[name])
+        if hole:
+            problems.append(f"source {name}: rows {hole[0]}..{hole[1]}, cols {hole[2]}..{hole[3]} are written nowhere")
+    return problems
+
+
+def _check_entry(plan: Plan, e, where: str, used: dict[str, set[Rect]]) -> list[str]:
+    out: list[str] = []
+    rows = 0
+    for p in e.pieces:
+        meta = plan.sources.get(p.source)
+        if meta is None:
+            return [f"{where}: {e.key} reads {p.source}, which the source does not have"]
+        if meta.dtype != e.dtype:
+            out.append(f"{where}: {e.key} is {e.dtype} but its source {p.source} is {meta.dtype}")
+        srows, scols = _extent(meta)
+        r0, r1 = p.rows
+        c0, c1 = p.cols if p.cols else (0, scols)
+        if not (0 <= r0 < r1 <= srows and 0 <= c0 < c1 <= scols):
+            out.append(f"{where}: {e.key} reads rows {r0}..{r1} cols {c0}..{c1} outside {p.source} {list(meta.shape)}")
+        rest = list(meta.shape[1:])
+        if p.cols and rest:
+            rest[0] = c1 - c0
+        if tuple(rest) != tuple(e.shape[1:]):
+            out.append(f"{where}: {e.key} {list(e.shape)} gets a piece of {p.source} with trailing shape {rest}")
+        rows += r1 - r0
+        used[p.source].add((r0, r1, c0, c1))
+    want = e.shape[0] if e.shape else 1
+    if rows != want:
+        out.append(f"{where}: {e.key} has {want} rows but its pieces give {rows}")
+    return out

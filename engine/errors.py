@@ -1,0 +1,14 @@
+"""Errors the user can fix. Everything else is a bug and keeps its traceback."""
+
+
+class ConvertError(Exception):
+    """Bad input: one line naming the file or field, the value, and what would be accepted.
+
+    Front ends print the message alone and exit with status 2; nothing is written.
+    """
+
+    exit_code = 2
+
+
+class CancelledError(Exception):
+    """The caller stopped a running conversion; the temporary output was removed."""

@@ -1,0 +1,43 @@
+"""Progress events of a running conversion: plain data for the TUI and the headless runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    total_bytes: int
+    files: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileStarted:
+    index: int
+    path: str
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    done_bytes: int  # over the whole job
+    total_bytes: int
+    path: str  # current output file
+    key: str  # tensor just written
+
+
+@dataclass(frozen=True, slots=True)
+class FileDone:
+    index: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    out_dir: Path
+    total_bytes: int
+    seconds: float
+
+
+Event = Started | FileStarted | Progress | FileDone | Finished

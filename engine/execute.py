@@ -1,0 +1,151 @@
+"""Run a plan: write each output file by streaming its tensors, then rename into place.
+
+Memory is bounded by the largest single tensor: each entry is assembled in one buffer
+straight from the source bytes it needs, handed to the streaming writer, and dropped.
+Output goes to a temporary sibling of the target and is renamed only when complete, so
+a crash or a cancel never leaves a half checkpoint under the target name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from .check import check_plan
+from .errors import ConvertError
+from .events import Event, FileDone, FileStarted, Finished, Progress, Started
+from .hf_source import TensorReader
+from .plan import TRACKER_NAME, Entry, Plan
+from .torch_zip import StreamingCheckpointWriter
+
+DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
+FILE_MODE = 0o640
+CHECKPOINT_VERSION = 3.0
+
+
+def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
+    """Refuse an existing, non-empty target unless asked to overwrite."""
+    if out_dir.is_file():
+        raise ConvertError(f"{field} {out_dir}: is a file; give a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConvertError(f"{field} {out_dir}: exists and is not empty; choose a new directory or pass --overwrite")
+
+
+def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> torch.Tensor:
+    """Build one target tensor in a single buffer, reading only the rows it needs."""
+    out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+    flat = out if out.dim() else out.reshape(1)
+    cur = 0
+    for p in entry.pieces:
+        meta = plan.sources[p.source]
+        n = p.rows[1] - p.rows[0]
+        if p.cols is None:
+            reader.read_rows_into(meta, p.rows[0], p.rows[1], flat[cur : cur + n])
+        else:
+            rows = torch.empty((n, *meta.shape[1:]), dtype=out.dtype)
+            reader.read_rows_into(meta, p.rows[0], p.rows[1], rows)
+            flat[cur : cur + n].copy_(rows[:, p.cols[0] : p.cols[1]])
+            del rows
+        cur += n
+    return out
+
+
+def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) -> Iterator[Event]:
+    """Write the chosen output files of `plan` under `dest` (a worker's share of a job)."""
+    chosen = list(range(len(plan.files))) if indices is None else list(indices)
+    total = sum(plan.files[i].nbytes for i in chosen)
+    yield Started(total, len(chosen))
+    reader = TensorReader()
+    done = 0
+    try:
+        for i in chosen:
+            f = plan.files[i]
+            yield FileStarted(i, f.path, f.nbytes)
+            path = dest / f.path
+            _mkdirs(dest, path.parent)
+            with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
+                obj: dict[str, object] = {}
+                for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
+                    refs = {}
+                    for e in chunk:
+                        refs[e.key] = w.add_tensor(assemble(e, plan, reader))
+                        done += e.nbytes
+                        yield Progress(done, total, f.path, e.key)
+                    obj[name] = refs
+                obj["checkpoint_version"] = CHECKPOINT_VERSION
+                w.finish(obj)
+            os.chmod(path, FILE_MODE)
+            yield FileDone(i, f.path)
+    finally:
+        reader.close()
+
+
+def _mkdirs(root: Path, path: Path) -> None:
+    missing = []
+    while path != root and not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(mode=DIR_MODE)
+        os.chmod(d, DIR_MODE)
+
+
+def execute(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Iterator[Event]:
+    """Write the whole plan into `out_dir`, atomically. Closing the generator cancels cleanly."""
+    out_dir = Path(out_dir).absolute()
+    check_target(out_dir, overwrite)
+    problems = check_plan(plan)
+    if problems:
+        raise AssertionError("plan check failed:\n" + "\n".join(problems))  # a bug, not bad input
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.mmtui-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(mode=DIR_MODE)
+    os.chmod(tmp, DIR_MODE)
+    finished = False
+    try:
+        yield from write_files(plan, tmp)
+        tracker = tmp / TRACKER_NAME
+        tracker.write_text(plan.tracker_text)
+        os.chmod(tracker, FILE_MODE)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, out_dir)
+        finished = True
+    finally:
+        if not finished:
+            shutil.rmtree(tmp, ignore_errors=True)
+    yield Finished(out_dir, plan.nbytes, time.perf_counter() - start)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.mmtui-old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Finished:
+    """Execute without watching progress; return the final event."""
+    last = None
+    for last in execute(plan, out_dir, overwrite=overwrite):
+        pass
+    assert isinstance(last, Finished)
+    return last

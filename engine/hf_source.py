@@ -1,0 +1,210 @@
+"""Inspect a Hugging Face model directory from metadata, and read slices of its tensors.
+
+Reads config.json and the safetensors headers only. Tensor bytes are read later with
+plain `readinto` at the offsets the header gives (not mmap: mapped pages count towards
+the process's resident memory and would make peak RSS grow with the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConvertError
+from .preset import Preset, builtin_presets
+from .safetensors_header import TensorMeta, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelInfo:
+    """Everything a plan needs about a source model, read from metadata alone."""
+
+    hf_dir: Path
+    preset: Preset
+    config: dict[str, Any]
+    fields: dict[str, Any]
+    tensors: dict[str, TensorMeta]  # canonical (preset) spelling -> where its bytes are
+    files: list[Path]
+    spelling: str  # "canonical" or the alias prefix seen in the files
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def field_int(self, name: str) -> int:
+        return int(self.fields[name])
+
+
+def _config_path(hf_dir: Path) -> Path:
+    if not hf_dir.exists():
+        raise ConvertError(
+            f"hf_dir {hf_dir}: no such directory (expected a Hugging Face model directory "
+            "with config.json and *.safetensors)"
+        )
+    if not hf_dir.is_dir():
+        raise ConvertError(f"hf_dir {hf_dir}: not a directory (expected a Hugging Face model directory)")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (a Hugging Face model directory holds config.json)")
+    return path
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    path = _config_path(hf_dir)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def detect_preset(config: dict[str, Any], where: Path) -> Preset:
+    """Pick the family from model_type, else architectures[0]."""
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    for p in builtin_presets().values():
+        if model_type in p.model_types or (archs and archs[0] in p.architectures):
+            return p
+    known = ", ".join(t for p in builtin_presets().values() for t in p.model_types)
+    raise ConvertError(
+        f"{where}: model_type {model_type!r} (architectures {archs}) is not a supported family; "
+        f"supported model_type values: {known}"
+    )
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node or node[part] is None:
+            return None
+        node = node[part]
+    return node
+
+
+def resolve_fields(preset: Preset, config: dict[str, Any], where: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, paths in preset.fields.items():
+        value = next((v for v in (_lookup(config, p) for p in paths) if v is not None), None)
+        if value is None:
+            if name not in preset.defaults:
+                raise ConvertError(
+                    f"{where}: none of {', '.join(paths)} is set (needed for {name}); is this a complete config.json?"
+                )
+            value = preset.defaults[name]
+        out[name] = value
+    return out
+
+
+def weight_files(hf_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files to read, and the index's weight_map when sharded."""
+    index = hf_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+            raise ConvertError(f"{index}: not a valid index (expected a JSON object with a weight_map)") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (hf_dir / name).is_file():
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise ConvertError(f"{index}: names {name} (for {key!r}) but {hf_dir / name} is missing")
+        return [hf_dir / n for n in names], weight_map
+    single = hf_dir / SINGLE_NAME
+    if single.is_file():
+        return [single], None
+    found = sorted(hf_dir.glob("*.safetensors"))
+    if found:
+        return found, None
+    raise ConvertError(
+        f"hf_dir {hf_dir}: no *.safetensors weights (expected model.safetensors, or shards "
+        f"with {INDEX_NAME}); .bin/.pt weights are not read (they need unpickling)"
+    )
+
+
+def canonical_name(preset: Preset, name: str) -> tuple[str, str]:
+    """Map another spelling of a key to the preset's; return (name, alias used or '')."""
+    for alias in sorted(preset.aliases, key=len, reverse=True):
+        if name.startswith(alias):
+            return preset.aliases[alias] + name[len(alias) :], alias
+    return name, ""
+
+
+def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
+    """Read config.json and every safetensors header; no tensor data."""
+    hf_dir = Path(hf_dir)
+    config = read_config(hf_dir)
+    where = hf_dir / "config.json"
+    preset = preset or detect_preset(config, where)
+    fields = resolve_fields(preset, config, where)
+    files, weight_map = weight_files(hf_dir)
+    tensors: dict[str, TensorMeta] = {}
+    spellings: set[str] = set()
+    for path in files:
+        for raw, meta in read_header(path).items():
+            if weight_map is not None and weight_map.get(raw) not in (None, path.name):
+                continue  # the index says this copy is not the one to use
+            name, alias = canonical_name(preset, raw)
+            spellings.add(alias)
+            if name in tensors:
+                raise ConvertError(f"{path}: tensor {raw!r} also appears in {tensors[name].file.name}")
+            tensors[name] = meta
+    if weight_map is not None:
+        for raw, fname in weight_map.items():
+            if canonical_name(preset, raw)[0] not in tensors:
+                raise ConvertError(f"{hf_dir / INDEX_NAME}: names {raw!r} in {fname} but that file's header lacks it")
+    info = ModelInfo(
+        hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings))
+    )
+    return info
+
+
+class TensorReader:
+    """Reads row ranges of source tensors straight into caller buffers."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_rows_into(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Copy rows [r0, r1) of `meta` (dim 0) into the contiguous tensor `out`."""
+        row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else meta.nbytes
+        start = meta.begin + r0 * row_bytes
+        want = (r1 - r0) * row_bytes if meta.shape else meta.nbytes
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        if len(buf) != want:
+            raise AssertionError(f"buffer of {len(buf)} bytes for {want} bytes of {meta.name}")
+        fd = self._fd(meta.file)
+        done = 0
+        while done < want:
+            n = os.preadv(fd, [buf[done:]], start + done)
+            if n <= 0:
+                raise ConvertError(f"{meta.file}: unexpected end of file reading {meta.name!r} (truncated?)")
+            done += n
+
+    def read(self, meta: TensorMeta) -> torch.Tensor:
+        out = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
+        self.read_rows_into(meta, 0, meta.shape[0] if meta.shape else 1, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

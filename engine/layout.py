@@ -1,0 +1,151 @@
+"""The target layout: TP size and per-module, per-stage layer counts for each VPP chunk.
+
+The pydantic model checks what it can alone (shapes of the lists); `validate_layout`
+checks it against a model's config.json (sums, divisibility, empty stages). Messages
+name the field, the value, and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+from .errors import ConvertError
+from .hf_source import ModelInfo
+
+Chunks = list[list[NonNegativeInt]]
+
+
+class ParallelConfig(BaseModel):
+    """`parallel_config` of a job (the seed tool's field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm_pp_layers: Chunks
+    """Language-model layers per pipeline stage, one list per virtual-pipeline chunk: [[1,10,10,7]]."""
+    vit_pp_layers: Chunks
+    """Vision-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]."""
+    tp_size: PositiveInt = 1
+    """Tensor-parallel size; one rank directory per TP rank."""
+    vit_tp_size: NonNegativeInt | None = None
+    """Vision-encoder TP size; 0 or unset means tp_size."""
+    ep_size: PositiveInt = 1
+    """Expert-parallel size (MoE models only)."""
+
+    @field_validator("llm_pp_layers", "vit_pp_layers", mode="before")
+    @classmethod
+    def _flat_is_one_chunk(cls, v: object) -> object:
+        if isinstance(v, list | tuple) and v and all(isinstance(x, int) for x in v):
+            return [list(v)]
+        return v
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ParallelConfig:
+        for name in ("llm_pp_layers", "vit_pp_layers"):
+            chunks = getattr(self, name)
+            if not chunks or not chunks[0]:
+                raise ValueError(f"{name} is empty; give layer counts per stage, e.g. [[1,10,10,7]]")
+        pp = len(self.llm_pp_layers[0])
+        if len(self.vit_pp_layers) != len(self.llm_pp_layers):
+            raise ValueError(
+                f"vit_pp_layers has {len(self.vit_pp_layers)} VPP chunk(s) but llm_pp_layers has "
+                f"{len(self.llm_pp_layers)}; give one list per chunk for both"
+            )
+        for name in ("llm_pp_layers", "vit_pp_layers"):
+            for i, chunk in enumerate(getattr(self, name)):
+                if len(chunk) != pp:
+                    raise ValueError(
+                        f"{name}[{i}] = {chunk} has {len(chunk)} stage(s); every chunk needs {pp} "
+                        f"(the length of llm_pp_layers[0])"
+                    )
+        return self
+
+    @property
+    def pp_size(self) -> int:
+        return len(self.llm_pp_layers[0])
+
+    @property
+    def vpp_size(self) -> int:
+        return len(self.llm_pp_layers)
+
+    def layers_of(self, module: str) -> Chunks:
+        return getattr(self, f"{module}_pp_layers")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one module's layers land: global layer index -> (chunk, stage, local index)."""
+
+    module: str
+    counts: Chunks
+    first_cell: tuple[int, int] | None  # (chunk, stage) holding the first layer
+    last_cell: tuple[int, int] | None
+
+    def locate(self, layer: int) -> tuple[int, int, int]:
+        """Cells are ordered chunk-major: chunk 0 stages 0..P-1, then chunk 1, ..."""
+        start = 0
+        for c, chunk in enumerate(self.counts):
+            for s, n in enumerate(chunk):
+                if layer < start + n:
+                    return c, s, layer - start
+                start += n
+        raise IndexError(layer)
+
+
+def placement(module: str, counts: Chunks) -> Placement:
+    cells = [(c, s) for c, chunk in enumerate(counts) for s, n in enumerate(chunk) if n]
+    return Placement(module, counts, cells[0] if cells else None, cells[-1] if cells else None)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate_layout(layout: ParallelConfig, info: ModelInfo) -> None:
+    """Check a layout against the model; raise ConvertError with the first problem."""
+    problems = layout_problems(layout, info)
+    if problems:
+        raise ConvertError(problems[0])
+
+
+def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
+    """Every problem of the layout for this model, in field order (the TUI shows them all)."""
+    cfg = f"{info.hf_dir.name}/config.json"
+    out: list[str] = []
+    vit_tp = layout.vit_tp_size or layout.tp_size
+    if vit_tp != layout.tp_size:
+        out.append(
+            f"parallel_config.vit_tp_size {layout.vit_tp_size} differs from tp_size {layout.tp_size}; "
+            "a separate vision TP is not supported yet (use 0 or the same value)"
+        )
+    if layout.ep_size != 1:
+        out.append(f"parallel_config.ep_size {layout.ep_size}: {info.preset.title} has no experts; use 1")
+    for m in info.preset.modules:
+        name = f"parallel_config.{m.name}_pp_layers"
+        counts = layout.layers_of(m.name)
+        total = sum(sum(c) for c in counts)
+        want = info.field_int(m.layers)
+        if total != want:
+            path = info.preset.fields[m.layers][-1]
+            out.append(f"{name} {counts} sums to {total} but {cfg} has {path} = {want}; the sum must equal {want}")
+    tp = layout.tp_size
+    for m in info.preset.modules:
+        for field_name in (m.heads, m.vocab):
+            if not field_name:
+                continue
+            n = info.field_int(field_name)
+            if n % tp:
+                path = info.preset.fields[field_name][-1]
+                out.append(
+                    f"parallel_config.tp_size {tp} does not divide {path} = {n} ({cfg}); "
+                    f"use a tp_size among: {_divisors(n)}"
+                )
+    for c in range(layout.vpp_size):
+        for s in range(layout.pp_size):
+            if not any(layout.layers_of(m.name)[c][s] for m in info.preset.modules):
+                where = f"stage {s}" + (f" of chunk {c}" if layout.vpp_size > 1 else "")
+                out.append(
+                    f"parallel_config: pipeline {where} holds no layers of any module; every stage needs at least one"
+                )
+    return out

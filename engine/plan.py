@@ -1,0 +1,391 @@
+"""Build the conversion plan: every output file, every tensor in it, and its recipe.
+
+A target tensor is described by a *row map*: the concatenation, along dim 0, of row
+ranges of source tensors (fusions such as grouped QKV or [gate; up] are just orders of
+row ranges). A TP rule then selects rows (or columns) of that map for each rank. So the
+plan is plain data; building it reads no tensor bytes, and the executor, the plan check
+and the TUI preview all read the same structure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .errors import ConvertError
+from .hf_source import ModelInfo
+from .layout import ParallelConfig, Placement, placement, validate_layout
+from .preset import Mapping, Module
+from .safetensors_header import TensorMeta, itemsize
+
+CKPT_NAME = "model_optim_rng.pt"
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+PARAMS = ("weight", "bias")
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Rows [r0, r1) (and columns [c0, c1) when `cols` is set) of one source tensor."""
+
+    source: str
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None = None
+
+
+@dataclass(slots=True)
+class Entry:
+    """One tensor of an output file: the concatenation of its pieces along dim 0."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    pieces: tuple[Piece, ...]
+    transform: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(p.source for p in self.pieces))
+
+
+@dataclass(slots=True)
+class OutputFile:
+    path: str  # relative to the output directory, e.g. "release/mp_rank_00_001/model_optim_rng.pt"
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    chunks: list[list[Entry]]  # one list per VPP chunk
+
+    @property
+    def chunk_names(self) -> list[str]:
+        return ["model"] if len(self.chunks) == 1 else [f"model{i}" for i in range(len(self.chunks))]
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [e for chunk in self.chunks for e in chunk]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def dir_name(self) -> str:
+        return self.path.split("/")[-2]
+
+
+@dataclass
+class Plan:
+    files: list[OutputFile]
+    sources: dict[str, TensorMeta]  # every tensor of the source view
+    dropped: dict[str, str]  # source key -> why it is deliberately not written
+    iteration: str = "release"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def tracker_text(self) -> str:
+        if self.iteration == "release":
+            return "release"
+        return self.iteration.removeprefix("iter_").lstrip("0") or "0"
+
+
+# ---------------------------------------------------------------------------------------
+# row maps: the full (unsplit) target as an ordered list of source row ranges
+
+Segment = tuple[str, int, int]  # (source key, first row, row count)
+
+
+def _row_map(mp: Mapping, srcs: list[TensorMeta], info: ModelInfo, key: str) -> list[Segment]:
+    if mp.kind in ("rename",):
+        (s,) = srcs
+        return [(s.name, 0, s.shape[0] if s.shape else 1)]
+    if mp.kind == "gate_up":
+        gate, up = srcs
+        return [(gate.name, 0, gate.shape[0]), (up.name, 0, up.shape[0])]
+    heads = info.field_int(mp.heads or "")
+    if mp.kind == "qkv":
+        q, k, v = srcs
+        groups = info.field_int(mp.groups or "")
+        if heads % groups or q.shape[0] % heads:
+            raise ConvertError(f"{key}: {heads} heads, {groups} KV heads and {q.shape[0]} q rows do not form groups")
+        d = q.shape[0] // heads
+        if k.shape[0] != groups * d or v.shape[0] != groups * d:
+            raise ConvertError(
+                f"{k.name}: {k.shape[0]} rows, expected {groups} KV heads x head size {d} = {groups * d}"
+            )
+        per = heads // groups
+        segs: list[Segment] = []
+        for g in range(groups):
+            segs += [(q.name, g * per * d, per * d), (k.name, g * d, d), (v.name, g * d, d)]
+        return segs
+    # qkv_per_head: one [q; k; v] source, written [q_h; k_h; v_h] for each head h
+    (s,) = srcs
+    rows = s.shape[0]
+    if rows % (3 * heads):
+        raise ConvertError(f"{s.name}: {rows} rows cannot hold q, k and v for {heads} heads")
+    d = rows // (3 * heads)
+    e = heads * d
+    segs = []
+    for h in range(heads):
+        segs += [(s.name, h * d, d), (s.name, e + h * d, d), (s.name, 2 * e + h * d, d)]
+    return segs
+
+
+def _window(segs: list[Segment], a: int, b: int) -> list[Piece]:
+    """Pieces covering rows [a, b) of the concatenated segments, adjacent ranges merged."""
+    out: list[Piece] = []
+    off = 0
+    for src, r0, n in segs:
+        lo, hi = max(a, off), min(b, off + n)
+        if lo < hi:
+            piece = Piece(src, (r0 + lo - off, r0 + hi - off))
+            if out and out[-1].source == src and out[-1].rows[1] == piece.rows[0]:
+                piece = Piece(src, (out[-1].rows[0], piece.rows[1]))
+                out[-1] = piece
+            else:
+                out.append(piece)
+        off += n
+    return out
+
+
+def _split(
+    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str
+) -> list[tuple[list[Piece], str]]:
+    """Pieces and a description for each TP rank; `shape` is the first source's shape."""
+    ndim = len(shape)
+    total = sum(n for _, _, n in segs)
+    rule = mp.tp
+    if rule == "cols" and ndim < 2:
+        rule = "replicate"  # the bias of a row-parallel layer is added after the reduction
+    if tp == 1 or rule == "replicate":
+        return [(_window(segs, 0, total), _describe(mp, "copy" if tp > 1 else ""))] * tp
+    if rule == "rows":
+        if total % tp:
+            raise ConvertError(f"{key}: {total} rows cannot be split in {tp} equal TP blocks")
+        n = total // tp
+        return [(_window(segs, r * n, (r + 1) * n), _describe(mp, f"rows {r + 1}/{tp}")) for r in range(tp)]
+    if rule == "gated":
+        half = total // 2
+        if total % 2 or half % tp:
+            raise ConvertError(f"{key}: gate/up halves of {half} rows cannot be split in {tp} TP blocks")
+        n = half // tp
+        return [
+            (
+                _window(segs, r * n, (r + 1) * n) + _window(segs, half + r * n, half + (r + 1) * n),
+                _describe(mp, f"gated {r + 1}/{tp}"),
+            )
+            for r in range(tp)
+        ]
+    # cols: every row piece keeps its rows and takes the rank's column block
+    cols = shape[1]
+    if cols % tp:
+        raise ConvertError(f"{key}: {cols} columns cannot be split in {tp} equal TP blocks")
+    n = cols // tp
+    whole = _window(segs, 0, total)
+    return [
+        ([Piece(p.source, p.rows, (r * n, (r + 1) * n)) for p in whole], _describe(mp, f"cols {r + 1}/{tp}"))
+        for r in range(tp)
+    ]
+
+
+def _describe(mp: Mapping, split: str) -> str:
+    fuse = {"rename": "", "qkv": "qkv grouped", "qkv_per_head": "qkv per head", "gate_up": "gate+up"}[mp.kind]
+    return " · ".join(p for p in (fuse, split) if p) or "copy"
+
+
+# ---------------------------------------------------------------------------------------
+# matching the preset's mappings against the source tensors
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(name).replace(r"\*", r"(\d+)") + r"\.(" + "|".join(PARAMS) + r")$")
+
+
+@dataclass
+class _Target:
+    key: str  # global target key (layer index global)
+    module: Module
+    layer: int | None
+    mapping: Mapping
+    sources: list[TensorMeta]
+    order: tuple[int, ...]  # (module, section first/layers/last, layer, mapping, param)
+
+
+def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Module]) -> tuple[list[_Target], set[str]]:
+    preset = info.preset
+    wanted = {m.name for m in modules}
+    targets: list[_Target] = []
+    claimed: set[str] = set()
+    for mi, mp in enumerate(preset.mappings):
+        module = preset.module_of_target(mp.mm)
+        pats = [_pattern(h) for h in mp.hf]
+        found: list[tuple[int | None, str, re.Match[str]]] = []
+        for name in sources:
+            m = pats[0].match(name)
+            if m:
+                layer = int(m.group(1)) if "*" in mp.hf[0] else None
+                found.append((layer, m.group(m.lastindex or 0), m))
+        for layer, param, _ in found:
+            names = [_fill(h, layer) + "." + param for h in mp.hf]
+            missing = [n for n in names if n not in sources]
+            if missing:
+                raise ConvertError(f"{info.hf_dir}: {names[0]} is present but {missing[0]} is missing")
+            claimed.update(names)
+            if module.name not in wanted:
+                continue
+            key = _fill(mp.mm, layer) + "." + param
+            section = 1 if layer is not None else 0 if any(key.startswith(p) for p in module.first) else 2
+            order = (preset.modules.index(module), section, layer or 0, mi, PARAMS.index(param))
+            targets.append(_Target(key, module, layer, mp, [sources[n] for n in names], order))
+    return targets, claimed
+
+
+def _fill(name: str, layer: int | None) -> str:
+    return name.replace("*", str(layer)) if layer is not None else name
+
+
+def _check_layers(info: ModelInfo, targets: list[_Target]) -> None:
+    for m in info.preset.modules:
+        seen = sorted({t.layer for t in targets if t.module is m and t.layer is not None})
+        want = info.field_int(m.layers)
+        if seen and seen != list(range(want)):
+            path = info.preset.fields[m.layers][-1]
+            raise ConvertError(
+                f"{info.hf_dir}/config.json: {path} = {want} but the weights hold {m.title.lower()} layers "
+                f"{seen[0]}..{seen[-1]} ({len(seen)} layers)"
+            )
+
+
+def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, str] | None:
+    """(chunk, stage, key with stage-local numbering), or None when the module has no layers here."""
+    pl = placements[t.module.name]
+    if t.layer is not None:
+        c, s, local = pl.locate(t.layer)
+        rest = t.key[len(t.module.layer_prefix) :].split(".", 1)[1]
+        return c, s, f"{t.module.layer_prefix}{local}.{rest}"
+    for prefixes, cell in ((t.module.first, pl.first_cell), (t.module.last, pl.last_cell)):
+        if any(t.key.startswith(p) for p in prefixes):
+            if cell is None:
+                return None
+            return cell[0], cell[1], t.key
+    raise ConvertError(
+        f"preset {t.mapping.mm!r}: target {t.key!r} is not a layer and matches none of the "
+        f"{t.module.name} module's first/last prefixes, so no stage would receive it"
+    )
+
+
+def build_plan(
+    info: ModelInfo,
+    layout: ParallelConfig,
+    *,
+    save_vit_only: bool = False,
+    iteration: str = "release",
+) -> Plan:
+    """HF model (metadata) + layout -> Plan. Reads no tensor data."""
+    validate_layout(layout, info)
+    preset = info.preset
+    sources = info.tensors
+    modules = [m for m in preset.modules if not save_vit_only or m.name == "vit"]
+    targets, claimed = _targets(info, sources, modules)
+    _check_layers(info, targets)
+    dropped: dict[str, str] = {}
+    tied = bool(info.fields.get(preset.tie.field)) if preset.tie else False
+    if preset.tie and tied:
+        for name in preset.tie.drop:
+            if name in sources:
+                dropped[name] = f"{preset.tie.field} is true: the output layer is the embedding"
+                targets = [t for t in targets if name not in {s.name for s in t.sources}]
+        claimed |= set(preset.tie.drop) & set(sources)
+    elif preset.tie:
+        lm_module = preset.module_of_target(preset.tie.target)
+        has_out = any(t.key == preset.tie.target for t in targets)
+        if lm_module in modules and not has_out:
+            raise ConvertError(
+                f"{info.hf_dir}: {preset.tie.field} is false in config.json but the weights have no "
+                f"{preset.tie.drop[0] if preset.tie.drop else 'output layer'}; set it true if the model ties them"
+            )
+    unplaced = sorted(set(sources) - claimed)
+    if unplaced:
+        raise ConvertError(
+            f"{sources[unplaced[0]].file}: tensor {unplaced[0]!r} matches no mapping of preset "
+            f"{preset.name} ({len(unplaced)} such tensors); refusing to drop weights silently"
+        )
+    for name in sources:
+        mod = preset.module_of_source(name)
+        if mod is not None and mod not in modules:
+            dropped[name] = "save_vit_only: only the vision encoder and projector are written"
+
+    tp, pp, vpp = layout.tp_size, layout.pp_size, layout.vpp_size
+    placements = {m.name: placement(m.name, layout.layers_of(m.name)) for m in preset.modules}
+    files = [
+        OutputFile(_rank_path(iteration, r, s, pp), r, s, 0, [[] for _ in range(vpp)])
+        for r in range(tp)
+        for s in range(pp)
+    ]
+    by_rank_stage = {(f.tp_rank, f.pp_rank): f for f in files}
+
+    if preset.tie and tied and pp > 1 and preset.module_of_target(preset.tie.target) in modules:
+        emb = next(t for t in targets if t.sources[0].name == preset.tie.source)
+        targets.append(_Target(preset.tie.target, emb.module, None, emb.mapping, emb.sources, (emb.order[0], 3)))
+    targets.sort(key=lambda t: t.order)
+    for t in targets:
+        cell = _cell_of(t, placements)
+        if cell is None:
+            continue
+        c, s, key = cell
+        segs = _row_map(t.mapping, t.sources, info, t.key)
+        dtypes = {src.dtype for src in t.sources}
+        if len(dtypes) != 1:
+            raise ConvertError(f"{t.key}: its sources have different dtypes {sorted(dtypes)}")
+        dtype = dtypes.pop()
+        tie_note = " · tied to embedding" if preset.tie and tied and t.key == preset.tie.target else ""
+        for r, (pieces, how) in enumerate(_split(t.mapping, segs, tp, t.sources[0].shape, t.key)):
+            shape = _shape(pieces, sources)
+            by_rank_stage[(r, s)].chunks[c].append(Entry(key, shape, dtype, tuple(pieces), how + tie_note))
+    notes = []
+    if preset.tie and tied:
+        notes.append(
+            "tied embeddings: output_layer.weight is written on the last LLM stage"
+            if pp > 1
+            else "tied embeddings: no output_layer is written with PP = 1"
+        )
+    return Plan(files, dict(sources), dropped, iteration, notes)
+
+
+def _shape(pieces: Iterable[Piece], sources: dict[str, TensorMeta]) -> tuple[int, ...]:
+    pieces = list(pieces)
+    first = sources[pieces[0].source].shape
+    if not first:
+        return ()
+    rows = sum(p.rows[1] - p.rows[0] for p in pieces)
+    rest = list(first[1:])
+    if pieces[0].cols is not None:
+        rest[0] = pieces[0].cols[1] - pieces[0].cols[0]
+    return (rows, *rest)
+
+
+def _rank_path(iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp > 1:
+        name += f"_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
+    return f"{iteration}/{name}/{CKPT_NAME}"
