@@ -8,6 +8,7 @@ weights.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 from .plan import Plan
@@ -26,9 +27,9 @@ def _uncovered(rows: int, cols: int, rects: set[Rect]) -> Rect | None:
     """A cell of the [0,rows) x [0,cols) grid that no rectangle covers, if any."""
     rs = sorted({0, rows, *(r for a, b, _, _ in rects for r in (a, b))})
     cs = sorted({0, cols, *(c for _, _, a, b in rects for c in (a, b))})
-    for r0, r1 in zip(rs, rs[1:], strict=False):
+    for r0, r1 in itertools.pairwise(rs):
         live = [x for x in rects if x[0] <= r0 and r1 <= x[1]]
-        for c0, c1 in zip(cs, cs[1:], strict=False):
+        for c0, c1 in itertools.pairwise(cs):
             if not any(x[2] <= c0 and c1 <= x[3] for x in live):
                 return r0, r1, c0, c1
     return None

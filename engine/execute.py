@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def _fsync_dir(path: Path) -> None:
 
 def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Finished:
     """Execute without watching progress; return the final event."""
-    last = None
-    for last in execute(plan, out_dir, overwrite=overwrite):
-        pass
+    (last,) = deque(execute(plan, out_dir, overwrite=overwrite), maxlen=1)
     assert isinstance(last, Finished)
     return last

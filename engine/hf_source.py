@@ -7,6 +7,7 @@ the process's resident memory and would make peak RSS grow with the model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
             spellings.add(alias)
             if name in tensors:
                 raise ConvertError(f"{path}: tensor {raw!r} also appears in {tensors[name].file.name}")
-            tensors[name] = meta
+            tensors[name] = dataclasses.replace(meta, name=name) if alias else meta
     if weight_map is not None:
         for raw, fname in weight_map.items():
             if canonical_name(preset, raw)[0] not in tensors:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
 
 Chunks = list[list[NonNegativeInt]]
+# A flat list is one VPP chunk; the union lets command-line parsers accept both spellings.
+ChunksOrFlat = list[list[NonNegativeInt]] | list[NonNegativeInt]
 
 
 class ParallelConfig(BaseModel):
@@ -22,9 +24,9 @@ class ParallelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    llm_pp_layers: Chunks
+    llm_pp_layers: ChunksOrFlat
     """Language-model layers per pipeline stage, one list per virtual-pipeline chunk: [[1,10,10,7]]."""
-    vit_pp_layers: Chunks
+    vit_pp_layers: ChunksOrFlat
     """Vision-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]."""
     tp_size: PositiveInt = 1
     """Tensor-parallel size; one rank directory per TP rank."""
@@ -40,26 +42,29 @@ class ParallelConfig(BaseModel):
             return [list(v)]
         return v
 
-    @model_validator(mode="after")
-    def _shapes(self) -> ParallelConfig:
+    def shape_problems(self) -> list[str]:
+        """Problems of the lists alone (no model needed)."""
+        out = []
         for name in ("llm_pp_layers", "vit_pp_layers"):
             chunks = getattr(self, name)
             if not chunks or not chunks[0]:
-                raise ValueError(f"{name} is empty; give layer counts per stage, e.g. [[1,10,10,7]]")
+                out.append(f"parallel_config.{name} is empty; give layer counts per stage, e.g. [[1,10,10,7]]")
+        if out:
+            return out
         pp = len(self.llm_pp_layers[0])
         if len(self.vit_pp_layers) != len(self.llm_pp_layers):
-            raise ValueError(
-                f"vit_pp_layers has {len(self.vit_pp_layers)} VPP chunk(s) but llm_pp_layers has "
+            out.append(
+                f"parallel_config.vit_pp_layers has {len(self.vit_pp_layers)} VPP chunk(s) but llm_pp_layers has "
                 f"{len(self.llm_pp_layers)}; give one list per chunk for both"
             )
         for name in ("llm_pp_layers", "vit_pp_layers"):
             for i, chunk in enumerate(getattr(self, name)):
                 if len(chunk) != pp:
-                    raise ValueError(
-                        f"{name}[{i}] = {chunk} has {len(chunk)} stage(s); every chunk needs {pp} "
+                    out.append(
+                        f"parallel_config.{name}[{i}] = {chunk} has {len(chunk)} stage(s); every chunk needs {pp} "
                         f"(the length of llm_pp_layers[0])"
                     )
-        return self
+        return out
 
     @property
     def pp_size(self) -> int:
@@ -70,7 +75,7 @@ class ParallelConfig(BaseModel):
         return len(self.llm_pp_layers)
 
     def layers_of(self, module: str) -> Chunks:
-        return getattr(self, f"{module}_pp_layers")
+        return getattr(self, f"{module}_pp_layers")  # always chunked after validation
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,9 @@ def validate_layout(layout: ParallelConfig, info: ModelInfo) -> None:
 def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
     """Every problem of the layout for this model, in field order (the TUI shows them all)."""
     cfg = f"{info.hf_dir.name}/config.json"
-    out: list[str] = []
+    out = layout.shape_problems()
+    if out:
+        return out
     vit_tp = layout.vit_tp_size or layout.tp_size
     if vit_tp != layout.tp_size:
         out.append(

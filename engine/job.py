@@ -1,0 +1,149 @@
+"""The job a user writes: one pydantic schema behind `mm-convert --cfg.*`, its `--config`
+YAML, and the TOML that `mmtui --replay` reads and the wizard saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import ConvertError
+from .execute import check_target
+from .hf_source import ModelInfo, inspect_hf, resolve_fields
+from .layout import ParallelConfig
+from .plan import Plan, build_plan
+from .preset import preset_for_converter
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HfConfig(_Config):
+    hf_dir: Path
+    """Hugging Face model directory (config.json and *.safetensors)."""
+
+
+class CommonModelConfig(_Config):
+    """Seed-tool fields; only llm_hf_dir changes what is written, the rest come from config.json."""
+
+    llm_hf_dir: Path | None = None
+    """Take the language-model weights from this second HF directory."""
+
+
+class HfToMmConfig(_Config):
+    """Convert a Hugging Face checkpoint to MindSpeed-MM's Megatron layout."""
+
+    mm_dir: Path
+    """Output directory; written to a temporary sibling and renamed into place when complete."""
+    hf_config: HfConfig
+    """The Hugging Face checkpoint to convert."""
+    parallel_config: ParallelConfig
+    """Target layout: TP size and layers per pipeline stage for each module and VPP chunk."""
+    llm_hf_config: HfConfig | None = None
+    """Take the language-model weights from this second HF directory (same as common_model_config.llm_hf_dir)."""
+    common_model_config: CommonModelConfig = CommonModelConfig()
+    """Fields of the seed tool's command line."""
+    save_vit_only: bool = False
+    """Write only the vision encoder and projector."""
+    overwrite: bool = False
+    """Replace an existing, non-empty mm_dir."""
+    trust_remote_code: bool = False
+    """Accepted for compatibility; mmtui never runs code from a checkpoint."""
+
+    @model_validator(mode="after")
+    def _one_llm_dir(self) -> HfToMmConfig:
+        a = self.llm_hf_config.hf_dir if self.llm_hf_config else None
+        b = self.common_model_config.llm_hf_dir
+        if a and b and Path(a) != Path(b):
+            raise ValueError(f"llm_hf_config.hf_dir {a} and common_model_config.llm_hf_dir {b} disagree; give one")
+        return self
+
+    @property
+    def llm_hf_dir(self) -> Path | None:
+        return self.llm_hf_config.hf_dir if self.llm_hf_config else self.common_model_config.llm_hf_dir
+
+
+COMMANDS = {"hf_to_mm": HfToMmConfig}
+
+
+class Job(_Config):
+    """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
+
+    converter: str
+    command: Literal["hf_to_mm"]
+    cfg: HfToMmConfig
+
+
+def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
+    """Language-model tensors and config fields from `llm`, the rest from `info`."""
+    preset = info.preset
+    lm = {m.name for m in preset.modules if m.name == "llm"}
+    tensors = {k: v for k, v in info.tensors.items() if (m := preset.module_of_source(k)) and m.name not in lm}
+    tensors |= {k: v for k, v in llm.tensors.items() if (m := preset.module_of_source(k)) and m.name in lm}
+    fields = dict(info.fields)
+    try:
+        llm_fields = resolve_fields(preset, llm.config, llm.hf_dir / "config.json")
+    except ConvertError:
+        llm_fields = {}
+    for name, paths in preset.fields.items():
+        if not any(p.startswith("vision_config") for p in paths) and name in llm_fields:
+            fields[name] = llm_fields[name]
+    return dataclasses.replace(info, tensors=tensors, fields=fields, files=[*info.files, *llm.files])
+
+
+def prepare(job: Job) -> tuple[ModelInfo, Plan]:
+    """Everything but writing: inspect, plan, check the target. Raises ConvertError on bad input."""
+    preset = preset_for_converter(job.converter)
+    cfg = job.cfg
+    check_target(Path(cfg.mm_dir), cfg.overwrite)
+    info = inspect_hf(cfg.hf_config.hf_dir, preset)
+    seen = info.config.get("model_type")
+    if seen and seen not in preset.model_types:
+        raise ConvertError(
+            f"{cfg.hf_config.hf_dir}/config.json: model_type {seen!r} is not a {preset.title} model "
+            f"(converter {job.converter} expects {', '.join(preset.model_types)})"
+        )
+    if cfg.llm_hf_dir:
+        llm = inspect_hf(cfg.llm_hf_dir, preset)
+        info = with_llm_source(info, llm)
+    plan = build_plan(info, cfg.parallel_config, save_vit_only=cfg.save_vit_only)
+    return info, plan
+
+
+def _first_error(e: ValidationError, where: str) -> ConvertError:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConvertError(f"{where}: {loc}{shown}: {msg}")
+
+
+def load_job(path: Path | str) -> Job:
+    """Read a job from TOML (or YAML): one schema for both."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data: Any = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConvertError(
+            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'} ({e})"
+        ) from None
+    try:
+        return Job.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, str(path)) from None
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """Plain data for TOML: paths as strings, defaults left out."""
+    return job.model_dump(mode="json", exclude_defaults=True, exclude_none=True)

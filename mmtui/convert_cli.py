@@ -1,0 +1,43 @@
+"""`mm-convert`: the seed tool's command line, so existing scripts keep working.
+
+`mm-convert Qwen2VLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF
+--cfg.parallel_config.llm_pp_layers [[1,10,10,7]] ...`, `--config job.yaml`,
+`--print_config[=comments]`, and `MM_CONVERT_...` environment variables when
+`JSONARGPARSE_DEFAULT_ENV=true`. jsonargparse builds all of it from the pydantic job
+schema; one converter class per preset, generated, so a new preset file is a new
+subcommand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from engine.job import HfToMmConfig, Job
+from engine.preset import builtin_presets
+
+from .runner import run_job_cli
+
+
+def _converter_class(converter: str, title: str) -> type:
+    def hf_to_mm(cfg: HfToMmConfig) -> None:
+        """Convert a Hugging Face checkpoint to MindSpeed-MM (Megatron) layout."""
+        run_job_cli(Job(converter=converter, command="hf_to_mm", cfg=cfg), prog="mm-convert")
+
+    return type(converter, (), {"__doc__": f"{title} checkpoints.", "hf_to_mm": staticmethod(hf_to_mm)})
+
+
+def converter_classes() -> list[type]:
+    return [_converter_class(p.converter, p.title) for p in builtin_presets().values()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import jsonargparse
+
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    jsonargparse.auto_cli(converter_classes(), as_positional=False, args=argv, prog="mm-convert")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

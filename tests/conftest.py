@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny checkpoints generated on the fly (never downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_vlm import build_tiny_vlm
+
+VARIANTS = {
+    # name: build_tiny_vlm keyword arguments
+    "qwen2_vl": {"family": "qwen2_vl"},
+    "qwen2_vl_tied": {"family": "qwen2_vl", "tied": True, "config_layout": "nested", "shards": 2},
+    "qwen2_5_vl": {"family": "qwen2_5_vl", "config_layout": "nested", "key_spelling": "new", "shards": 2},
+    "qwen2_vl_sharded_new": {"family": "qwen2_vl", "key_spelling": "new", "shards": 3},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {name: build_tiny_vlm(root / name, **kw) for name, kw in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_dir(tiny_dirs: dict[str, Path]) -> Path:
+    return tiny_dirs["qwen2_vl"]
