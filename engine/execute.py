@@ -75,12 +75,16 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
                 for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
                     refs = {}
                     for e in chunk:
-                        refs[e.key] = w.add_tensor(assemble(e, plan, reader))
+                        if all(p.cols is None for p in e.pieces):  # whole rows: contiguous bytes
+                            spans = [reader.row_span(plan.sources[p.source], *p.rows) for p in e.pieces]
+                            refs[e.key] = w.add_spans(spans, getattr(torch, e.dtype), e.shape)
+                        else:
+                            refs[e.key] = w.add_tensor(assemble(e, plan, reader))
                         done += e.nbytes
                         yield Progress(done, total, f.path, e.key)
                     obj[name] = refs
                 obj["checkpoint_version"] = CHECKPOINT_VERSION
-                w.finish(obj)
+                w.finish(obj, fsync=False)  # one sync pass at the end lets writeback overlap
             os.chmod(path, FILE_MODE)
             yield FileDone(i, f.path)
     finally:
@@ -115,7 +119,7 @@ def execute(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Iter
         tracker = tmp / TRACKER_NAME
         tracker.write_text(plan.tracker_text)
         os.chmod(tracker, FILE_MODE)
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         _swap_into_place(tmp, out_dir)
         finished = True
     finally:
@@ -133,6 +137,18 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every file and directory under root durable before it is renamed into place."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:

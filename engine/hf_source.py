@@ -178,21 +178,25 @@ class TensorReader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def _fd(self, path: Path) -> int:
+    def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def row_span(self, meta: TensorMeta, r0: int, r1: int) -> tuple[int, int, int]:
+        """(file descriptor, offset, length) of rows [r0, r1): rows are contiguous bytes."""
+        if not meta.shape:
+            return self.fd(meta.file), meta.begin, meta.nbytes
+        row_bytes = meta.nbytes // meta.shape[0] if meta.shape[0] else 0
+        return self.fd(meta.file), meta.begin + r0 * row_bytes, (r1 - r0) * row_bytes
+
     def read_rows_into(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor) -> None:
         """Copy rows [r0, r1) of `meta` (dim 0) into the contiguous tensor `out`."""
-        row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else meta.nbytes
-        start = meta.begin + r0 * row_bytes
-        want = (r1 - r0) * row_bytes if meta.shape else meta.nbytes
+        fd, start, want = self.row_span(meta, r0, r1)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         if len(buf) != want:
             raise AssertionError(f"buffer of {len(buf)} bytes for {want} bytes of {meta.name}")
-        fd = self._fd(meta.file)
         done = 0
         while done < want:
             n = os.preadv(fd, [buf[done:]], start + done)

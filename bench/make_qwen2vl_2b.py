@@ -1,0 +1,136 @@
+"""Write a random bf16 checkpoint shaped exactly like Qwen2-VL-2B-Instruct (~4.4 GB, 2 shards).
+
+Streams each shard (header, then tensor bytes) so the generator itself stays small in
+memory. Values are random normal * 0.02 from one reused block: content does not matter
+for timing, shapes and sizes do.
+
+    python bench/make_qwen2vl_2b.py /work/bench-data/qwen2vl-2b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+LLM = {"hidden": 1536, "layers": 28, "heads": 12, "kv": 2, "inter": 8960, "vocab": 151936}
+VIT = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
+
+CONFIG = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "torch_dtype": "bfloat16",
+    "hidden_size": LLM["hidden"],
+    "intermediate_size": LLM["inter"],
+    "num_hidden_layers": LLM["layers"],
+    "num_attention_heads": LLM["heads"],
+    "num_key_value_heads": LLM["kv"],
+    "vocab_size": LLM["vocab"],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": VIT["depth"], "embed_dim": VIT["dim"], "num_heads": VIT["heads"], "mlp_ratio": 4,
+        "hidden_size": LLM["hidden"], "in_chans": 3, "patch_size": VIT["patch"],
+        "spatial_merge_size": VIT["merge"], "temporal_patch_size": VIT["tpatch"],
+    },
+}  # fmt: skip
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    h, kvd = LLM["hidden"], LLM["kv"] * (LLM["hidden"] // LLM["heads"])
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (LLM["vocab"], h)}
+    for i in range(LLM["layers"]):
+        p = f"model.layers.{i}."
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kvd, h), p + "self_attn.k_proj.bias": (kvd,),
+            p + "self_attn.v_proj.weight": (kvd, h), p + "self_attn.v_proj.bias": (kvd,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (LLM["inter"], h), p + "mlp.up_proj.weight": (LLM["inter"], h),
+            p + "mlp.down_proj.weight": (h, LLM["inter"]),
+        }  # fmt: skip
+    out["model.norm.weight"] = (h,)
+    d, m = VIT["dim"], VIT["mlp"]
+    out["visual.patch_embed.proj.weight"] = (d, 3, VIT["tpatch"], VIT["patch"], VIT["patch"])
+    for i in range(VIT["depth"]):
+        p = f"visual.blocks.{i}."
+        out |= {
+            p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "norm2.weight": (d,), p + "norm2.bias": (d,),
+            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
+            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+            p + "mlp.fc1.weight": (m, d), p + "mlp.fc1.bias": (m,), p + "mlp.fc2.weight": (d, m), p + "mlp.fc2.bias": (d,),
+        }  # fmt: skip
+    md = d * VIT["merge"] ** 2
+    out |= {
+        "visual.merger.ln_q.weight": (d,), "visual.merger.ln_q.bias": (d,),
+        "visual.merger.mlp.0.weight": (md, md), "visual.merger.mlp.0.bias": (md,),
+        "visual.merger.mlp.2.weight": (LLM["hidden"], md), "visual.merger.mlp.2.bias": (LLM["hidden"],),
+    }  # fmt: skip
+    return out
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes) -> int:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors.items():
+        nbytes = numel(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for shape in tensors.values():
+            left = numel(shape) * 2
+            while left:
+                n = min(left, len(block))
+                f.write(block[:n])
+                left -= n
+    return offset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    block = (torch.randn(32 << 20, dtype=torch.float32) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    all_shapes = shapes()
+    names = list(all_shapes)
+    total = sum(numel(s) * 2 for s in all_shapes.values())
+    half, acc, cut = total // 2, 0, len(names)
+    for i, n in enumerate(names):
+        acc += numel(all_shapes[n]) * 2
+        if acc >= half:
+            cut = i + 1
+            break
+    parts = [names[:cut], names[cut:]]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        write_shard(args.out / fname, {n: all_shapes[n] for n in part}, block)
+        weight_map |= dict.fromkeys(part, fname)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (args.out / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    print(f"wrote {total / 1e9:.2f} GB in {len(parts)} shards to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
