@@ -92,9 +92,8 @@ def main() -> None:
         rows.append(row)
         label = "cp -r + sync" if name == "copy" else f"hf_to_mm {name} + sync"
         walls = " ".join(f"{w:.1f}" for w in row["walls"])
-        print(
-            f"| {label} | {wall:.2f} | {walls} | {row['ratio']:.2f}x | {row['peak_rss_mb']:.0f} | {row['output_gb']:.2f} |"
-        )
+        ratio, rss_mb, gb = row["ratio"], row["peak_rss_mb"], row["output_gb"]
+        print(f"| {label} | {wall:.2f} | {walls} | {ratio:.2f}x | {rss_mb:.0f} | {gb:.2f} |")
     print("\ncommands:")
     for name in layouts:
         print("  " + " ".join(convert_cmd(args.hf_dir, Path("OUT"), name)))

@@ -66,7 +66,8 @@ def shapes() -> dict[str, tuple[int, ...]]:
             p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "norm2.weight": (d,), p + "norm2.bias": (d,),
             p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
             p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
-            p + "mlp.fc1.weight": (m, d), p + "mlp.fc1.bias": (m,), p + "mlp.fc2.weight": (d, m), p + "mlp.fc2.bias": (d,),
+            p + "mlp.fc1.weight": (m, d), p + "mlp.fc1.bias": (m,),
+            p + "mlp.fc2.weight": (d, m), p + "mlp.fc2.bias": (d,),
         }  # fmt: skip
     md = d * VIT["merge"] ** 2
     out |= {
