@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .check import check_plan
 from .errors import ConvertError
@@ -38,22 +38,27 @@ def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
         raise ConvertError(f"{field} {out_dir}: exists and is not empty; choose a new directory or pass --overwrite")
 
 
-def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> torch.Tensor:
-    """Build one target tensor in a single buffer, reading only the rows it needs."""
-    out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-    flat = out if out.dim() else out.reshape(1)
+def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
+    """The target tensor's bytes, built in one buffer from only the rows it needs."""
+    out = np.empty(entry.nbytes, dtype=np.uint8)
     cur = 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
         n = p.rows[1] - p.rows[0]
+        _, _, nbytes = reader.row_span(meta, *p.rows)
         if p.cols is None:
-            reader.read_rows_into(meta, p.rows[0], p.rows[1], flat[cur : cur + n])
-        else:
-            rows = torch.empty((n, *meta.shape[1:]), dtype=out.dtype)
-            reader.read_rows_into(meta, p.rows[0], p.rows[1], rows)
-            flat[cur : cur + n].copy_(rows[:, p.cols[0] : p.cols[1]])
-            del rows
-        cur += n
+            reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(out[cur : cur + nbytes]))
+            cur += nbytes
+            continue
+        # columns of dim 1: view each row as [dim 1, bytes per dim-1 element] and cut
+        rows = np.empty(nbytes, dtype=np.uint8)
+        reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(rows))
+        cols = meta.shape[1]
+        width = p.cols[1] - p.cols[0]
+        part = rows.reshape(n, cols, -1)[:, p.cols[0] : p.cols[1], :]
+        out[cur : cur + part.size].reshape(n, width, -1)[...] = part
+        cur += part.size
+        del rows
     return out
 
 
@@ -77,9 +82,9 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
                     for e in chunk:
                         if all(p.cols is None for p in e.pieces):  # whole rows: contiguous bytes
                             spans = [reader.row_span(plan.sources[p.source], *p.rows) for p in e.pieces]
-                            refs[e.key] = w.add_spans(spans, getattr(torch, e.dtype), e.shape)
+                            refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
                         else:
-                            refs[e.key] = w.add_tensor(assemble(e, plan, reader))
+                            refs[e.key] = w.add_bytes(memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
                         done += e.nbytes
                         yield Progress(done, total, f.path, e.key)
                     obj[name] = refs

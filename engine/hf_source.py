@@ -12,13 +12,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
 from .preset import Preset, builtin_presets
 from .safetensors_header import TensorMeta, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -191,10 +192,10 @@ class TensorReader:
         row_bytes = meta.nbytes // meta.shape[0] if meta.shape[0] else 0
         return self.fd(meta.file), meta.begin + r0 * row_bytes, (r1 - r0) * row_bytes
 
-    def read_rows_into(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor) -> None:
-        """Copy rows [r0, r1) of `meta` (dim 0) into the contiguous tensor `out`."""
+    def read_rows_into(self, meta: TensorMeta, r0: int, r1: int, out: memoryview) -> None:
+        """Copy rows [r0, r1) of `meta` (dim 0) into the writable buffer `out`."""
         fd, start, want = self.row_span(meta, r0, r1)
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        buf = memoryview(out).cast("B")
         if len(buf) != want:
             raise AssertionError(f"buffer of {len(buf)} bytes for {want} bytes of {meta.name}")
         done = 0
@@ -205,8 +206,12 @@ class TensorReader:
             done += n
 
     def read(self, meta: TensorMeta) -> torch.Tensor:
+        """A whole tensor (for tools and tests; the executor streams instead)."""
+        import torch
+
         out = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
-        self.read_rows_into(meta, 0, meta.shape[0] if meta.shape else 1, out)
+        flat = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        self.read_rows_into(meta, 0, meta.shape[0] if meta.shape else 1, memoryview(flat))
         return out
 
     def close(self) -> None:

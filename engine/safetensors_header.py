@@ -26,8 +26,6 @@ DTYPES: dict[str, tuple[str, int]] = {
     "I8": ("int8", 1),
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
 }
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -3,13 +3,18 @@
 torch's checkpoint is a zip of stored (uncompressed) records: `<archive>/data/<key>` per
 storage, `<archive>/data.pkl` (the pickled object, referring to storages by key) and a
 few small records. We write each tensor's bytes as its own record the moment it is
-ready, so memory holds one tensor, not the file, and pickle the object last. Records
-are 64-byte aligned like torch's own (so `torch.load(..., mmap=True)` works), zip64 is
-used past 4 GiB, and each record's CRC32 is computed on a second thread while the main
-thread writes the same bytes (both release the GIL), so checksumming costs no wall time.
+ready, so memory holds one tensor, not the file, and pickle the object last.
 
-A record can also be given as byte ranges of other files (`add_spans`): those bytes are
-moved with `copy_file_range`, inside the kernel, as `cp` does; no user-space copy.
+- Records are 64-byte aligned like torch's own, so `torch.load(..., mmap=True)` works;
+  zip64 fields are used past 4 GiB.
+- A record given as byte ranges of other files (`add_spans`) is moved with
+  `copy_file_range`, inside the kernel, as `cp` does.
+- Each record's CRC32 is computed on a second thread while the main thread writes the
+  same bytes (both release the GIL), and is stored in a data descriptor after the data
+  (zip flag bit 3), so the file is written strictly front to back: no seeking back to
+  patch headers whose pages writeback may already have flushed.
+- torch itself is not imported: the pickle names torch's rebuild function and storage
+  classes by their global names, exactly as `torch.save` does.
 """
 
 from __future__ import annotations
@@ -24,12 +29,48 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)
 _MARK = 0xFFFFFFFF  # "see the zip64 extra field"
 _CHUNK = 64 << 20
+_DESCRIPTOR = 0x08  # general purpose flag bit 3: CRC and sizes follow the data
+
+# torch dtype name -> (storage class name in the `torch` module, bytes per element)
+STORAGES: dict[str, tuple[str, int]] = {
+    "float64": ("DoubleStorage", 8),
+    "float32": ("FloatStorage", 4),
+    "float16": ("HalfStorage", 2),
+    "bfloat16": ("BFloat16Storage", 2),
+    "int64": ("LongStorage", 8),
+    "int32": ("IntStorage", 4),
+    "int16": ("ShortStorage", 2),
+    "int8": ("CharStorage", 1),
+    "uint8": ("ByteStorage", 1),
+    "bool": ("BoolStorage", 1),
+}
+
+Span = tuple[int, int, int]  # (open file descriptor, offset, length)
+
+
+def dtype_name(dtype: object) -> str:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+class _Global:
+    """A global (module, name) pickled by name, without importing its module."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: object) -> None:  # pickle's save_reduce insists on a callable
+        raise TypeError(f"{self.module}.{self.name} is only a name to pickle")
+
+
+_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
+_ORDERED_DICT = collections.OrderedDict
 
 
 class TensorRef:
@@ -37,20 +78,20 @@ class TensorRef:
 
     __slots__ = ("dtype", "key", "numel", "shape", "stride")
 
-    def __init__(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], numel: int) -> None:
-        self.key, self.dtype, self.shape, self.numel = key, dtype, shape, numel
+    def __init__(self, key: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.key, self.dtype, self.shape = key, dtype, tuple(shape)
+        self.numel = 1
+        for s in shape:
+            self.numel *= s
         stride, acc = [], 1
-        for s in reversed(shape):
+        for s in reversed(self.shape):
             stride.append(acc)
             acc *= max(s, 1)
         self.stride = tuple(reversed(stride))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # exactly what torch.Tensor.__reduce_ex__ gives for a plain contiguous CPU tensor
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (_StorageRef(self), 0, self.shape, self.stride, False, collections.OrderedDict()),
-        )
+        # what torch.Tensor.__reduce_ex__ gives for a plain contiguous CPU tensor
+        return (_REBUILD, (_StorageRef(self), 0, self.shape, self.stride, False, _ORDERED_DICT()))
 
 
 class _StorageRef:
@@ -60,16 +101,36 @@ class _StorageRef:
         self.ref = ref
 
 
-def _storage_class(dtype: torch.dtype) -> type:
-    return getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+class _Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table takes our _Global
+    dispatch = dict(pickle._Pickler.dispatch)
 
+    def save_by_name(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
 
-class _Pickler(pickle.Pickler):
+    dispatch[_Global] = save_by_name
+
     def persistent_id(self, obj: object) -> object:
         if isinstance(obj, _StorageRef):
             r = obj.ref
-            return ("storage", _storage_class(r.dtype), r.key, "cpu", r.numel)
+            return ("storage", _storage_global(r.dtype), r.key, "cpu", r.numel)
         return None
+
+
+_STORAGE_GLOBALS: dict[str, _Global] = {}
+
+
+def _storage_global(dtype: str) -> _Global:
+    g = _STORAGE_GLOBALS.get(dtype)
+    if g is None:
+        g = _STORAGE_GLOBALS[dtype] = _Global("torch", STORAGES[dtype][0])
+    return g
+
+
+def pickle_checkpoint(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
 
 
 def _crc(view: memoryview) -> int:
@@ -77,9 +138,6 @@ def _crc(view: memoryview) -> int:
     for i in range(0, len(view), _CHUNK):
         crc = zlib.crc32(view[i : i + _CHUNK], crc)
     return crc
-
-
-Span = tuple[int, int, int]  # (open file descriptor, offset, length)
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -102,14 +160,14 @@ def _crc_spans(spans: list[Span]) -> int:
 
 
 class StreamingCheckpointWriter:
-    """`add_tensor` for each tensor as it is produced, then `finish(obj)` once."""
+    """`add_tensor` / `add_bytes` / `add_spans` for each tensor as it is produced, then `finish(obj)`."""
 
     def __init__(self, path: str | os.PathLike[str], archive_name: str = "model_optim_rng") -> None:
         self.path = Path(path)
         self.prefix = archive_name + "/"
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pos = 0
-        self._entries: list[tuple[str, int, int, int]] = []  # name, header offset, size, crc
+        self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, offset, size, crc, flags
         self._next_key = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
         self.bytes_written = 0
@@ -128,51 +186,60 @@ class StreamingCheckpointWriter:
             while done < n:
                 try:
                     k = os.copy_file_range(src, self._fd, n - done, offset + done)
-                except OSError:  # e.g. a filesystem pair the kernel cannot copy between
+                except OSError:  # a filesystem pair the kernel cannot copy between
                     k = 0
                 if k <= 0:
                     buf = memoryview(bytearray(min(_CHUNK, n - done)))
                     _pread_exact(src, buf, offset + done)
-                    os.write(self._fd, buf)  # lseek position advances like copy_file_range's
+                    os.write(self._fd, buf)  # advances the file position as copy_file_range does
                     k = len(buf)
                 done += k
             self._pos += n
 
-    # -- zip records -------------------------------------------------------------------
-    def _begin(self, name: str, size: int) -> tuple[int, str]:
-        """Write a local header with a CRC to be patched; return its offset."""
+    # -- zip records -----------------------------------------------------------------------
+    def _header(self, name: str, size: int, crc: int | None) -> tuple[bytes, int, int]:
+        """Write a local header; crc None means it follows in a data descriptor."""
         full = (self.prefix + name).encode()
         offset = self._pos
         zip64 = size >= ZIP32_LIMIT
-        z64 = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        flags = _DESCRIPTOR if crc is None else 0
+        shown = 0 if crc is None else size  # with a descriptor, the header's CRC and sizes are zero
+        z64 = struct.pack("<HHQQ", 1, 16, shown, shown) if zip64 else b""
         pad = -(offset + 30 + len(full) + len(z64) + 4) % ALIGN
         extra = z64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        self._write(self._local_header(full, extra, 0, size, zip64))
-        return offset, self.prefix + name
-
-    def _end(self, offset: int, name: str, size: int, crc: int) -> None:
-        os.pwrite(self._fd, struct.pack("<I", crc), offset + 14)
-        self._entries.append((name, offset, size, crc))
+        s32 = _MARK if zip64 else shown
+        version = 45 if zip64 else 20
+        head = struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, version, flags, 0, 0, 0x21, crc or 0, s32, s32, len(full), len(extra)
+        )
+        self._write(head + full + extra)
+        return full, offset, flags
 
     def _record(self, name: str, data: memoryview | bytes) -> None:
+        """A small in-memory record: CRC first, no descriptor."""
         view = memoryview(data).cast("B")
-        offset, full = self._begin(name, len(view))
-        crc_job = self._pool.submit(_crc, view) if len(view) > _CHUNK else None
+        crc = zlib.crc32(view)
+        full, offset, flags = self._header(name, len(view), crc)
         self._write(view)
-        self._end(offset, full, len(view), crc_job.result() if crc_job else zlib.crc32(view))
+        self._entries.append((full, offset, len(view), crc, flags))
 
-    @staticmethod
-    def _local_header(name: bytes, extra: bytes, crc: int, size: int, zip64: bool) -> bytes:
-        s32 = _MARK if zip64 else size
-        head = struct.pack(
-            "<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, crc, s32, s32, len(name), len(extra)
-        )
-        return head + name + extra
+    def _data_record(self, size: int, write: Any, crc_job: Any) -> str:
+        key = str(self._next_key)
+        self._next_key += 1
+        full, offset, flags = self._header(f"data/{key}", size, None)
+        write()
+        crc = crc_job.result()
+        if size >= ZIP32_LIMIT:
+            self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
+        else:
+            self._write(struct.pack("<IIII", 0x08074B50, crc, size, size))
+        self._entries.append((full, offset, size, crc, flags))
+        self.bytes_written += size
+        return key
 
     def _central_directory(self) -> None:
         cd_start = self._pos
-        for name, offset, size, crc in self._entries:
-            full = name.encode()
+        for full, offset, size, crc, flags in self._entries:
             big_size, big_offset = size >= ZIP32_LIMIT, offset >= ZIP32_LIMIT
             # zip64 extra: uncompressed size, compressed size, offset; only those marked in the header
             z64_fields = [size, size] if big_size else []
@@ -182,30 +249,8 @@ class StreamingCheckpointWriter:
             s32 = _MARK if big_size else size
             o32 = _MARK if big_offset else offset
             version = 45 if z64_fields else 20
-            self._write(
-                struct.pack(
-                    "<IHHHHHHIIIHHHHHII",
-                    0x02014B50,
-                    version,
-                    version,
-                    0,
-                    0,
-                    0,
-                    0x21,
-                    crc,
-                    s32,
-                    s32,
-                    len(full),
-                    len(extra),
-                    0,
-                    0,
-                    0,
-                    0,
-                    o32,
-                )
-                + full
-                + extra
-            )
+            fields = (version, version, flags, 0, 0, 0x21, crc, s32, s32, len(full), len(extra), 0, 0, 0, 0, o32)
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, *fields) + full + extra)
         cd_end = self._pos
         count, cd_size = len(self._entries), cd_end - cd_start
         if count >= 0xFFFF or cd_start >= ZIP32_LIMIT or cd_size >= ZIP32_LIMIT:
@@ -217,42 +262,39 @@ class StreamingCheckpointWriter:
         self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count16, count16, size32, start32, 0))
 
     # -- public API ----------------------------------------------------------------------
-    def add_tensor(self, tensor: torch.Tensor) -> TensorRef:
-        """Write the tensor's bytes now, as a storage of its own."""
-        t = tensor.detach().cpu().contiguous()
-        key = str(self._next_key)
-        self._next_key += 1
-        flat = t.reshape(-1)
-        data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-        self._record(f"data/{key}", memoryview(data))
-        self.bytes_written += t.numel() * t.element_size()
-        return TensorRef(key, t.dtype, tuple(t.shape), t.numel())
+    def add_bytes(self, data: memoryview | bytes, dtype: object, shape: tuple[int, ...]) -> TensorRef:
+        """A tensor given as its raw little-endian bytes (C order)."""
+        name = dtype_name(dtype)
+        view = memoryview(data).cast("B")
+        ref = TensorRef("", name, shape)
+        if len(view) != ref.numel * STORAGES[name][1]:
+            raise ValueError(f"{len(view)} bytes are not a {name} tensor of shape {list(shape)}")
+        ref.key = self._data_record(len(view), lambda: self._write(view), self._pool.submit(_crc, view))
+        return ref
 
-    def add_spans(self, spans: list[Span], dtype: torch.dtype, shape: tuple[int, ...]) -> TensorRef:
+    def add_tensor(self, tensor: Any) -> TensorRef:
+        """Write a torch tensor's bytes now, as a storage of its own."""
+        t = tensor.detach().cpu().contiguous()
+        flat = t.reshape(-1)
+        data = flat.view(__import__("torch").uint8).numpy() if flat.numel() else b""
+        return self.add_bytes(memoryview(data), t.dtype, tuple(t.shape))
+
+    def add_spans(self, spans: list[Span], dtype: object, shape: tuple[int, ...]) -> TensorRef:
         """A tensor whose bytes are these ranges of other files, concatenated."""
+        name = dtype_name(dtype)
         size = sum(n for _, _, n in spans)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if size != numel * torch.empty((), dtype=dtype).element_size():
-            raise ValueError(f"spans hold {size} bytes, not a {dtype} tensor of shape {list(shape)}")
-        key = str(self._next_key)
-        self._next_key += 1
-        offset, full = self._begin(f"data/{key}", size)
-        crc_job = self._pool.submit(_crc_spans, spans)
-        self._copy(spans)
-        self._end(offset, full, size, crc_job.result())
-        self.bytes_written += size
-        return TensorRef(key, dtype, tuple(shape), numel)
+        ref = TensorRef("", name, shape)
+        if size != ref.numel * STORAGES[name][1]:
+            raise ValueError(f"spans hold {size} bytes, not a {name} tensor of shape {list(shape)}")
+        ref.key = self._data_record(size, lambda: self._copy(spans), self._pool.submit(_crc_spans, spans))
+        return ref
 
     def finish(self, obj: object, *, fsync: bool = True) -> None:
         """Pickle `obj` (TensorRefs standing for tensors) and close the archive.
 
         `fsync=False` leaves flushing to the caller (who may sync many files at once).
         """
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=2).dump(obj)
-        self._record("data.pkl", buf.getvalue())
+        self._record("data.pkl", pickle_checkpoint(obj))
         self._record(".format_version", b"1")
         self._record(".storage_alignment", str(ALIGN).encode())
         self._record("byteorder", b"little")
