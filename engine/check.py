@@ -11,16 +11,9 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
-from .plan import Plan
-from .safetensors_header import TensorMeta
+from .plan import Entry, Plan, grid
 
 Rect = tuple[int, int, int, int]  # rows [r0, r1) x cols [c0, c1)
-
-
-def _extent(meta: TensorMeta) -> tuple[int, int]:
-    rows = meta.shape[0] if meta.shape else 1
-    cols = meta.shape[1] if len(meta.shape) >= 2 else 1
-    return rows, cols
 
 
 def _uncovered(rows: int, cols: int, rects: set[Rect]) -> Rect | None:
@@ -51,7 +44,7 @@ def check_plan(plan: Plan) -> list[str]:
     for name, meta in plan.sources.items():
         if name in plan.dropped:
             continue
-        rows, cols = _extent(meta)
+        rows, cols = grid(meta.shape)
         if name not in used:
             problems.append(f"source {name} is used by no output and not listed as dropped")
             continue
@@ -61,28 +54,37 @@ def check_plan(plan: Plan) -> list[str]:
     return problems
 
 
-def _check_entry(plan: Plan, e, where: str, used: dict[str, set[Rect]]) -> list[str]:
+def _check_entry(plan: Plan, e: Entry, where: str, used: dict[str, set[Rect]]) -> list[str]:
+    """Each piece in bounds on both sides, trailing dims equal, and the pieces tile the target exactly."""
     out: list[str] = []
-    rows = 0
+    trows, tcols = grid(e.shape)
+    placed: set[Rect] = set()
+    area = 0
     for p in e.pieces:
         meta = plan.sources.get(p.source)
         if meta is None:
             return [f"{where}: {e.key} reads {p.source}, which the source does not have"]
         if meta.dtype != e.dtype:
             out.append(f"{where}: {e.key} is {e.dtype} but its source {p.source} is {meta.dtype}")
-        srows, scols = _extent(meta)
+        srows, scols = grid(meta.shape)
         r0, r1 = p.rows
         c0, c1 = p.cols if p.cols else (0, scols)
         if not (0 <= r0 < r1 <= srows and 0 <= c0 < c1 <= scols):
             out.append(f"{where}: {e.key} reads rows {r0}..{r1} cols {c0}..{c1} outside {p.source} {list(meta.shape)}")
-        rest = list(meta.shape[1:])
-        if p.cols and rest:
-            rest[0] = c1 - c0
-        if tuple(rest) != tuple(e.shape[1:]):
-            out.append(f"{where}: {e.key} {list(e.shape)} gets a piece of {p.source} with trailing shape {rest}")
-        rows += r1 - r0
+        if tuple(meta.shape[2:]) != tuple(e.shape[2:]) or (len(meta.shape) >= 2) != (len(e.shape) >= 2):
+            out.append(f"{where}: {e.key} {list(e.shape)} gets a piece of {p.source} {list(meta.shape)}")
+        rect = (p.at, p.at + r1 - r0, p.col_at, p.col_at + c1 - c0)
+        if min(rect[0], rect[2]) < 0 or rect[1] > trows or rect[3] > tcols:
+            out.append(
+                f"{where}: {e.key} {list(e.shape)} gets a block at rows {rect[0]}..{rect[1]} "
+                f"cols {rect[2]}..{rect[3]}, outside it"
+            )
+        placed.add(rect)
+        area += (r1 - r0) * (c1 - c0)
         used[p.source].add((r0, r1, c0, c1))
-    want = e.shape[0] if e.shape else 1
-    if rows != want:
-        out.append(f"{where}: {e.key} has {want} rows but its pieces give {rows}")
+    hole = _uncovered(trows, tcols, placed)
+    if hole:
+        out.append(f"{where}: {e.key} rows {hole[0]}..{hole[1]}, cols {hole[2]}..{hole[3]} come from no source")
+    elif area != trows * tcols:
+        out.append(f"{where}: {e.key} has blocks that overlap")
     return out

@@ -22,8 +22,8 @@ from .check import check_plan
 from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
-from .plan import TRACKER_NAME, Entry, Plan
-from .torch_zip import StreamingCheckpointWriter
+from .plan import TRACKER_NAME, Entry, Plan, grid
+from .torch_zip import Span, StreamingCheckpointWriter
 
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 FILE_MODE = 0o640
@@ -38,27 +38,37 @@ def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
         raise ConvertError(f"{field} {out_dir}: exists and is not empty; choose a new directory or pass --overwrite")
 
 
-def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
-    """The target tensor's bytes, built in one buffer from only the rows it needs."""
-    out = np.empty(entry.nbytes, dtype=np.uint8)
-    cur = 0
+def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span] | None:
+    """The entry as byte ranges of source files laid end to end, when it is just whole rows."""
+    spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
-        n = p.rows[1] - p.rows[0]
-        _, _, nbytes = reader.row_span(meta, *p.rows)
-        if p.cols is None:
-            reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(out[cur : cur + nbytes]))
-            cur += nbytes
+        if p.at != at or p.col_at or (p.cols is not None and p.cols != (0, grid(meta.shape)[1])):
+            return None
+        if meta.shape[1:] != entry.shape[1:]:
+            return None
+        spans.append(reader.row_span(meta, *p.rows))
+        at += p.nrows
+    return spans
+
+
+def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
+    """The target tensor's bytes, built in one buffer from only the blocks it needs."""
+    out = np.empty(entry.nbytes, dtype=np.uint8)
+    rows, cols = grid(entry.shape)
+    target = out.reshape(rows, cols, -1) if entry.nbytes else out
+    for p in entry.pieces:
+        meta = plan.sources[p.source]
+        scols = grid(meta.shape)[1]
+        c0, c1 = p.cols or (0, scols)
+        dest = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]
+        if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
+            reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(dest.reshape(-1)))
             continue
-        # columns of dim 1: view each row as [dim 1, bytes per dim-1 element] and cut
-        rows = np.empty(nbytes, dtype=np.uint8)
-        reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(rows))
-        cols = meta.shape[1]
-        width = p.cols[1] - p.cols[0]
-        part = rows.reshape(n, cols, -1)[:, p.cols[0] : p.cols[1], :]
-        out[cur : cur + part.size].reshape(n, width, -1)[...] = part
-        cur += part.size
-        del rows
+        with reader.mapped_rows(meta, *p.rows) as view:
+            src = np.frombuffer(view, dtype=np.uint8).reshape(p.nrows, scols, -1)
+            dest[...] = src[:, c0:c1]
+            del src  # the mapping closes on exit and must not be referenced then
     return out
 
 
@@ -80,8 +90,8 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
                 for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
                     refs = {}
                     for e in chunk:
-                        if all(p.cols is None for p in e.pieces):  # whole rows: contiguous bytes
-                            spans = [reader.row_span(plan.sources[p.source], *p.rows) for p in e.pieces]
+                        spans = whole_row_spans(e, plan, reader)
+                        if spans is not None:  # copied inside the kernel
                             refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
                         else:
                             refs[e.key] = w.add_bytes(memoryview(assemble(e, plan, reader)), e.dtype, e.shape)

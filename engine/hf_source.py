@@ -7,9 +7,12 @@ the process's resident memory and would make peak RSS grow with the model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +207,29 @@ class TensorReader:
             if n <= 0:
                 raise ConvertError(f"{meta.file}: unexpected end of file reading {meta.name!r} (truncated?)")
             done += n
+
+    @contextlib.contextmanager
+    def mapped_rows(self, meta: TensorMeta, r0: int, r1: int) -> Iterator[memoryview]:
+        """Rows [r0, r1) as a read-only view of the page cache (no copy), unmapped on exit.
+
+        For cutting columns: only the bytes a rank keeps are copied out, and the mapping
+        is dropped right after, so resident memory stays at one tensor.
+        """
+        fd, start, want = self.row_span(meta, r0, r1)
+        if want == 0:
+            yield memoryview(b"")
+            return
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(fd, start + want - base, prot=mmap.PROT_READ, offset=base)
+        except ValueError as e:  # mapping past the end of the file
+            raise ConvertError(f"{meta.file}: unexpected end of file reading {meta.name!r} (truncated?)") from e
+        view = memoryview(mm)[start - base : start - base + want]
+        try:
+            yield view
+        finally:
+            view.release()
+            mm.close()
 
     def read(self, meta: TensorMeta) -> torch.Tensor:
         """A whole tensor (for tools and tests; the executor streams instead)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
@@ -26,16 +26,42 @@ PARAMS = ("weight", "bias")
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Rows [r0, r1) (and columns [c0, c1) when `cols` is set) of one source tensor."""
+    """A block of one source tensor and where it lands in the target.
+
+    Rows [r0, r1) of dim 0 and columns [c0, c1) of dim 1 (all columns when `cols` is
+    None) of the source go to the target block starting at row `at`, column `col_at`.
+    Tensors with fewer than two dims have a single column. Splitting, fusing and their
+    inverses are all just lists of such blocks.
+    """
 
     source: str
     rows: tuple[int, int]
     cols: tuple[int, int] | None = None
+    at: int = 0
+    col_at: int = 0
+
+    @property
+    def nrows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+def stack(pieces: Iterable[Piece]) -> tuple[Piece, ...]:
+    """Place pieces one under the other, in order, starting at target row 0."""
+    out, at = [], 0
+    for p in pieces:
+        out.append(replace(p, at=at, col_at=0))
+        at += p.nrows
+    return tuple(out)
+
+
+def grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) of a tensor in the block model of `Piece`."""
+    return (shape[0] if shape else 1), (shape[1] if len(shape) >= 2 else 1)
 
 
 @dataclass(slots=True)
 class Entry:
-    """One tensor of an output file: the concatenation of its pieces along dim 0."""
+    """One tensor of an output file, assembled from blocks of source tensors."""
 
     key: str
     shape: tuple[int, ...]
@@ -359,7 +385,7 @@ def build_plan(
         tie_note = " · tied to embedding" if preset.tie and tied and t.key == preset.tie.target else ""
         for r, (pieces, how) in enumerate(_split(t.mapping, segs, tp, t.sources[0].shape, t.key)):
             shape = _shape(pieces, sources)
-            by_rank_stage[(r, s)].chunks[c].append(Entry(key, shape, dtype, tuple(pieces), how + tie_note))
+            by_rank_stage[(r, s)].chunks[c].append(Entry(key, shape, dtype, stack(pieces), how + tie_note))
     notes = []
     if preset.tie and tied:
         notes.append(

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import collections
 import io
+import mmap
 import os
 import pickle
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from isal.isal_zlib import crc32  # zlib's CRC-32, ~6x faster than the stdlib's here (SIMD)
 
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)
 _MARK = 0xFFFFFFFF  # "see the zip64 extra field"
 _CHUNK = 64 << 20
+_CRC_CHUNK = 4 << 20  # small enough that the bytes just read are still in cache for the CRC
 _DESCRIPTOR = 0x08  # general purpose flag bit 3: CRC and sizes follow the data
 
 # torch dtype name -> (storage class name in the `torch` module, bytes per element)
@@ -136,7 +139,7 @@ def pickle_checkpoint(obj: object) -> bytes:
 def _crc(view: memoryview) -> int:
     crc = 0
     for i in range(0, len(view), _CHUNK):
-        crc = zlib.crc32(view[i : i + _CHUNK], crc)
+        crc = crc32(view[i : i + _CHUNK], crc)
     return crc
 
 
@@ -150,13 +153,65 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _crc_spans(spans: list[Span]) -> int:
-    crc, buf = 0, memoryview(bytearray(min(_CHUNK, max((n for _, _, n in spans), default=0))))
+    """CRC of file ranges, read through short-lived mappings of the page cache (no copy)."""
+    try:
+        return _crc_spans_mapped(spans)
+    except (ValueError, OSError):  # a file that cannot be mapped: read it instead
+        return _crc_spans_read(spans)
+
+
+def _crc_spans_mapped(spans: list[Span]) -> int:
+    crc = 0
+    for fd, offset, n in spans:
+        pos, end = offset, offset + n
+        while pos < end:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + _CHUNK) - base
+            mm = mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base)
+            try:
+                with memoryview(mm) as whole, whole[pos - base : length] as view:
+                    crc = crc32(view, crc)
+            finally:
+                mm.close()
+            pos = base + length
+    return crc
+
+
+def _crc_spans_read(spans: list[Span]) -> int:
+    crc, buf = 0, memoryview(bytearray(_CRC_CHUNK))
     for fd, offset, n in spans:
         for i in range(0, n, len(buf)):
             part = buf[: min(len(buf), n - i)]
             _pread_exact(fd, part, offset + i)
-            crc = zlib.crc32(part, crc)
+            crc = crc32(part, crc)
     return crc
+
+
+def write_all(fd: int, view: memoryview) -> int:
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    return done
+
+
+def copy_spans(spans: list[Span], fd: int) -> int:
+    """Append file ranges to `fd` with copy_file_range (inside the kernel, as `cp` does)."""
+    total = 0
+    for src, offset, n in spans:
+        done = 0
+        while done < n:
+            try:
+                k = os.copy_file_range(src, fd, n - done, offset + done)
+            except OSError:  # a filesystem pair the kernel cannot copy between
+                k = 0
+            if k <= 0:
+                buf = memoryview(bytearray(min(_CHUNK, n - done)))
+                _pread_exact(src, buf, offset + done)
+                write_all(fd, buf)  # advances the file position as copy_file_range does
+                k = len(buf)
+            done += k
+        total += n
+    return total
 
 
 class StreamingCheckpointWriter:
@@ -174,27 +229,12 @@ class StreamingCheckpointWriter:
 
     # -- raw output ----------------------------------------------------------------------
     def _write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(self._fd, view[done:])
-        self._pos += len(view)
+        assert self._fd is not None
+        self._pos += write_all(self._fd, memoryview(data).cast("B"))
 
     def _copy(self, spans: list[Span]) -> None:
-        for src, offset, n in spans:
-            done = 0
-            while done < n:
-                try:
-                    k = os.copy_file_range(src, self._fd, n - done, offset + done)
-                except OSError:  # a filesystem pair the kernel cannot copy between
-                    k = 0
-                if k <= 0:
-                    buf = memoryview(bytearray(min(_CHUNK, n - done)))
-                    _pread_exact(src, buf, offset + done)
-                    os.write(self._fd, buf)  # advances the file position as copy_file_range does
-                    k = len(buf)
-                done += k
-            self._pos += n
+        assert self._fd is not None
+        self._pos += copy_spans(spans, self._fd)
 
     # -- zip records -----------------------------------------------------------------------
     def _header(self, name: str, size: int, crc: int | None) -> tuple[bytes, int, int]:
@@ -218,7 +258,7 @@ class StreamingCheckpointWriter:
     def _record(self, name: str, data: memoryview | bytes) -> None:
         """A small in-memory record: CRC first, no descriptor."""
         view = memoryview(data).cast("B")
-        crc = zlib.crc32(view)
+        crc = crc32(view)
         full, offset, flags = self._header(name, len(view), crc)
         self._write(view)
         self._entries.append((full, offset, len(view), crc, flags))

@@ -178,4 +178,4 @@ def test_plan_check_catches_a_missing_piece(qwen2vl_dir: Path) -> None:
     entry.pieces = entry.pieces[:-1]
     problems = check_plan(plan)
     assert any("written nowhere" in p for p in problems)
-    assert any("rows but its pieces give" in p for p in problems)
+    assert any("come from no source" in p for p in problems)
