@@ -22,7 +22,8 @@ from .check import check_plan
 from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
-from .plan import TRACKER_NAME, Entry, Plan, grid
+from .plan import Entry, OutputFile, Plan, grid
+from .safetensors_writer import SafetensorsWriter, header_bytes
 from .torch_zip import Span, StreamingCheckpointWriter
 
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
@@ -85,6 +86,13 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
             yield FileStarted(i, f.path, f.nbytes)
             path = dest / f.path
             _mkdirs(dest, path.parent)
+            if f.kind == "safetensors":
+                for e in _write_safetensors(plan, f, path, reader):
+                    done += e.nbytes
+                    yield Progress(done, total, f.path, e.key)
+                os.chmod(path, FILE_MODE)
+                yield FileDone(i, f.path)
+                continue
             with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
                 obj: dict[str, object] = {}
                 for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
@@ -104,6 +112,20 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
             yield FileDone(i, f.path)
     finally:
         reader.close()
+
+
+def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
+    """Header first (the plan fixes every offset), then each tensor in order."""
+    entries = f.entries
+    header = header_bytes([(e.key, e.dtype, e.shape, e.nbytes) for e in entries], f.metadata)
+    with SafetensorsWriter(path, header, [e.nbytes for e in entries]) as w:
+        for e in entries:
+            spans = whole_row_spans(e, plan, reader)
+            if spans is not None:
+                w.add_spans(spans)
+            else:
+                w.add_bytes(memoryview(assemble(e, plan, reader)))
+            yield e
 
 
 def _mkdirs(root: Path, path: Path) -> None:
@@ -131,9 +153,13 @@ def execute(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Iter
     finished = False
     try:
         yield from write_files(plan, tmp)
-        tracker = tmp / TRACKER_NAME
-        tracker.write_text(plan.tracker_text)
-        os.chmod(tracker, FILE_MODE)
+        for rel, text in plan.texts.items():
+            path = tmp / rel
+            path.write_text(text)
+            os.chmod(path, FILE_MODE)
+        for rel, src in plan.copies.items():
+            shutil.copyfile(src, tmp / rel)
+            os.chmod(tmp / rel, FILE_MODE)
         _fsync_tree(tmp)
         _swap_into_place(tmp, out_dir)
         finished = True

@@ -39,6 +39,7 @@ class ModelInfo:
     tensors: dict[str, TensorMeta]  # canonical (preset) spelling -> where its bytes are
     files: list[Path]
     spelling: str  # "canonical" or the alias prefix seen in the files
+    raw_names: dict[str, str] = field(default_factory=dict)  # canonical -> name as written in the files
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -156,6 +157,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     fields = resolve_fields(preset, config, where)
     files, weight_map = weight_files(hf_dir)
     tensors: dict[str, TensorMeta] = {}
+    raw_names: dict[str, str] = {}
     spellings: set[str] = set()
     for path in files:
         for raw, meta in read_header(path).items():
@@ -166,12 +168,13 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
             if name in tensors:
                 raise ConvertError(f"{path}: tensor {raw!r} also appears in {tensors[name].file.name}")
             tensors[name] = dataclasses.replace(meta, name=name) if alias else meta
+            raw_names[name] = raw
     if weight_map is not None:
         for raw, fname in weight_map.items():
             if canonical_name(preset, raw)[0] not in tensors:
                 raise ConvertError(f"{hf_dir / INDEX_NAME}: names {raw!r} in {fname} but that file's header lacks it")
     info = ModelInfo(
-        hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings))
+        hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings)), raw_names
     )
     return info
 

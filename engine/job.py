@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConvertError
 from .execute import check_target
+from .hf_out import build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, resolve_fields
 from .layout import ParallelConfig
+from .mm_source import open_checkpoint
+from .mm_view import open_view, retarget
 from .plan import Plan, build_plan
 from .preset import preset_for_converter
 
@@ -68,16 +71,79 @@ class HfToMmConfig(_Config):
     def llm_hf_dir(self) -> Path | None:
         return self.llm_hf_config.hf_dir if self.llm_hf_config else self.common_model_config.llm_hf_dir
 
+    @property
+    def out_dir(self) -> Path:
+        return self.mm_dir
 
-COMMANDS = {"hf_to_mm": HfToMmConfig}
+
+class MmToHfConfig(_Config):
+    """Convert a MindSpeed-MM (Megatron) checkpoint back to Hugging Face safetensors."""
+
+    save_hf_dir: Path
+    """Output directory for the Hugging Face model."""
+    mm_dir: Path
+    """The Megatron/MindSpeed checkpoint (holds latest_checkpointed_iteration.txt)."""
+    hf_config: HfConfig
+    """The original Hugging Face directory: config.json, shard names and non-weight files come from it."""
+    parallel_config: ParallelConfig
+    """Layout of mm_dir: TP size and layers per pipeline stage, as it was written."""
+    max_shard_size: str | None = None
+    """Re-shard to files of at most this size (e.g. 5GB) instead of the original's shard files."""
+    overwrite: bool = False
+    """Replace an existing, non-empty save_hf_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.save_hf_dir
+
+
+class ResplitConfig(_Config):
+    """Re-cut a MindSpeed-MM (Megatron) checkpoint to another TP / PP / VPP layout."""
+
+    source_dir: Path
+    """The Megatron/MindSpeed checkpoint to re-cut."""
+    target_dir: Path
+    """Output directory for the re-cut checkpoint."""
+    hf_config: HfConfig
+    """The model's Hugging Face directory (config.json and safetensors headers are read; no weights)."""
+    source_parallel_config: ParallelConfig
+    """Layout of source_dir, as it was written."""
+    target_parallel_config: ParallelConfig
+    """Layout to write."""
+    overwrite: bool = False
+    """Replace an existing, non-empty target_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.target_dir
+
+
+COMMANDS: dict[str, type[_Config]] = {"hf_to_mm": HfToMmConfig, "mm_to_hf": MmToHfConfig, "resplit": ResplitConfig}
 
 
 class Job(_Config):
     """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
 
     converter: str
-    command: Literal["hf_to_mm"]
-    cfg: HfToMmConfig
+    command: Literal["hf_to_mm", "mm_to_hf", "resplit"]
+    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cfg_of_command(cls, data: Any) -> Any:
+        """Validate `cfg` against the command's schema only (clear errors, no union guessing)."""
+        if isinstance(data, dict) and isinstance(data.get("cfg"), dict) and data.get("command") in COMMANDS:
+            data = dict(data)
+            data["cfg"] = COMMANDS[data["command"]].model_validate(data["cfg"])
+        return data
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def overwrite(self) -> bool:
+        return self.cfg.overwrite
 
 
 def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
@@ -97,28 +163,45 @@ def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
     return dataclasses.replace(info, tensors=tensors, fields=fields, files=[*info.files, *llm.files])
 
 
-def prepare(job: Job) -> tuple[ModelInfo, Plan]:
-    """Everything but writing: inspect, plan, check the target. Raises ConvertError on bad input."""
+def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
     preset = preset_for_converter(job.converter)
-    cfg = job.cfg
-    check_target(Path(cfg.mm_dir), cfg.overwrite)
-    info = inspect_hf(cfg.hf_config.hf_dir, preset)
+    info = inspect_hf(hf_dir, preset)
     seen = info.config.get("model_type")
     if seen and seen not in preset.model_types:
         raise ConvertError(
-            f"{cfg.hf_config.hf_dir}/config.json: model_type {seen!r} is not a {preset.title} model "
+            f"{hf_dir}/config.json: model_type {seen!r} is not a {preset.title} model "
             f"(converter {job.converter} expects {', '.join(preset.model_types)})"
         )
+    return info
+
+
+def prepare(job: Job) -> tuple[ModelInfo, Plan]:
+    """Everything but writing: inspect, plan, check the target. Raises ConvertError on bad input."""
+    cfg = job.cfg
+    field = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir"}[job.command]
+    check_target(job.out_dir, job.overwrite, field)
+    if isinstance(cfg, MmToHfConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
+        return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size)
+    if isinstance(cfg, ResplitConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        ckpt = open_checkpoint(cfg.source_dir, "source_dir")
+        view = open_view(info, ckpt, cfg.source_parallel_config, "source_dir")
+        plan = build_plan(info, cfg.target_parallel_config, iteration=ckpt.iteration)
+        return info, retarget(plan, view)
+    assert isinstance(cfg, HfToMmConfig)
+    info = _inspect(job, cfg.hf_config.hf_dir)
     if cfg.llm_hf_dir:
-        llm = inspect_hf(cfg.llm_hf_dir, preset)
+        llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
     plan = build_plan(info, cfg.parallel_config, save_vit_only=cfg.save_vit_only)
     return info, plan
 
 
-def _first_error(e: ValidationError, where: str) -> ConvertError:
+def _first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = prefix + ".".join(str(p) for p in err["loc"])
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     msg = err["msg"].removeprefix("Value error, ")
@@ -138,6 +221,11 @@ def load_job(path: Path | str) -> Job:
         raise ConvertError(
             f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'} ({e})"
         ) from None
+    if isinstance(data, dict) and isinstance(data.get("cfg"), dict) and data.get("command") in COMMANDS:
+        try:  # the command's own schema first, so the error names the field as written
+            COMMANDS[data["command"]].model_validate(data["cfg"])
+        except ValidationError as e:
+            raise _first_error(e, str(path), "cfg.") from None
     try:
         return Job.model_validate(data)
     except ValidationError as e:

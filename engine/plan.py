@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
@@ -92,6 +93,8 @@ class OutputFile:
     pp_rank: int
     ep_rank: int
     chunks: list[list[Entry]]  # one list per VPP chunk
+    kind: str = "torch"  # "torch" (a Megatron rank file) or "safetensors"
+    metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
 
     @property
     def chunk_names(self) -> list[str]:
@@ -121,6 +124,8 @@ class Plan:
     dropped: dict[str, str]  # source key -> why it is deliberately not written
     iteration: str = "release"
     notes: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # small files written as they are (tracker, index)
+    copies: dict[str, Path] = field(default_factory=dict)  # files copied unchanged (config, tokenizer)
 
     @property
     def nbytes(self) -> int:
@@ -393,7 +398,9 @@ def build_plan(
             if pp > 1
             else "tied embeddings: no output_layer is written with PP = 1"
         )
-    return Plan(files, dict(sources), dropped, iteration, notes)
+    plan = Plan(files, dict(sources), dropped, iteration, notes)
+    plan.texts[TRACKER_NAME] = plan.tracker_text
+    return plan
 
 
 def _shape(pieces: Iterable[Piece], sources: dict[str, TensorMeta]) -> tuple[int, ...]:

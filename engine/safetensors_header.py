@@ -70,8 +70,8 @@ def itemsize(dtype: str) -> int:
     return _itemsize(dtype)
 
 
-def read_header(path: Path) -> dict[str, TensorMeta]:
-    """Parse one file's header; raise ConvertError on anything malformed."""
+def _load_header(path: Path) -> tuple[dict, int, int]:
+    """(header JSON, first data byte, file size)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -94,7 +94,18 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         ) from None
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + hlen
+    return header, 8 + hlen, size
+
+
+def read_metadata(path: Path) -> dict[str, str] | None:
+    """The header's free-form `__metadata__` (e.g. {"format": "pt"}), kept on the way back."""
+    meta = _load_header(path)[0].get("__metadata__")
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def read_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse one file's header; raise ConvertError on anything malformed."""
+    header, data_start, size = _load_header(path)
     out: dict[str, TensorMeta] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -115,3 +126,6 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
             )
         out[name] = TensorMeta(name, torch_name, shape, path, data_start + begin, end - begin)
     return out
+
+
+ST_DTYPES = {torch_name: st for st, (torch_name, _) in DTYPES.items()}  # torch dtype name -> safetensors

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.job import HfToMmConfig, Job
+from engine.job import HfToMmConfig, Job, MmToHfConfig, ResplitConfig
 from engine.preset import builtin_presets
 
 from .runner import run_job_cli
@@ -24,7 +24,16 @@ def _converter_class(converter: str, title: str) -> type:
         """Convert a Hugging Face checkpoint to MindSpeed-MM (Megatron) layout."""
         run_job_cli(Job(converter=converter, command="hf_to_mm", cfg=cfg), prog="mm-convert")
 
-    return type(converter, (), {"__doc__": f"{title} checkpoints.", "hf_to_mm": staticmethod(hf_to_mm)})
+    def mm_to_hf(cfg: MmToHfConfig) -> None:
+        """Convert a MindSpeed-MM (Megatron) checkpoint back to Hugging Face safetensors."""
+        run_job_cli(Job(converter=converter, command="mm_to_hf", cfg=cfg), prog="mm-convert")
+
+    def resplit(cfg: ResplitConfig) -> None:
+        """Re-cut a MindSpeed-MM (Megatron) checkpoint to another TP / PP / VPP layout."""
+        run_job_cli(Job(converter=converter, command="resplit", cfg=cfg), prog="mm-convert")
+
+    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit)}
+    return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 
 def converter_classes() -> list[type]:

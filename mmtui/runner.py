@@ -32,7 +32,7 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
     )
     with Bar(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task("converting", total=plan.nbytes)
-        for event in execute(plan, job.cfg.mm_dir, overwrite=job.cfg.overwrite):
+        for event in execute(plan, job.out_dir, overwrite=job.overwrite):
             if isinstance(event, Started):
                 bar.update(task, total=event.total_bytes)
             elif isinstance(event, Progress):

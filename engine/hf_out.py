@@ -1,0 +1,121 @@
+"""Plans that write Hugging Face safetensors: the way back (mm_to_hf).
+
+Each HF tensor is a target whose pieces come from the Megatron source view. By default
+the original's shard files, names, tensor order and header metadata are reproduced, so
+HF -> MM -> HF gives back the same files byte for byte; `max_shard_size` re-shards
+instead. Every non-weight file of the original (config, tokenizer, chat template,
+generation config) is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import ConvertError
+from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
+from .mm_view import MmView
+from .plan import Entry, OutputFile, Plan
+from .safetensors_header import itemsize, read_metadata
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS["TIB"] = 2**40
+
+
+def parse_size(text: str | int, field: str = "max_shard_size") -> int:
+    """'5GB' (10^9, as transformers counts), '500MiB', or a number of bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise ConvertError(f"{field} {text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if value <= 0:
+        raise ConvertError(f"{field} {text!r}: must be positive")
+    return value
+
+
+def non_weight_files(hf_dir: Path) -> dict[str, Path]:
+    """Top-level files to carry over unchanged: everything but weights and their indexes."""
+    out = {}
+    for p in sorted(hf_dir.iterdir()):
+        weights = p.name in WEIGHT_INDEXES or p.name.endswith(WEIGHT_SUFFIXES)
+        if p.is_file() and not p.name.startswith(".") and not weights:
+            out[p.name] = p
+    return out
+
+
+def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | int | None = None) -> Plan:
+    """HF safetensors (original names and sharding, or re-sharded) from a Megatron source view."""
+    preset = info.preset
+    tied = bool(preset.tie and info.fields.get(preset.tie.field))
+    order = sorted(info.tensors.values(), key=lambda m: (info.files.index(m.file), m.begin))
+    entries: list[tuple[str, Entry]] = []  # (original file name, entry)
+    for meta in order:
+        name = meta.name
+        blocks = view.blocks.get(name)
+        how = "join"
+        if blocks is None and tied and preset.tie and name in preset.tie.drop:
+            blocks = view.blocks.get(preset.tie.source)
+            how = "tied: copy of the embedding"
+        if blocks is None:
+            raise ConvertError(
+                f"mm_dir {view.checkpoint.root}: holds no part of {info.raw_names.get(name, name)} "
+                "(a checkpoint written with save_vit_only cannot be turned back into a full HF model)"
+            )
+        dtype = view.dtypes[name] if name in view.dtypes else view.dtypes[preset.tie.source]  # type: ignore[union-attr]
+        raw = info.raw_names.get(name, name)
+        entries.append((meta.file.name, Entry(raw, meta.shape, dtype, blocks, how)))
+    single = len(info.files) == 1
+    files: list[OutputFile] = []
+    texts: dict[str, str] = {}
+    if max_shard_size is None:
+        groups: dict[str, list[Entry]] = {}
+        for fname, e in entries:
+            groups.setdefault(fname, []).append(e)
+        for path in info.files:
+            files.append(_hf_file(path.name, groups.get(path.name, []), read_metadata(path)))
+    else:
+        limit = parse_size(max_shard_size)
+        shards: list[list[Entry]] = [[]]
+        size = 0
+        for _, e in entries:
+            if shards[-1] and size + e.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e.nbytes
+        n = len(shards)
+        single = n == 1
+        names = [SINGLE_NAME] if single else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        files = [_hf_file(name, shard, {"format": "pt"}) for name, shard in zip(names, shards, strict=True)]
+    original_index = info.hf_dir / INDEX_NAME
+    if not single or (original_index.is_file() and max_shard_size is None):
+        texts[INDEX_NAME] = _index_text(files, original_index)
+    copies = non_weight_files(info.hf_dir)
+    notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}"]
+    if tied and any(e.transform.startswith("tied") for _, e in entries):
+        notes.append("tied embeddings: the output layer is written from the embedding")
+    return Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
+
+
+def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:
+    return OutputFile(name, 0, 0, 0, [entries], kind="safetensors", metadata=metadata)
+
+
+def _index_text(files: list[OutputFile], original: Path) -> str:
+    meta: dict[str, object] = {}
+    if original.is_file():
+        try:
+            meta = dict(json.loads(original.read_text()).get("metadata") or {})
+        except (OSError, ValueError):
+            meta = {}
+    total = sum(e.numel * itemsize(e.dtype) for f in files for e in f.entries)
+    meta["total_size"] = total
+    weight_map = {e.key: f.path for f in files for e in f.entries}
+    return json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"

@@ -1,0 +1,171 @@
+"""A Megatron/MindSpeed checkpoint as a *source view*: full canonical tensors made of rank-file blocks.
+
+The forward plan for the checkpoint's layout says, for every rank tensor, which block
+of which canonical (HF) tensor it holds. Reading the rank files' metadata and inverting
+that map gives, for every canonical tensor, the rank-file blocks that make it up. The
+way back (mm_to_hf) and the re-cut (resplit) are then ordinary plans over this view.
+Building it also cross-checks the layout the user gave against what is on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConvertError
+from .hf_source import ModelInfo
+from .layout import ParallelConfig
+from .mm_source import MmCheckpoint, read_rank_file
+from .plan import Piece, Plan, build_plan, grid
+from .safetensors_header import TensorMeta
+
+REPLICA = "a copy of data read from another rank (TP replica or tied output layer)"
+
+
+@dataclass
+class MmView:
+    checkpoint: MmCheckpoint
+    layout: ParallelConfig
+    sources: dict[str, TensorMeta]  # rank-file tensors, named "mp_rank_TT_PPP/model0/key"
+    blocks: dict[str, tuple[Piece, ...]]  # canonical name -> rank-file blocks, in target order
+    dropped: dict[str, str]  # rank-file tensors no canonical tensor needs
+    dtypes: dict[str, str]  # canonical name -> dtype on disk
+
+
+def _layout_text(layout: ParallelConfig) -> str:
+    return f"tp_size={layout.tp_size}, llm_pp_layers={layout.llm_pp_layers}, vit_pp_layers={layout.vit_pp_layers}"
+
+
+def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir") -> MmView:
+    """Check the checkpoint on disk against `layout` and invert the layout's plan."""
+    forward = build_plan(info, layout, iteration=ckpt.iteration)
+    expected = {(f.tp_rank, f.pp_rank, f.ep_rank): f for f in forward.files}
+    missing = sorted(set(expected) - set(ckpt.ranks))
+    extra = sorted(set(ckpt.ranks) - set(expected))
+    if missing or extra:
+        f = expected[missing[0]] if missing else None
+        what = (
+            f"{ckpt.root / ckpt.iteration / f.dir_name} is missing"
+            if f
+            else f"{ckpt.names[extra[0]]} is not part of it"
+        )
+        raise ConvertError(
+            f"{field} {ckpt.root}: {len(ckpt.ranks)} rank directories on disk, the layout "
+            f"({_layout_text(layout)}) has {len(expected)}: {what}"
+        )
+    sources: dict[str, TensorMeta] = {}
+    blocks: dict[str, list[Piece]] = {}
+    covered: dict[str, set[tuple[int, int, int, int]]] = {}
+    kept: dict[str, bool] = {}
+    for rank, f in expected.items():
+        path = ckpt.ranks[rank]
+        on_disk = read_rank_file(path, prefix=f.dir_name + "/")
+        if list(on_disk) != f.chunk_names:
+            raise ConvertError(
+                f"{path}: holds {', '.join(on_disk)} but the layout ({_layout_text(layout)}) has "
+                f"{len(f.chunk_names)} VPP chunk(s): {', '.join(f.chunk_names)}"
+            )
+        for chunk_name, entries in zip(f.chunk_names, f.chunks, strict=True):
+            found = on_disk[chunk_name]
+            want = {e.key for e in entries}
+            extra_keys = [k for k in found if k not in want]
+            if extra_keys:
+                raise ConvertError(
+                    f"{path} [{chunk_name}]: {extra_keys[0]} is on disk but not in the layout "
+                    f"({_layout_text(layout)}); is the source layout right?"
+                )
+            for e in entries:
+                meta = found.get(e.key)
+                if meta is None:
+                    raise ConvertError(
+                        f"{path} [{chunk_name}]: {e.key} is missing; the layout ({_layout_text(layout)}) "
+                        "puts it on this rank"
+                    )
+                if meta.shape != e.shape:
+                    raise ConvertError(
+                        f"{path} [{chunk_name}]: {e.key} has shape {list(meta.shape)} on disk, the layout "
+                        f"expects {list(e.shape)}"
+                    )
+                sources[meta.name] = meta
+                kept.setdefault(meta.name, False)
+                width = grid(meta.shape)[1]
+                for p in e.pieces:
+                    hf_cols = grid(forward.sources[p.source].shape)[1]
+                    c0, c1 = p.cols or (0, hf_cols)
+                    rect = (p.rows[0], p.rows[1], c0, c1)
+                    seen = covered.setdefault(p.source, set())
+                    if rect in seen:
+                        continue
+                    seen.add(rect)
+                    kept[meta.name] = True
+                    mm_cols = None if (p.col_at, p.col_at + c1 - c0) == (0, width) else (p.col_at, p.col_at + c1 - c0)
+                    piece = Piece(meta.name, (p.at, p.at + p.nrows), mm_cols, at=p.rows[0], col_at=c0)
+                    blocks.setdefault(p.source, []).append(piece)
+    dtypes = {}
+    for name, pieces in blocks.items():
+        kinds = {sources[p.source].dtype for p in pieces}
+        if len(kinds) != 1:
+            raise ConvertError(f"{field} {ckpt.root}: the blocks of {name} have different dtypes {sorted(kinds)}")
+        dtypes[name] = kinds.pop()
+    dropped = {name: REPLICA for name, used in kept.items() if not used}
+    ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
+    return MmView(ckpt, layout, sources, ordered, dropped, dtypes)
+
+
+def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, TensorMeta]) -> tuple[Piece, ...]:
+    """Re-express pieces of canonical tensors as pieces of rank-file tensors (block intersection)."""
+    out: list[Piece] = []
+    for p in pieces:
+        cols = grid(canonical[p.source].shape)[1]
+        r0, r1 = p.rows
+        c0, c1 = p.cols or (0, cols)
+        for v in view.blocks[p.source]:
+            meta = view.sources[v.source]
+            v_cols = v.cols or (0, grid(meta.shape)[1])
+            # the view block covers canonical rows [v.at, v.at + n) and cols [v.col_at, v.col_at + w)
+            lo, hi = max(r0, v.at), min(r1, v.at + v.nrows)
+            clo, chi = max(c0, v.col_at), min(c1, v.col_at + v_cols[1] - v_cols[0])
+            if lo >= hi or clo >= chi:
+                continue
+            src_rows = (v.rows[0] + lo - v.at, v.rows[0] + hi - v.at)
+            src_cols = (v_cols[0] + clo - v.col_at, v_cols[0] + chi - v.col_at)
+            full = src_cols == (0, grid(meta.shape)[1])
+            out.append(
+                Piece(v.source, src_rows, None if full else src_cols, at=p.at + lo - r0, col_at=p.col_at + clo - c0)
+            )
+    out.sort(key=lambda q: (q.at, q.col_at))
+    return tuple(_merge_rows(out))
+
+
+def _merge_rows(pieces: list[Piece]) -> list[Piece]:
+    """Join vertically adjacent blocks of the same source (fewer, longer copies)."""
+    out: list[Piece] = []
+    for p in pieces:
+        q = out[-1] if out else None
+        if (
+            q is not None
+            and q.source == p.source
+            and q.cols == p.cols
+            and q.col_at == p.col_at
+            and q.rows[1] == p.rows[0]
+            and q.at + q.nrows == p.at
+        ):
+            out[-1] = Piece(q.source, (q.rows[0], p.rows[1]), q.cols, q.at, q.col_at)
+        else:
+            out.append(p)
+    return out
+
+
+def retarget(plan: Plan, view: MmView) -> Plan:
+    """A plan over canonical tensors, turned into the same plan over the rank files."""
+    canonical = plan.sources
+    for f in plan.files:
+        for chunk in f.chunks:
+            for e in chunk:
+                e.pieces = through_view(e.pieces, view, canonical)
+                kinds = {view.sources[p.source].dtype for p in e.pieces}
+                if len(kinds) != 1:
+                    raise ConvertError(f"{e.key}: its blocks on disk have different dtypes {sorted(kinds)}")
+                e.dtype = kinds.pop()
+    plan.sources = dict(view.sources)
+    plan.dropped = dict(view.dropped)
+    return plan

@@ -1,0 +1,79 @@
+"""Write a safetensors file front to back from a known list of tensors.
+
+The header (names, dtypes, shapes, offsets) is fixed by the plan before any data is
+read, so it is written first and each tensor's bytes follow in order: copied inside
+the kernel when they are whole rows of a source file, else from one assembled buffer.
+The header is serialized as the safetensors library does (compact JSON, `__metadata__`
+first, tensors in offset order, space padding to 8 bytes), so a round trip reproduces
+the original files byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from .safetensors_header import ST_DTYPES
+from .torch_zip import Span, copy_spans, write_all
+
+
+def header_bytes(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
+    """8-byte length + JSON header for (name, dtype, shape, nbytes) laid out in this order."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsWriter:
+    """`add_bytes` / `add_spans` once per tensor, in header order, then `close`."""
+
+    def __init__(self, path: Path, header: bytes, expected: list[int]) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._expected = list(reversed(expected))
+        write_all(self._fd, memoryview(header))
+
+    def _next(self, n: int) -> None:
+        want = self._expected.pop() if self._expected else None
+        if want != n:
+            raise AssertionError(f"{self.path}: tensor of {n} bytes where the header says {want}")
+
+    def add_bytes(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self._next(len(view))
+        assert self._fd is not None
+        write_all(self._fd, view)
+
+    def add_spans(self, spans: list[Span]) -> None:
+        self._next(sum(n for _, _, n in spans))
+        assert self._fd is not None
+        copy_spans(spans, self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._expected:
+            raise AssertionError(f"{self.path}: {len(self._expected)} tensors were never written")
+
+    def abort(self) -> None:
+        self._expected.clear()
+        self.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
