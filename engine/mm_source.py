@@ -55,9 +55,10 @@ _INERT = {
     ("builtins", "slice"),
     ("builtins", "complex"),
     ("copyreg", "_reconstructor"),
+    ("_codecs", "encode"),  # how protocol 2 pickles bytes (numpy arrays in the RNG state)
     ("builtins", "object"),
 }
-_INERT_MODULES = ("megatron.", "mindspeed.", "mindspeed_mm.", "mindspeed_llm.", "enum")  # config enums
+_INERT_MODULES = ("megatron.", "mindspeed.", "mindspeed_mm.", "mindspeed_llm.")  # config enums in `args`
 _TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
