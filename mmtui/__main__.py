@@ -1,4 +1,4 @@
-"""`mmtui [HF_DIR] | --demo | --replay job.toml`.
+"""`mmtui [HF_DIR] | --demo | --replay job.toml | verify A B`.
 
 Torch and the engine are imported lazily so the first screen appears fast.
 """
@@ -14,11 +14,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("hf_dir", nargs="?", help="a Hugging Face model directory to open")
     p.add_argument("--replay", metavar="JOB", help="run a saved job (TOML or YAML) headless and exit")
     p.add_argument("--demo", action="store_true", help="open a tiny generated Qwen2-VL checkpoint")
+    p.epilog = "Also: mmtui verify A B [...] compares two checkpoints (mmtui verify -h)."
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        from .verify_cli import main as verify
+
+        verify(argv[1:])
+        return
+    args = parse_args(argv)
     if args.replay:
         from .runner import replay
 

@@ -1,0 +1,118 @@
+"""Compare two checkpoints tensor by tensor, in canonical naming, whatever their formats.
+
+Each side is a *source view*: an HF directory gives its tensors directly; a Megatron /
+MindSpeed directory gives each canonical tensor as blocks of its rank files (so a TP=2
+checkpoint compares against a TP=1 one or against HF). One full tensor per side is in
+memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConvertError
+from .execute import assemble
+from .hf_source import ModelInfo, TensorReader, inspect_hf
+from .layout import ParallelConfig
+from .mm_source import open_checkpoint
+from .mm_view import open_view
+from .plan import Entry, Piece, Plan
+from .safetensors_header import TensorMeta
+
+
+@dataclass
+class Side:
+    """One checkpoint as canonical name -> blocks, with the metadata to read them."""
+
+    label: str
+    sources: dict[str, TensorMeta]
+    tensors: dict[str, tuple[tuple[int, ...], str, tuple[Piece, ...]]]  # name -> (shape, dtype, pieces)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    status: str  # "equal", "close", "differs", "shape", "only in A", "only in B"
+    max_abs_diff: float | None = None
+    detail: str = ""
+
+
+def hf_side(info: ModelInfo, label: str) -> Side:
+    tensors = {}
+    for name, m in info.tensors.items():
+        rows = m.shape[0] if m.shape else 1
+        tensors[name] = (m.shape, m.dtype, (Piece(name, (0, rows)),))
+    return Side(label, dict(info.tensors), tensors)
+
+
+def mm_side(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, label: str) -> Side:
+    view = open_view(info, open_checkpoint(mm_dir, label), layout, label)
+    tensors = {name: (info.tensors[name].shape, view.dtypes[name], blocks) for name, blocks in view.blocks.items()}
+    return Side(label, dict(view.sources), tensors)
+
+
+def open_side(path: Path, info: ModelInfo | None, layout: ParallelConfig | None, label: str) -> Side:
+    """An HF directory (config.json + safetensors) or a Megatron one (needs `info` and `layout`)."""
+    if (path / "latest_checkpointed_iteration.txt").is_file():
+        if info is None or layout is None:
+            raise ConvertError(
+                f"{label} {path}: a Megatron checkpoint; give its layout (tp / llm_pp_layers / vit_pp_layers) "
+                "and an HF directory for its config (--hf-dir, or the other side)"
+            )
+        return mm_side(info, path, layout, label)
+    side_info = inspect_hf(path, info.preset if info else None)
+    return hf_side(side_info, label)
+
+
+def _floats(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "bool":
+        return raw.view(np.bool_).astype(np.float32)
+    return raw.view(np.dtype(dtype)).astype(np.float64 if dtype in ("float64", "int64") else np.float32)
+
+
+def _read(side: Side, name: str, reader: TensorReader) -> np.ndarray:
+    shape, dtype, pieces = side.tensors[name]
+    plan = Plan([], side.sources, {})
+    return assemble(Entry(name, shape, dtype, pieces, ""), plan, reader)
+
+
+def compare(a: Side, b: Side, *, atol: float = 0.0) -> Iterator[Row]:
+    """One row per canonical tensor, in A's order then B's extras."""
+    reader = TensorReader()
+    try:
+        for name in a.tensors:
+            if name not in b.tensors:
+                yield Row(name, "only in A")
+                continue
+            (sa, da, _), (sb, db, _) = a.tensors[name], b.tensors[name]
+            if sa != sb:
+                yield Row(name, "shape", None, f"{list(sa)} vs {list(sb)}")
+                continue
+            xa, xb = _read(a, name, reader), _read(b, name, reader)
+            if da == db and np.array_equal(xa, xb):
+                yield Row(name, "equal", 0.0)
+                continue
+            fa, fb = _floats(xa, da), _floats(xb, db)
+            with np.errstate(invalid="ignore"):
+                diff = float(np.max(np.abs(fa - fb))) if fa.size else 0.0
+            same_nan = bool(np.array_equal(np.isnan(fa), np.isnan(fb)))
+            note = f"{da} vs {db}" if da != db else ""
+            status = "close" if same_nan and diff <= atol else "differs"
+            yield Row(name, status, diff, note)
+        for name in b.tensors:
+            if name not in a.tensors:
+                yield Row(name, "only in B")
+    finally:
+        reader.close()
+
+
+def identical(rows: list[Row], atol: float = 0.0) -> bool:
+    """Every tensor on both sides, equal bytes and dtype (or, with atol > 0, within atol)."""
+    ok = {"equal", "close"} if atol > 0 else {"equal"}
+    return all(r.status in ok for r in rows)

@@ -1,0 +1,84 @@
+"""`mmtui verify A B`: are two checkpoints the same model? Any mix of HF and Megatron layouts.
+
+Exit 0 when every tensor is identical (or within --atol), 1 when not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _layout(args: argparse.Namespace, side: str):
+    from engine.layout import ParallelConfig
+
+    llm, vit = getattr(args, f"{side}_llm_pp_layers"), getattr(args, f"{side}_vit_pp_layers")
+    if llm is None and vit is None:
+        return None
+    return ParallelConfig(
+        tp_size=getattr(args, f"{side}_tp"),
+        llm_pp_layers=json.loads(llm or "[]"),
+        vit_pp_layers=json.loads(vit or "[]"),
+    )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="mmtui verify",
+        description="Compare two checkpoints tensor by tensor in canonical naming (HF or Megatron/MindSpeed).",
+    )
+    p.add_argument("a", type=Path, help="an HF directory or a Megatron checkpoint directory")
+    p.add_argument("b", type=Path, help="the other checkpoint")
+    p.add_argument("--hf-dir", type=Path, help="HF directory for config.json when neither side is HF")
+    for side in ("a", "b"):
+        p.add_argument(f"--{side}-tp", type=int, default=1, help=f"TP size of {side.upper()} when it is Megatron")
+        p.add_argument(f"--{side}-llm-pp-layers", metavar="JSON", help=f"e.g. [[1,3]]: {side.upper()}'s LLM layers")
+        p.add_argument(f"--{side}-vit-pp-layers", metavar="JSON", help=f"e.g. [[3,0]]: {side.upper()}'s ViT layers")
+    p.add_argument("--atol", type=float, default=0.0, help="accept differences up to this absolute value")
+    p.add_argument("--all", action="store_true", help="list equal tensors too")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.errors import ConvertError
+    from engine.hf_source import inspect_hf
+    from engine.verify import compare, identical, open_side
+
+    console = Console()
+    try:
+        hf = args.hf_dir or next(
+            (p for p in (args.a, args.b) if not (p / "latest_checkpointed_iteration.txt").is_file()), None
+        )
+        info = inspect_hf(hf) if hf else None
+        a = open_side(args.a, info, _layout(args, "a"), "A")
+        b = open_side(args.b, info, _layout(args, "b"), "B")
+    except ConvertError as e:
+        print(f"mmtui verify: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ValidationError, json.JSONDecodeError) as e:
+        print(f"mmtui verify: error: layout: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    rows = list(compare(a, b, atol=args.atol))
+    table = Table("tensor", "result", "max |A-B|", "note", box=None)
+    for r in rows:
+        if r.status == "equal" and not args.all:
+            continue
+        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.3g}"
+        color = {"equal": "green", "close": "yellow"}.get(r.status, "red")
+        table.add_row(r.name, f"[{color}]{r.status}[/]", diff, r.detail)
+    if table.row_count:
+        console.print(table)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    ok = identical(rows, args.atol)
+    console.print(f"{'[green]identical' if ok else '[red]different'}[/]: {len(rows)} tensors ({summary})")
+    sys.exit(0 if ok else 1)
