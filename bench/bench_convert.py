@@ -1,4 +1,4 @@
-"""hf_to_mm against `cp -r` + `sync` of the same checkpoint, side by side in one run.
+"""hf_to_mm, mm_to_hf and resplit against `cp -r` + `sync` of the same checkpoint, side by side in one run.
 
 Each round runs the copy and every layout once, in turn, each starting after a `sync`
 with a warm page cache for the source; the table reports medians over rounds (this
@@ -23,6 +23,7 @@ from pathlib import Path
 LAYOUTS = {
     "tp1pp1": (1, "[[28]]", "[[32]]"),
     "tp2pp4": (2, "[[1,9,9,9]]", "[[32,0,0,0]]"),
+    "tp1pp2": (1, "[[10,18]]", "[[32,0]]"),
 }
 
 
@@ -39,14 +40,58 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
-def convert_cmd(hf: Path, out: Path, layout: str) -> list[str]:
+MM_CONVERT = str(Path(sys.executable).parent / "mm-convert")
+
+
+def _layout_args(prefix: str, layout: str) -> list[str]:
     tp, llm, vit = LAYOUTS[layout]
-    mm_convert = str(Path(sys.executable).parent / "mm-convert")
     return [
-        mm_convert, "Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(out), "--cfg.hf_config.hf_dir", str(hf),
-        "--cfg.parallel_config.llm_pp_layers", llm, "--cfg.parallel_config.vit_pp_layers", vit,
-        "--cfg.parallel_config.tp_size", str(tp),
+        f"--cfg.{prefix}.llm_pp_layers",
+        llm,
+        f"--cfg.{prefix}.vit_pp_layers",
+        vit,
+        f"--cfg.{prefix}.tp_size",
+        str(tp),
+    ]
+
+
+def convert_cmd(hf: Path, out: Path, layout: str) -> list[str]:
+    return [
+        MM_CONVERT, "Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(out), "--cfg.hf_config.hf_dir", str(hf),
+        *_layout_args("parallel_config", layout),
     ]  # fmt: skip
+
+
+def mm_to_hf_cmd(hf: Path, mm: Path, out: Path) -> list[str]:
+    return [
+        MM_CONVERT, "Qwen2VLConverter", "mm_to_hf", "--cfg.save_hf_dir", str(out), "--cfg.mm_dir", str(mm),
+        "--cfg.hf_config.hf_dir", str(hf), *_layout_args("parallel_config", "tp2pp4"),
+    ]  # fmt: skip
+
+
+def resplit_cmd(hf: Path, mm: Path, out: Path) -> list[str]:
+    return [
+        MM_CONVERT, "Qwen2VLConverter", "resplit", "--cfg.source_dir", str(mm), "--cfg.target_dir", str(out),
+        "--cfg.hf_config.hf_dir", str(hf), *_layout_args("source_parallel_config", "tp2pp4"),
+        *_layout_args("target_parallel_config", "tp1pp2"),
+    ]  # fmt: skip
+
+
+def command(name: str, hf: Path, mm: Path, out: Path) -> list[str]:
+    if name == "copy":
+        return ["cp", "-r", str(hf), str(out)]
+    if name == "mm_to_hf":
+        return mm_to_hf_cmd(hf, mm, out)
+    if name == "resplit":
+        return resplit_cmd(hf, mm, out)
+    return convert_cmd(hf, out, name)
+
+
+LABELS = {
+    "copy": "cp -r + sync",
+    "mm_to_hf": "mm_to_hf tp2pp4 -> HF + sync",
+    "resplit": "resplit tp2pp4 -> tp1pp2 + sync",
+}
 
 
 def du(path: Path) -> int:
@@ -58,24 +103,29 @@ def main() -> None:
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/work/bench-data/run"))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--runs", default="tp1pp1,tp2pp4,mm_to_hf,resplit", help="hf_to_mm layouts, mm_to_hf, resplit")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    layouts = args.layouts.split(",")
+    names = args.runs.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
-    for f in args.hf_dir.iterdir():  # warm the page cache for the source, as a re-run would find it
+    mm = args.work / "source-tp2pp4"  # the Megatron source of mm_to_hf and resplit, made once
+    if {"mm_to_hf", "resplit"} & set(names) and not (mm / "latest_checkpointed_iteration.txt").exists():
+        shutil.rmtree(mm, ignore_errors=True)
+        subprocess.run(convert_cmd(args.hf_dir, mm, "tp2pp4"), check=True)
+    sources = [*args.hf_dir.iterdir(), *(p for p in mm.rglob("*") if p.is_file())]
+    for f in sources:  # warm the page cache for the sources, as a re-run would find them
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
     subprocess.run(["sync"], check=True)
-    runs: dict[str, list[tuple[float, int, int]]] = {name: [] for name in ["copy", *layouts]}
+    runs: dict[str, list[tuple[float, int, int]]] = {name: [] for name in ["copy", *names]}
     for _ in range(args.rounds):
         for name in runs:
             out = args.work / name
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             time.sleep(1)
-            cmd = ["cp", "-r", str(args.hf_dir), str(out)] if name == "copy" else convert_cmd(args.hf_dir, out, name)
+            cmd = command(name, args.hf_dir, mm, out)
             wall, rss = timed(cmd)
             runs[name].append((wall, rss, du(out)))
             shutil.rmtree(out)
@@ -90,13 +140,13 @@ def main() -> None:
         row = {"run": name, "wall": wall, "walls": [w for w, _, _ in rs], "ratio": wall / copy_wall,
                "peak_rss_mb": rss / 2**20, "output_gb": rs[0][2] / 1e9}  # fmt: skip
         rows.append(row)
-        label = "cp -r + sync" if name == "copy" else f"hf_to_mm {name} + sync"
+        label = LABELS.get(name, f"hf_to_mm {name} + sync")
         walls = " ".join(f"{w:.1f}" for w in row["walls"])
         ratio, rss_mb, gb = row["ratio"], row["peak_rss_mb"], row["output_gb"]
         print(f"| {label} | {wall:.2f} | {walls} | {ratio:.2f}x | {rss_mb:.0f} | {gb:.2f} |")
     print("\ncommands:")
-    for name in layouts:
-        print("  " + " ".join(convert_cmd(args.hf_dir, Path("OUT"), name)))
+    for name in names:
+        print("  " + " ".join(command(name, args.hf_dir, mm, Path("OUT"))))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
