@@ -98,3 +98,51 @@ async def test_demo_opens(tmp_path: Path, monkeypatch) -> None:
         await _settle(pilot, app)
         assert "Qwen2-VL" in str(app.screen.query_one("#summary", Static).render())
         assert app.screen.query_one("#preview", DataTable).row_count == 1
+
+
+async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    import engine.execute
+    from engine.events import Progress, Started
+    from mmtui.screens.confirm import ConfirmScreen
+
+    closed = []
+
+    def slow_execute(plan, out, **_):  # a conversion that runs until it is closed
+        try:
+            yield Started(100, 1)
+            for i in range(1000):
+                time.sleep(0.01)
+                yield Progress(i, 100, "f", "k")
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(engine.execute, "execute", slow_execute)
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(pilot, app)
+        app.screen.query_one("#preview", DataTable).focus()
+        await pilot.press("ctrl+r")
+        await pilot.pause(0.1)
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and app.is_running and not closed
+        await pilot.press("q")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause(0.3)
+    assert closed == [True]
+
+
+async def test_quit_when_idle_is_immediate(qwen2vl_dir: Path) -> None:
+    app = make_app(qwen2vl_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(pilot, app)
+        app.screen.query_one("#preview", DataTable).focus()
+        await pilot.press("q")
+        await pilot.pause()
+        assert app.return_code == 0 or not app.is_running
