@@ -17,7 +17,7 @@ from .errors import ConvertError
 from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
 from .mm_view import MmView
 from .plan import Entry, OutputFile, Plan
-from .safetensors_header import itemsize, read_metadata
+from .safetensors_header import read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
@@ -68,7 +68,7 @@ def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | 
                 f"mm_dir {view.checkpoint.root}: holds no part of {info.raw_names.get(name, name)} "
                 "(a checkpoint written with save_vit_only cannot be turned back into a full HF model)"
             )
-        dtype = view.dtypes[name] if name in view.dtypes else view.dtypes[preset.tie.source]  # type: ignore[union-attr]
+        dtype = view.sources[blocks[0].source].dtype  # open_view checked the blocks agree
         raw = info.raw_names.get(name, name)
         entries.append((meta.file.name, Entry(raw, meta.shape, dtype, blocks, how)))
     single = len(info.files) == 1
@@ -115,7 +115,6 @@ def _index_text(files: list[OutputFile], original: Path) -> str:
             meta = dict(json.loads(original.read_text()).get("metadata") or {})
         except (OSError, ValueError):
             meta = {}
-    total = sum(e.numel * itemsize(e.dtype) for f in files for e in f.entries)
-    meta["total_size"] = total
+    meta["total_size"] = sum(f.nbytes for f in files)
     weight_map = {e.key: f.path for f in files for e in f.entries}
     return json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"

@@ -223,7 +223,7 @@ def load_job(path: Path | str) -> Job:
         ) from None
     if isinstance(data, dict) and isinstance(data.get("cfg"), dict) and data.get("command") in COMMANDS:
         try:  # the command's own schema first, so the error names the field as written
-            COMMANDS[data["command"]].model_validate(data["cfg"])
+            data = {**data, "cfg": COMMANDS[data["command"]].model_validate(data["cfg"])}
         except ValidationError as e:
             raise _first_error(e, str(path), "cfg.") from None
     try:

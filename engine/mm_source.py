@@ -22,22 +22,12 @@ from typing import Any
 from .errors import ConvertError
 from .plan import TRACKER_NAME
 from .safetensors_header import TensorMeta, itemsize
+from .torch_zip import STORAGES
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
-# torch storage class name -> dtype name (what `torch.save` pickles for each dtype)
-_STORAGE_DTYPES = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-}
+# torch storage class name -> dtype name: the writer's table read backwards
+_STORAGE_DTYPES = {cls: dtype for dtype, (cls, _) in STORAGES.items()}
 
 # Classes real trained checkpoints carry outside the weights (training args, RNG state);
 # each becomes an inert stand-in: never imported, never called.
@@ -59,7 +49,6 @@ _INERT = {
     ("builtins", "object"),
 }
 _INERT_MODULES = ("megatron.", "mindspeed.", "mindspeed_mm.", "mindspeed_llm.")  # config enums in `args`
-_TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
 @dataclass(frozen=True)
@@ -122,7 +111,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        if module == "torch" and name in _TORCH_DTYPES:
+        if module == "torch" and name in STORAGES:  # a dtype, e.g. args.params_dtype
             return name
         if module == "collections" and name == "OrderedDict":
             return dict

@@ -64,8 +64,9 @@ def open_side(path: Path, info: ModelInfo | None, layout: ParallelConfig | None,
                 "and an HF directory for its config (--hf-dir, or the other side)"
             )
         return mm_side(info, path, layout, label)
-    side_info = inspect_hf(path, info.preset if info else None)
-    return hf_side(side_info, label)
+    if info is not None and path.resolve() == info.hf_dir.resolve():
+        return hf_side(info, label)  # already inspected
+    return hf_side(inspect_hf(path, info.preset if info else None), label)
 
 
 def _floats(raw: np.ndarray, dtype: str) -> np.ndarray:
