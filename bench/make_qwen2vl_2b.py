@@ -5,6 +5,10 @@ memory. Values are random normal * 0.02 from one reused block: content does not 
 for timing, shapes and sizes do.
 
     python bench/make_qwen2vl_2b.py /work/bench-data/qwen2vl-2b
+    python bench/make_qwen2vl_2b.py /tmp/qwen2vl-7b --size 7b --sparse   # headers only, for planning
+
+`--sparse` writes the headers and leaves the data as holes (zeros, no disk used): enough
+for everything that reads metadata only (inspect, plan, `mmtui suggest`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from pathlib import Path
 
 import torch
 
-LLM = {"hidden": 1536, "layers": 28, "heads": 12, "kv": 2, "inter": 8960, "vocab": 151936}
+SIZES = {
+    "2b": {"hidden": 1536, "layers": 28, "heads": 12, "kv": 2, "inter": 8960, "vocab": 151936, "tied": True},
+    "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv": 4, "inter": 18944, "vocab": 152064, "tied": False},
+}
+LLM = dict(SIZES["2b"])
 VIT = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
 
 CONFIG = {
@@ -32,7 +40,7 @@ CONFIG = {
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
     "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
+    "tie_word_embeddings": LLM["tied"],
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
     "vision_config": {
         "depth": VIT["depth"], "embed_dim": VIT["dim"], "num_heads": VIT["heads"], "mlp_ratio": 4,
@@ -58,6 +66,8 @@ def shapes() -> dict[str, tuple[int, ...]]:
             p + "mlp.down_proj.weight": (h, LLM["inter"]),
         }  # fmt: skip
     out["model.norm.weight"] = (h,)
+    if not LLM["tied"]:
+        out["lm_head.weight"] = (LLM["vocab"], h)
     d, m = VIT["dim"], VIT["mlp"]
     out["visual.patch_embed.proj.weight"] = (d, 3, VIT["tpatch"], VIT["patch"], VIT["patch"])
     for i in range(VIT["depth"]):
@@ -85,7 +95,7 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes) -> int:
+def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes, sparse: bool = False) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors.items():
         nbytes = numel(shape) * 2
@@ -95,6 +105,9 @@ def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes) -
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
+        if sparse:
+            f.truncate(8 + len(raw) + offset)
+            return offset
         for shape in tensors.values():
             left = numel(shape) * 2
             while left:
@@ -108,7 +121,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B or -7B shapes")
+    ap.add_argument("--sparse", action="store_true", help="headers only; tensor data left as holes")
     args = ap.parse_args()
+    LLM.update(SIZES[args.size])
+    CONFIG.update(
+        hidden_size=LLM["hidden"], intermediate_size=LLM["inter"], num_attention_heads=LLM["heads"],
+        num_key_value_heads=LLM["kv"], vocab_size=LLM["vocab"], tie_word_embeddings=LLM["tied"],
+    )  # fmt: skip
+    CONFIG["vision_config"]["hidden_size"] = LLM["hidden"]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     block = (torch.randn(32 << 20, dtype=torch.float32) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
@@ -125,7 +146,7 @@ def main() -> None:
     weight_map = {}
     for i, part in enumerate(parts):
         fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        write_shard(args.out / fname, {n: all_shapes[n] for n in part}, block)
+        write_shard(args.out / fname, {n: all_shapes[n] for n in part}, block, args.sparse)
         weight_map |= dict.fromkeys(part, fname)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -422,3 +422,44 @@ def _rank_path(iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int
     if ep > 1:
         name += f"_{ep_rank:03d}"
     return f"{iteration}/{name}/{CKPT_NAME}"
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    """Parameter counts of one module as the pipeline sees it: per layer, plus what rides along."""
+
+    name: str
+    layers: list[int]  # parameters of each layer
+    first: int  # parameters placed with the first layer (patch embedding, word embedding)
+    last: int  # parameters placed with the last layer (projector, final norm, output layer)
+    lookup: int  # of `first`, parameters that are a lookup table (no matmul per token)
+
+
+def module_weights(info: ModelInfo) -> list[ModuleWeights]:
+    """Where each module's parameters sit, from the same mapping the plan uses (metadata only).
+
+    A tied output layer counts on the last stage: with PP > 1 it is written there as a copy.
+    """
+    preset = info.preset
+    targets, _ = _targets(info, dict(info.tensors), list(preset.modules))
+    tied = bool(preset.tie and info.fields.get(preset.tie.field))
+    out = []
+    for m in preset.modules:
+        layers = [0] * info.field_int(m.layers)
+        first = last = lookup = 0
+        for t in targets:
+            if t.module is not m:
+                continue
+            n = sum(s.numel for s in t.sources)
+            if t.layer is not None:
+                layers[t.layer] += n
+            elif any(t.key.startswith(p) for p in m.first):
+                first += n
+                if m.vocab:  # a module with a vocabulary starts with its embedding table
+                    lookup += n
+            else:
+                last += n
+        if tied and preset.tie and preset.module_of_target(preset.tie.target) is m:
+            last += info.tensors[preset.tie.source].numel
+        out.append(ModuleWeights(m.name, layers, first, last, lookup))
+    return out
