@@ -115,6 +115,36 @@ def partition(costs: list[int], parts: int) -> list[int]:
     return sizes
 
 
+def cell_costs(
+    info: ModelInfo,
+    layers: dict[str, Chunks],
+    model: CostModel = "params",
+    vit_tokens: int = 1024,
+    llm_tokens: int = 4096,
+) -> list[list[int]]:
+    """Cost of every (chunk, stage) cell of a given layout, under the same model `suggest` uses.
+
+    Layers fill cells in chunk-major order, as the plan places them; counts beyond a
+    module's layers are ignored (the layout check reports them).
+    """
+    weights = module_weights(info)
+    per_module = layer_costs(weights, model, _tokens(weights, vit_tokens, llm_tokens))
+    first = next(iter(layers.values()))
+    cells = [[0] * len(first[0]) for _ in first]
+    for w, costs in zip(weights, per_module, strict=True):
+        pos = 0
+        for c, chunk in enumerate(layers.get(w.name, [])):
+            for s, n in enumerate(chunk):
+                if c < len(cells) and s < len(cells[c]):
+                    cells[c][s] += sum(costs[pos : pos + n])
+                pos += n
+    return cells
+
+
+def _tokens(weights: list[ModuleWeights], vit_tokens: int, llm_tokens: int) -> dict[str, int]:
+    return {w.name: vit_tokens if w.name == "vit" else llm_tokens for w in weights}
+
+
 def suggest(
     info: ModelInfo,
     pp: int,
@@ -127,9 +157,7 @@ def suggest(
     if model not in COST_MODELS:
         raise ConvertError(f"cost model {model!r} is unknown; use one of: {', '.join(COST_MODELS)}")
     weights = module_weights(info)
-    tokens = {"vit": vit_tokens, "llm": llm_tokens}
-    tokens.update({w.name: tokens.get(w.name, llm_tokens) for w in weights})
-    per_module = layer_costs(weights, model, tokens)
+    per_module = layer_costs(weights, model, _tokens(weights, vit_tokens, llm_tokens))
     items = [(w.name, c) for w, costs in zip(weights, per_module, strict=True) for c in costs]
     sizes = partition([c for _, c in items], pp * vpp)
     layers = {w.name: [[0] * pp for _ in range(vpp)] for w in weights}

@@ -175,11 +175,17 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
     return info
 
 
-def prepare(job: Job) -> tuple[ModelInfo, Plan]:
-    """Everything but writing: inspect, plan, check the target. Raises ConvertError on bad input."""
+OUT_FIELDS = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir"}
+
+
+def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
+    """Everything but writing: inspect, plan, check the target. Raises ConvertError on bad input.
+
+    `check_out=False` skips the target check, for a preview made while the user types.
+    """
     cfg = job.cfg
-    field = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir"}[job.command]
-    check_target(job.out_dir, job.overwrite, field)
+    if check_out:
+        check_target(job.out_dir, job.overwrite, OUT_FIELDS[job.command])
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
@@ -235,3 +241,24 @@ def load_job(path: Path | str) -> Job:
 def job_to_dict(job: Job) -> dict[str, Any]:
     """Plain data for TOML: paths as strings, defaults left out."""
     return job.model_dump(mode="json", exclude_defaults=True, exclude_none=True)
+
+
+def job_to_argv(job: Job) -> list[str]:
+    """The same job as `mm-convert` arguments (the wizard offers it to copy into a script)."""
+    import json
+
+    argv = [job.converter, job.command]
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list):
+            argv.extend([f"--{prefix}", json.dumps(value, separators=(",", ":"))])
+        elif isinstance(value, bool):
+            argv.extend([f"--{prefix}", "true" if value else "false"])
+        else:
+            argv.extend([f"--{prefix}", str(value)])
+
+    walk("cfg", job_to_dict(job)["cfg"])
+    return argv

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from .mm_source import open_checkpoint
 from .mm_view import open_view
 from .plan import Entry, Piece, Plan
 from .safetensors_header import TensorMeta
+
+if TYPE_CHECKING:
+    from .job import Job
 
 
 @dataclass
@@ -117,3 +121,28 @@ def identical(rows: list[Row], atol: float = 0.0) -> bool:
     """Every tensor on both sides, equal bytes and dtype (or, with atol > 0, within atol)."""
     ok = {"equal", "close"} if atol > 0 else {"equal"}
     return all(r.status in ok for r in rows)
+
+
+def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
+    """Compare what a finished job wrote with what it read; (identical, one-line summary)."""
+    from .job import HfToMmConfig, MmToHfConfig
+
+    cfg = job.cfg
+    if isinstance(cfg, HfToMmConfig):
+        a = open_side(Path(cfg.hf_config.hf_dir), info, None, "source")
+        b = open_side(job.out_dir, info, cfg.parallel_config, "output")
+    elif isinstance(cfg, MmToHfConfig):
+        a = open_side(Path(cfg.mm_dir), info, cfg.parallel_config, "source")
+        b = open_side(job.out_dir, info, None, "output")
+    else:
+        a = open_side(Path(cfg.source_dir), info, cfg.source_parallel_config, "source")
+        b = open_side(job.out_dir, info, cfg.target_parallel_config, "output")
+    rows = list(compare(a, b))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    ok = identical(rows)
+    detail = ", ".join(f"{n} {s}" for s, n in counts.items())
+    first_bad = next((r for r in rows if r.status != "equal"), None)
+    tail = f"; first: {first_bad.name} {first_bad.status}" if first_bad else ""
+    return ok, f"{'identical' if ok else 'different'}: {len(rows)} tensors ({detail}){tail}"

@@ -1,4 +1,5 @@
-"""Regenerate screenshots/*.svg from the real app on the built-in demo checkpoint.
+"""Regenerate screenshots/*.svg from the real app on the built-in demo checkpoint: every step
+of the wizard, a validation error, a finished run and the help screen, at 120x40 and 80x24.
 
     python screenshots/make_screenshots.py
 """
@@ -6,46 +7,72 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
-
-from textual.widgets import DataTable, Input
 
 from mmtui.app import make_app
 from mmtui.demo import make_demo_checkpoint
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.absolute()
+
+
+async def settle(pilot) -> None:
+    for _ in range(2):
+        await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
 
 
 async def shoot(size: tuple[int, int]) -> None:
     w, h = size
     with tempfile.TemporaryDirectory() as tmp:
-        hf = make_demo_checkpoint(Path(tmp) / "Qwen2-VL-tiny")
-        app = make_app(hf, out_dir=Path(tmp) / "out")
+        os.chdir(tmp)  # relative paths on screen
+        make_demo_checkpoint(Path("Qwen2-VL-tiny"))
+        app = make_app("Qwen2-VL-tiny", out_dir=Path("Qwen2-VL-tiny-mm"))
+        app.animation_level = "none"
         async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            await settle(pilot)
             screen = app.screen
-            screen.query_one("#tp", Input).value = "2"
-            screen.query_one("#llm", Input).value = "[[1,3]]"
-            screen.query_one("#vit", Input).value = "[[3,0]]"
-            await pilot.pause()
-            app.save_screenshot(str(HERE / f"workbench-{w}x{h}.svg"))
-            screen.query_one("#tp", Input).value = "3"
-            await pilot.pause()
-            app.save_screenshot(str(HERE / f"validation-{w}x{h}.svg"))
-            screen.query_one("#tp", Input).value = "2"
-            await pilot.pause()
-            preview = screen.query_one("#preview", DataTable)
-            preview.focus()
-            preview.move_cursor(row=1)
+
+            def save(name: str) -> None:
+                app.save_screenshot(str(HERE / f"{name}-{w}x{h}.svg"))
+
+            save("1-source")
+            await pilot.press("f3")
+            screen.query_one("#tp").value = "2"
+            screen.query_one("#pp").value = "2"
+            await settle(pilot)
+            save("2-layout")
+            screen.query_one("#cell-llm-0-0").value = "3"
+            await settle(pilot)
+            save("3-validation")
+            await pilot.press("ctrl+b")
+            await settle(pilot)
+            await pilot.press("f4")
+            table = screen.query_one("#preview")
+            table.focus()
+            table.move_cursor(row=1)
             await pilot.press("enter")
-            await pilot.pause()
-            app.save_screenshot(str(HERE / f"preview-{w}x{h}.svg"))
+            await settle(pilot)
+            save("4-preview")
+            await pilot.press("ctrl+r")
+            await settle(pilot)
+            await pilot.press("ctrl+t")
+            await settle(pilot)
+            save("5-run")
+            await pilot.press("ctrl+l")
+            await settle(pilot)
+            save("6-command-line")
+            await pilot.press("escape")
+            await pilot.press("f1")
+            await settle(pilot)
+            save("7-help")
 
 
 if __name__ == "__main__":
+    for old in HERE.glob("*.svg"):
+        old.unlink()
     for size in ((120, 40), (80, 24)):
         asyncio.run(shoot(size))
     print("\n".join(sorted(p.name for p in HERE.glob("*.svg"))))

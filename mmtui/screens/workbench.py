@@ -1,35 +1,82 @@
-"""One screen: inspect the model, edit the layout with live validation, preview every rank, run, save.
+"""The wizard: Source -> Layout -> Preview -> Run, as tabs of one screen.
 
-It only calls the engine (inspect / layout_problems / build_plan / execute) and shows what
-comes back; the engine and torch are imported in a worker, so the screen appears at once.
+It only gathers what the user typed into a `Job` and calls the engine (inspect, suggest,
+layout_problems, prepare, execute, verify), then shows what comes back. The engine and
+torch are imported inside workers, so the first screen appears at once.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import (
+    Button,
+    Checkbox,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    Select,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from ..planning import Form, Planned
+from ..widgets.format import count, size
+from ..widgets.run_panel import RunPanel
+from ..widgets.stage_grid import StageGrid
+from .help import TextScreen, help_screen
 
 if TYPE_CHECKING:
     from engine.hf_source import ModelInfo
+    from engine.job import Job
     from engine.plan import Plan
 
+DIRECTIONS = [
+    ("HF → Megatron / MindSpeed", "hf_to_mm"),
+    ("Megatron → HF", "mm_to_hf"),
+    ("Re-split Megatron", "resplit"),
+]
+COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
+TABS = ["source", "layout", "preview", "run"]
+SHORT = {"vit": "ViT", "llm": "LLM"}
+OUT_SUFFIX = {"hf_to_mm": "-mm", "mm_to_hf": "-hf", "resplit": "-resplit"}
+LAYOUT_CAPTION = {
+    "hf_to_mm": "Layout to write",
+    "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
+    "resplit": "Layout to write (the source layout is on the Source tab)",
+}
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+def _field(label: str, widget, *classes: str) -> Horizontal:
+    return Horizontal(Label(label), widget, classes=" ".join(("row", *classes)))
 
 
 class WorkbenchScreen(Screen[None]):
     BINDINGS = [
-        ("ctrl+r", "run", "Run"),
-        ("ctrl+s", "save", "Save TOML"),
-        ("escape", "cancel", "Cancel run"),
+        Binding("f2", "tab('source')", "Source"),
+        Binding("f3", "tab('layout')", "Layout"),
+        Binding("f4", "tab('preview')", "Preview"),
+        Binding("f5", "tab('run')", "Run tab", show=False),
+        Binding("ctrl+b", "suggest", "Suggest"),
+        Binding("ctrl+r", "run", "Run"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+l", "command_line", "Command"),
+        Binding("ctrl+t", "verify", "Verify", show=False),
+        Binding("escape", "back", "Back/cancel", show=False),
+        Binding("f1", "help", "Help"),
+        Binding("question_mark", "help", "Help", show=False),
     ]
 
     def __init__(self, hf_dir: Path | None, out_dir: Path | None = None) -> None:
@@ -38,205 +85,403 @@ class WorkbenchScreen(Screen[None]):
         self.out_dir = out_dir
         self.info: ModelInfo | None = None
         self.plan: Plan | None = None
+        self.job: Job | None = None
+        self.finished_job: Job | None = None
         self._cancel = False
+        self._auto_out = ""
+        self._generation = 0  # bumped per edit; a planning result of an older edit is dropped
 
+    # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        with Horizontal(id="top"):
-            yield Static("Inspecting…", id="summary")
-            with Vertical(id="form"):
-                for name, label, value in (
-                    ("hf_dir", "HF dir", str(self.hf_dir or "")),
-                    ("tp", "TP", "1"),
-                    ("llm", "LLM layers", ""),
-                    ("vit", "ViT layers", ""),
-                    ("out", "Output dir", str(self.out_dir or "")),
-                ):
-                    with Horizontal(classes="row"):
-                        yield Label(label)
-                        yield Input(value=value, id=name)
-                yield Static("", id="problems")
-        yield DataTable(id="preview", cursor_type="row", zebra_stripes=True)
-        yield DataTable(id="tensors", cursor_type="row")
-        with Horizontal(id="bottom"):
-            yield ProgressBar(id="bar", show_eta=True)
-            yield Static("", id="status")
+        with TabbedContent(initial="source", id="tabs"):
+            with TabPane("Source [F2]", id="source"), Horizontal(id="source-top"):
+                with Vertical(id="form"):
+                    direction = Select(DIRECTIONS, value="hf_to_mm", allow_blank=False, id="direction")
+                    yield _field("Direction", direction)
+                    yield _field("HF dir", Input(str(self.hf_dir or ""), id="hf_dir", placeholder="path, enter"))
+                    src = Input(id="src", placeholder="holds latest_checkpointed_iteration.txt")
+                    yield _field("Megatron dir", src, "needs-src")
+                    yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
+                    yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
+                    yield _field("Source ViT", Input(id="src_vit", placeholder="[[3,0]]"), "needs-src-layout")
+                    yield _field("Output dir", Input(str(self.out_dir or ""), id="out"))
+                    yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
+                with VerticalScroll(id="summary-box"):
+                    yield Static("Give a Hugging Face model directory and press enter.", id="summary")
+            with TabPane("Layout [F3]", id="layout"):
+                with Horizontal(id="layout-top"):
+                    yield Label("TP")
+                    yield Input("1", id="tp", restrict=r"\d*")
+                    yield Label("PP")
+                    yield Input("1", id="pp", restrict=r"\d*")
+                    yield Label("VPP")
+                    yield Input("1", id="vpp", restrict=r"\d*")
+                    yield Select(COSTS, value="params", allow_blank=False, id="cost")
+                    yield Button("Suggest", id="suggest", variant="primary")
+                yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
+                yield StageGrid([], {"llm": [[0]]}, id="grid")
+                yield Static("", id="flags")
+            with TabPane("Preview [F4]", id="preview-tab"):
+                yield Input(id="filter", placeholder="filter: part of a file name or tensor key")
+                yield DataTable(id="preview", cursor_type="row", zebra_stripes=True)
+                yield DataTable(id="tensors", cursor_type="row")
+            with TabPane("Run [F5]", id="run"):
+                yield RunPanel(id="runpanel")
+        yield Static("", id="problems")
         yield Footer()
 
     def on_mount(self) -> None:
-        preview = self.query_one("#preview", DataTable)
-        preview.add_columns("rank dir", "tensors", "params", "bytes", "share")
+        self.set_class(True, "dir-hf_to_mm")
+        self.query_one("#preview", DataTable).add_columns("output file", "tensors", "params", "bytes", "share")
         self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
         if self.hf_dir:
             self.inspect(self.hf_dir)
 
-    # -- inspect ---------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
+    @property
+    def direction(self) -> str:
+        return str(self.query_one("#direction", Select).value)
+
+    def _value(self, name: str) -> str:
+        return self.query_one(f"#{name}", Input).value.strip()
+
+    # -- inspect ----------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="inspect")
     def inspect(self, hf_dir: Path) -> None:
         from engine.errors import ConvertError
         from engine.hf_source import inspect_hf
+        from engine.summary import summarize
 
         try:
             info = inspect_hf(hf_dir)
+            summary = summarize(info)
         except ConvertError as e:
-            self.app.call_from_thread(self._show_problems, [str(e)])
+            self.app.call_from_thread(self._inspect_failed, str(e))
             return
-        self.app.call_from_thread(self._inspected, info)
+        self.app.call_from_thread(self._inspected, info, summary)
 
-    def _inspected(self, info: ModelInfo) -> None:
+    def _inspect_failed(self, message: str) -> None:
+        self.info = None
+        self.query_one("#summary", Static).update(f"[red]{message}[/red]")
+        self._show(Planned([message], {"hf_dir"}, None, None, None))
+
+    async def _inspected(self, info: ModelInfo, summary: Any) -> None:
         self.info = info
-        f = info.fields
-        lines = [
-            f"[b]{info.preset.title}[/b]  {info.hf_dir.name}",
-            f"LLM: {f['llm_layers']} layers, hidden {f['hidden_size']}, heads {f['llm_heads']}/{f['llm_kv_heads']} KV",
-            f"     vocab {f['vocab_size']}, tied {bool(f['tie_word_embeddings'])}",
-            f"ViT: {f['vit_layers']} layers, {f['vit_heads']} heads",
-            f"{len(info.tensors)} tensors, {_gb(info.total_bytes)} in {len(info.files)} file(s)",
-        ]
+        lines = [f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"]
+        for m in summary.modules:
+            lines.append(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}")
+        lines.append(" · ".join(f"{k} {v}" for k, v in summary.fields.items()))
+        lines.append(f"{summary.tensors} tensors · {summary.dtypes} · {size(info.total_bytes)}")
+        lines.append(f"files: {', '.join(summary.files)}")
+        lines.append(f"TP sizes that fit: {', '.join(map(str, summary.tp_sizes))}")
+        lines += [f"[yellow]{w}[/yellow]" for w in summary.warnings]
         self.query_one("#summary", Static).update("\n".join(lines))
-        llm, vit = self.query_one("#llm", Input), self.query_one("#vit", Input)
-        if not llm.value:
-            llm.value = json.dumps([[f["llm_layers"]]])
-        if not vit.value:
-            vit.value = json.dumps([[f["vit_layers"]]])
+        self._default_out()
+        await self._rebuild_grid(self._suggested(1, 1))
+
+    def _default_out(self) -> None:
         out = self.query_one("#out", Input)
-        if not out.value:
-            out.value = str(info.hf_dir.parent / f"{info.hf_dir.name}-mm")
+        if out.value and out.value != self._auto_out:
+            return
+        base = self._value("src") if self.direction != "hf_to_mm" else self._value("hf_dir")
+        if base:
+            p = Path(base).expanduser()
+            self._auto_out = out.value = str(p.parent / f"{p.name}{OUT_SUFFIX[self.direction]}")
+
+    # -- layout grid ------------------------------------------------------------------
+    def _suggested(self, pp: int, vpp: int) -> dict[str, list[list[int]]]:
+        from engine.balance import suggest
+        from engine.errors import ConvertError
+
+        assert self.info is not None
+        try:
+            return suggest(self.info, pp, vpp, str(self.query_one("#cost", Select).value)).layers  # type: ignore[arg-type]
+        except ConvertError:
+            return {m.name: [[0] * pp for _ in range(vpp)] for m in self.info.preset.modules}
+
+    async def _rebuild_grid(self, layers: dict[str, list[list[int]]]) -> None:
+        assert self.info is not None
+        modules = [(m.name, SHORT.get(m.name, m.name)) for m in self.info.preset.modules]
+        self._generation += 1  # results planned for the old grid no longer apply
+        old = self.query_one("#grid", StageGrid)
+        await old.remove()
+        await self.query_one("#layout", TabPane).mount(StageGrid(modules, layers, id="grid"), before="#flags")
+        pp, vpp = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
+        self.query_one("#pp", Input).value = str(pp)
+        self.query_one("#vpp", Input).value = str(vpp)
         self.replan()
 
-    # -- layout + preview ---------------------------------------------------------------
+    @on(Input.Changed, "#pp, #vpp")
+    async def _stages_changed(self) -> None:
+        if self.info is None:
+            return
+        pp, vpp = self._value("pp"), self._value("vpp")
+        grid = self.query_one("#grid", StageGrid)
+        if not (pp.isdigit() and vpp.isdigit() and 0 < int(pp) <= 64 and 0 < int(vpp) <= 16):
+            self._show(Planned(["PP is 1..64 and VPP 1..16"], {"pp", "vpp"}, None, None, None))
+            return
+        if grid.modules and (int(pp), int(vpp)) != (grid.pp, grid.vpp):
+            await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+
+    async def action_suggest(self) -> None:
+        if self.info is None:
+            self.notify("Open a model first", severity="error")
+            return
+        pp, vpp = self._value("pp"), self._value("vpp")
+        if not (pp.isdigit() and vpp.isdigit() and int(pp) > 0 and int(vpp) > 0):
+            self.notify("PP and VPP must be positive numbers", severity="error")
+            return
+        await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+        self.notify("balanced split applied: the largest stage is as small as the cost model allows")
+
+    @on(Button.Pressed, "#suggest")
+    async def _suggest_pressed(self) -> None:
+        await self.action_suggest()
+
+    @on(Select.Changed, "#cost")
+    def _cost_changed(self) -> None:
+        self.replan()
+
+    # -- planning (a worker, so big models do not stall typing) ---------------------
     @on(Input.Changed)
     def _changed(self, event: Input.Changed) -> None:
-        if event.input.id == "hf_dir":
+        if event.input.id in ("hf_dir", "filter", "pp", "vpp"):
             return
+        if event.input.id == "src":
+            self._default_out()
+        self.replan()
+
+    @on(Checkbox.Changed)
+    def _overwrite_changed(self) -> None:
+        self.replan()
+
+    @on(Select.Changed, "#direction")
+    def _direction_changed(self) -> None:
+        for _, d in DIRECTIONS:
+            self.set_class(d == self.direction, f"dir-{d}")
+        self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
+        self._default_out()
         self.replan()
 
     @on(Input.Submitted, "#hf_dir")
     def _new_dir(self, event: Input.Submitted) -> None:
         self.inspect(Path(event.value).expanduser())
 
-    def parallel_config(self):
-        from engine.layout import ParallelConfig
-
-        return ParallelConfig(
-            tp_size=int(self.query_one("#tp", Input).value),
-            llm_pp_layers=json.loads(self.query_one("#llm", Input).value),
-            vit_pp_layers=json.loads(self.query_one("#vit", Input).value),
+    def _form(self) -> Form:
+        return Form(
+            direction=self.direction,
+            hf_dir=self._value("hf_dir"),
+            src=self._value("src"),
+            src_tp=self._value("src_tp"),
+            src_llm=self._value("src_llm"),
+            src_vit=self._value("src_vit"),
+            out=self._value("out"),
+            overwrite=self.query_one("#overwrite", Checkbox).value,
+            tp=self._value("tp"),
+            layers=self.query_one("#grid", StageGrid).read(),
+            cost=str(self.query_one("#cost", Select).value),
         )
 
     def replan(self) -> None:
         if self.info is None:
             return
-        from pydantic import ValidationError
-
-        from engine.errors import ConvertError
-        from engine.layout import layout_problems
-        from engine.plan import build_plan
-
         self.plan = None
-        try:
-            layout = self.parallel_config()
-        except (ValueError, ValidationError):
-            self._show_problems(["TP is a positive integer; layer lists look like [[1,3]] (one list per VPP chunk)"])
-            return
-        problems = layout_problems(layout, self.info)
-        if problems:
-            self._show_problems(problems)
-            return
-        try:
-            self.plan = build_plan(self.info, layout)
-        except ConvertError as e:
-            self._show_problems([str(e)])
-            return
-        self._show_problems([])
-        self._fill_preview(self.plan)
+        self._generation += 1
+        self._plan(self.info, self._form(), self._generation)
 
-    def _show_problems(self, problems: list[str]) -> None:
+    @work(thread=True, exclusive=True, group="plan")
+    def _plan(self, info: ModelInfo, form: Form, generation: int) -> None:
+        from ..planning import plan_form
+
+        result = plan_form(info, form)
+        self.app.call_from_thread(self._show, result, generation)
+
+    def _show(self, result: Planned, generation: int | None = None) -> None:
+        if generation is None:
+            self._generation += 1
+        elif generation != self._generation:
+            return  # the user has edited since; a newer result is on its way
         box = self.query_one("#problems", Static)
-        box.set_class(not problems, "ok")
-        box.update("\n".join(problems) if problems else "layout OK")
-        if problems:
-            self.query_one("#preview", DataTable).clear()
+        box.set_class(not result.problems, "ok")
+        if result.problems:
+            box.update("\n".join(result.problems[:4]))
+        else:
+            box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
+        for name in ("tp", "pp", "vpp", "src", "src_tp", "src_llm", "src_vit", "out", "hf_dir"):
+            self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
+        grid = self.query_one("#grid", StageGrid)
+        grid.mark_invalid(result.bad_fields)
+        cost = str(self.query_one("#cost", Select).value)
+        grid.show_costs(result.cells, (lambda c: f"{c / 1e12:.2f} TFLOP") if cost == "flops" else count)
+        self.plan, self.job = result.plan, result.job
+        layers = grid.read()
+        self.query_one("#flags", Static).update(
+            " ".join(f"{m}_pp_layers {json.dumps(v, separators=(',', ':'))}" for m, v in (layers or {}).items())
+        )
+        self._fill_preview()
 
-    def _fill_preview(self, plan: Plan) -> None:
+    # -- preview ------------------------------------------------------------------------
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self) -> None:
+        self._fill_preview()
+
+    def _fill_preview(self) -> None:
         table = self.query_one("#preview", DataTable)
         table.clear()
-        biggest = max((f.nbytes for f in plan.files), default=1) or 1
-        for i, f in enumerate(plan.files):
+        self.query_one("#tensors", DataTable).remove_class("shown")
+        if self.plan is None:
+            return
+        needle = self._value("filter").lower()
+        biggest = max((f.nbytes for f in self.plan.files), default=1) or 1
+        rows = []
+        for i, f in enumerate(self.plan.files):
+            name = _file_label(f.path)
+            if needle and needle not in name.lower() and not any(needle in e.key.lower() for e in f.entries):
+                continue
             share = f"{100 * f.nbytes / biggest:5.1f}%"
-            table.add_row(f.dir_name, str(len(f.entries)), f"{f.numel:,}", _gb(f.nbytes), share, key=str(i))
+            rows.append((name, str(len(f.entries)), count(f.numel), size(f.nbytes), share, str(i)))
+        for *cells, key in rows:
+            table.add_row(*cells, key=key)
 
     @on(DataTable.RowSelected, "#preview")
     def _show_tensors(self, event: DataTable.RowSelected) -> None:
         if self.plan is None or event.row_key.value is None:
             return
         f = self.plan.files[int(event.row_key.value)]
+        needle = self._value("filter").lower()
         table = self.query_one("#tensors", DataTable)
         table.clear()
         for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
             for e in chunk:
+                if needle and needle not in e.key.lower() and needle not in _file_label(f.path).lower():
+                    continue
                 key = e.key if len(f.chunks) == 1 else f"{name}: {e.key}"
-                table.add_row(key, str(list(e.shape)), e.dtype, _gb(e.nbytes), ", ".join(e.sources), e.transform)
+                table.add_row(key, str(list(e.shape)), e.dtype, size(e.nbytes), ", ".join(e.sources), e.transform)
         table.add_class("shown")
 
-    # -- run / save ---------------------------------------------------------------------
+    # -- run ----------------------------------------------------------------------------
+    def action_tab(self, tab: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = "preview-tab" if tab == "preview" else tab
+
+    def action_back(self) -> None:
+        if self._is_converting():
+            self.action_cancel()
+            return
+        tabs = self.query_one("#tabs", TabbedContent)
+        order = ["source", "layout", "preview-tab", "run"]
+        i = order.index(tabs.active) if tabs.active in order else 0
+        tabs.active = order[max(0, i - 1)]
+
+    def _is_converting(self) -> bool:
+        return any(w.group == "run" and w.is_running for w in self.workers)
+
     def action_run(self) -> None:
-        if self.plan is None:
-            self.notify("Fix the layout first", severity="error")
+        if self.plan is None or self.job is None:
+            self.notify("Fix the problems shown at the bottom first", severity="error")
+            return
+        if self._is_converting():
             return
         self._cancel = False
-        self.convert(self.plan, Path(self.query_one("#out", Input).value).expanduser())
+        self.action_tab("run")
+        panel = self.query_one(RunPanel)
+        panel.reset([(_file_label(f.path), f.nbytes) for f in self.plan.files])
+        panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
+        self.convert(self.plan, self.job)
 
     def action_cancel(self) -> None:
         self._cancel = True
 
-    @work(thread=True, exclusive=True, group="run", exit_on_error=False)
-    def convert(self, plan: Plan, out: Path) -> None:
+    @work(thread=True, exclusive=True, group="run")
+    def convert(self, plan: Plan, job: Job) -> None:
+        import resource
+
         from engine.errors import ConvertError
-        from engine.events import Finished, Progress, Started
+        from engine.events import FileDone, FileStarted, Finished, Progress
         from engine.execute import execute
 
-        bar = self.query_one("#bar", ProgressBar)
-        status = self.query_one("#status", Static)
+        panel = self.query_one(RunPanel)
+        call = self.app.call_from_thread
+        last = 0.0
         try:
-            events = execute(plan, out)
+            events = execute(plan, job.out_dir, overwrite=job.overwrite)
             for ev in events:
                 if self._cancel:
                     events.close()
-                    self.app.call_from_thread(status.update, "cancelled; nothing was written")
+                    call(panel.fail, "cancelled; nothing was written")
                     return
-                if isinstance(ev, Started):
-                    self.app.call_from_thread(bar.update, total=ev.total_bytes, progress=0)
+                if isinstance(ev, FileStarted):
+                    call(panel.file_started, ev.index, ev.path)
                 elif isinstance(ev, Progress):
-                    self.app.call_from_thread(bar.update, progress=ev.done_bytes)
-                    self.app.call_from_thread(status.update, ev.path)
+                    now = time.monotonic()
+                    if now - last > 0.05 or ev.done_bytes == ev.total_bytes:  # the screen needs ~20 updates/s
+                        last = now
+                        call(panel.progress, ev.done_bytes, ev.total_bytes)
+                elif isinstance(ev, FileDone):
+                    call(panel.file_done, ev.index, ev.path)
                 elif isinstance(ev, Finished):
+                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                     rate = ev.total_bytes / max(ev.seconds, 1e-9) / 1e9
-                    msg = f"done: {_gb(ev.total_bytes)} in {ev.seconds:.1f} s ({rate:.2f} GB/s) -> {ev.out_dir}"
-                    self.app.call_from_thread(status.update, msg)
+                    call(panel.progress, ev.total_bytes, ev.total_bytes)
+                    call(
+                        panel.finish,
+                        f"[green]done[/green]: {size(ev.total_bytes)} in {ev.seconds:.1f} s ({rate:.2f} GB/s), "
+                        f"peak memory {peak:.0f} MB -> {ev.out_dir}   ctrl+t verifies it against the source",
+                    )
+                    self.finished_job = job
         except ConvertError as e:
-            self.app.call_from_thread(status.update, f"[red]{e}[/red]")
+            call(panel.fail, str(e))
 
-    def job(self):
-        from engine.job import HfConfig, HfToMmConfig, Job
+    def action_verify(self) -> None:
+        if self.finished_job is None or self.info is None:
+            self.notify("Run a conversion first", severity="error")
+            return
+        self.action_tab("run")
+        self.query_one(RunPanel).query_one("#log").write("verifying: reading both sides tensor by tensor…")
+        self._verify(self.info, self.finished_job)
 
-        assert self.info is not None
-        cfg = HfToMmConfig(
-            mm_dir=Path(self.query_one("#out", Input).value),
-            hf_config=HfConfig(hf_dir=self.info.hf_dir),
-            parallel_config=self.parallel_config(),
-        )
-        return Job(converter=self.info.preset.converter, command="hf_to_mm", cfg=cfg)
+    @work(thread=True, exclusive=True, group="verify")
+    def _verify(self, info: ModelInfo, job: Job) -> None:
+        from engine.errors import ConvertError
+        from engine.verify import verify_job
 
+        panel = self.query_one(RunPanel)
+        try:
+            ok, summary = verify_job(info, job)
+        except ConvertError as e:
+            self.app.call_from_thread(panel.fail, f"verify: {e}")
+            return
+        color = "green" if ok else "red"
+        self.app.call_from_thread(panel.finish, f"[{color}]verify: {summary}[/{color}]")
+
+    # -- save / command line / help ----------------------------------------------------
     def action_save(self) -> None:
         import tomli_w
 
         from engine.job import job_to_dict
 
-        if self.plan is None:
-            self.notify("Fix the layout first", severity="error")
+        if self.job is None:
+            self.notify("Fix the problems shown at the bottom first", severity="error")
             return
-        job = self.job()
-        path = Path(job.cfg.mm_dir).parent / f"{Path(job.cfg.mm_dir).name}.job.toml"
-        path.write_text(tomli_w.dumps(job_to_dict(job)))
+        out = Path(self.job.out_dir)
+        path = out.parent / f"{out.name}.job.toml"
+        path.write_text(tomli_w.dumps(job_to_dict(self.job)))
         self.notify(f"saved {path}; replay with: mmtui --replay {path}")
+
+    def action_command_line(self) -> None:
+        from engine.job import job_to_argv
+
+        if self.job is None:
+            self.notify("Fix the problems shown at the bottom first", severity="error")
+            return
+        line = shlex.join(["mm-convert", *job_to_argv(self.job)])
+        self.app.copy_to_clipboard(line)
+        self.app.push_screen(TextScreen(line + "\n\n(copied to the clipboard where the terminal allows)", "mm-convert"))
+
+    def action_help(self) -> None:
+        self.app.push_screen(help_screen())
+
+
+def _file_label(path: str) -> str:
+    """`mp_rank_00_001` for a Megatron rank file, the file name for an HF shard."""
+    parts = path.split("/")
+    return parts[-2] if len(parts) >= 3 else parts[-1]

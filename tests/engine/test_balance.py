@@ -123,3 +123,12 @@ def test_suggest_command_line(qwen2vl_dir: Path) -> None:
     assert f"--cfg.parallel_config.llm_pp_layers {llm}" in r.stdout
     r = subprocess.run([str(BIN / "mmtui"), "suggest", str(qwen2vl_dir), "--pp", "9"], capture_output=True, text=True)
     _bad(r, "cannot cut 7 layers into 9 non-empty pipeline stages")
+
+
+def test_cell_costs_of_a_suggestion_match_it(qwen2vl_dir: Path) -> None:
+    from engine.balance import cell_costs
+
+    info = inspect_hf(qwen2vl_dir)
+    for model in ("params", "flops"):
+        s = suggest(info, 3, 2, model)  # type: ignore[arg-type]
+        assert cell_costs(info, s.layers, model) == s.cell_costs  # type: ignore[arg-type]

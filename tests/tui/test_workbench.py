@@ -1,4 +1,4 @@
-"""Pilot tests of the workbench: the TUI drives the engine and its output equals the headless run."""
+"""Pilot tests of the wizard: the TUI drives the engine and its output equals the headless run."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import tomllib
 from pathlib import Path
 
 import torch
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, RichLog, Static
 
+from engine.balance import suggest
 from engine.execute import run
 from engine.hf_source import inspect_hf
 from engine.job import load_job
@@ -16,12 +17,15 @@ from engine.layout import ParallelConfig
 from engine.plan import build_plan
 from mmtui.app import make_app
 from mmtui.runner import run_job
+from mmtui.widgets.stage_grid import StageGrid, cell_id
 
 
-async def _settle(pilot, app) -> None:
-    await pilot.pause()
-    await app.workers.wait_for_complete()
-    await pilot.pause()
+async def settle(pilot, app) -> None:
+    """Let handlers, the grid rebuild and the planning worker finish (twice: one can start another)."""
+    for _ in range(2):
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
 
 
 def _load(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -35,46 +39,75 @@ def _equal(a: Path, b: Path) -> bool:
     )
 
 
-async def test_edit_validate_preview_run_save(qwen2vl_dir: Path, tmp_path: Path) -> None:
+def _problems(screen) -> str:
+    return str(screen.query_one("#problems", Static).render())
+
+
+async def test_full_flow(qwen2vl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "tui-out"
+    info = inspect_hf(qwen2vl_dir)
     app = make_app(qwen2vl_dir, out_dir=out)
     async with app.run_test(size=(120, 40)) as pilot:
-        await _settle(pilot, app)
+        await settle(pilot, app)
         screen = app.screen
         assert "Qwen2-VL" in str(screen.query_one("#summary", Static).render())
         assert screen.query_one("#preview", DataTable).row_count == 1  # defaults: TP1, PP1
 
+        # a validation error appears next to its field, then clears
         screen.query_one("#tp", Input).value = "3"
-        await pilot.pause()
-        problems = str(screen.query_one("#problems", Static).render())
-        assert "tp_size 3 does not divide vision_config.num_heads = 4" in problems
+        await settle(pilot, app)
+        assert "tp_size 3 does not divide vision_config.num_heads = 4" in _problems(screen)
+        assert screen.query_one("#tp", Input).has_class("-invalid")
         assert screen.query_one("#preview", DataTable).row_count == 0
-
         screen.query_one("#tp", Input).value = "2"
-        screen.query_one("#llm", Input).value = "[[1,3]]"
-        screen.query_one("#vit", Input).value = "[[3,0]]"
-        await pilot.pause()
-        assert str(screen.query_one("#problems", Static).render()) == "layout OK"
+        await settle(pilot, app)
+        assert _problems(screen) == "layout OK" and not screen.query_one("#tp", Input).has_class("-invalid")
+
+        # a new PP fills the grid with the balanced split; an edit that breaks a sum is flagged
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        best = suggest(info, 2)
+        assert screen.query_one(StageGrid).read() == best.layers
+        screen.query_one(f"#{cell_id('llm', 0, 0)}", Input).value = "3"
+        await settle(pilot, app)
+        assert "llm_pp_layers [[3, " in _problems(screen) and "sums to" in _problems(screen)
+        assert screen.query_one(f"#{cell_id('llm', 0, 1)}", Input).has_class("-invalid")
+        await pilot.press("ctrl+b")  # Suggest puts the optimum back
+        await settle(pilot, app)
+        assert screen.query_one(StageGrid).read() == best.layers
+        assert _problems(screen) == "layout OK"
+
+        # set an explicit layout and preview it
+        for module, counts in (("vit", [3, 0]), ("llm", [1, 3])):
+            for s, n in enumerate(counts):
+                screen.query_one(f"#{cell_id(module, 0, s)}", Input).value = str(n)
+        await settle(pilot, app)
+        await pilot.press("f4")
         preview = screen.query_one("#preview", DataTable)
         assert preview.row_count == 4
         assert [preview.get_row_at(i)[0] for i in range(4)] == [
             "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001",
         ]  # fmt: skip
-
         preview.focus()
         preview.move_cursor(row=1)
         await pilot.press("enter")
         await pilot.pause()
         tensors = screen.query_one("#tensors", DataTable)
         keys = {tensors.get_row_at(i)[0] for i in range(tensors.row_count)}
-        plan = build_plan(
-            inspect_hf(qwen2vl_dir), ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])
-        )
+        plan = build_plan(info, ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]]))
         assert keys == {e.key for e in plan.files[1].entries}
+        screen.query_one("#filter", Input).value = "mp_rank_01"
+        await pilot.pause()
+        assert preview.row_count == 2
 
         await pilot.press("ctrl+r")
-        await _settle(pilot, app)
-        assert "done:" in str(screen.query_one("#status", Static).render())
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+        await pilot.press("ctrl+t")
+        await settle(pilot, app)
+        log = "\n".join(line.text for line in screen.query_one("#log", RichLog).lines)
+        assert "verify: identical" in log
 
         await pilot.press("ctrl+s")
         await pilot.pause()
@@ -91,13 +124,55 @@ async def test_edit_validate_preview_run_save(qwen2vl_dir: Path, tmp_path: Path)
     assert _equal(out, tmp_path / "replayed")
 
 
+async def test_way_back_from_the_wizard(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Direction MM -> HF: the grid is the source layout; the output equals the original bytes."""
+    from textual.widgets import Select
+
+    mm = tmp_path / "mm"
+    run(build_plan(inspect_hf(qwen2vl_dir), ParallelConfig(llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])), mm)
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "back")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#direction", Select).value = "mm_to_hf"
+        screen.query_one("#src", Input).value = str(mm)
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        for module, counts in (("vit", [3, 0]), ("llm", [1, 3])):
+            for s, n in enumerate(counts):
+                screen.query_one(f"#{cell_id(module, 0, s)}", Input).value = str(n)
+        await settle(pilot, app)
+        assert _problems(screen).startswith("layout OK"), _problems(screen)
+        assert screen.query_one("#preview", DataTable).get_row_at(0)[0] == "model.safetensors"
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+    original = (qwen2vl_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == original
+
+
 async def test_demo_opens(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     app = make_app(demo=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await _settle(pilot, app)
+        await settle(pilot, app)
         assert "Qwen2-VL" in str(app.screen.query_one("#summary", Static).render())
         assert app.screen.query_one("#preview", DataTable).row_count == 1
+
+
+async def test_help_and_command_line(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    from mmtui.screens.help import TextScreen
+
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "o")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f1")
+        assert isinstance(app.screen, TextScreen) and "ctrl+b" in str(app.screen.query_one("#text").render())
+        await pilot.press("escape")
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        text = str(app.screen.query_one("#text").render())
+        assert text.startswith("mm-convert Qwen2VLConverter hf_to_mm --cfg.mm_dir")
+        assert "--cfg.parallel_config.llm_pp_layers '[[4]]'" in text
 
 
 async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -121,7 +196,7 @@ async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: 
     monkeypatch.setattr(engine.execute, "execute", slow_execute)
     app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
     async with app.run_test(size=(80, 24)) as pilot:
-        await _settle(pilot, app)
+        await settle(pilot, app)
         app.screen.query_one("#preview", DataTable).focus()
         await pilot.press("ctrl+r")
         await pilot.pause(0.1)
@@ -141,7 +216,7 @@ async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: 
 async def test_quit_when_idle_is_immediate(qwen2vl_dir: Path) -> None:
     app = make_app(qwen2vl_dir)
     async with app.run_test(size=(80, 24)) as pilot:
-        await _settle(pilot, app)
+        await settle(pilot, app)
         app.screen.query_one("#preview", DataTable).focus()
         await pilot.press("q")
         await pilot.pause()

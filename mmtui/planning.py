@@ -1,0 +1,136 @@
+"""What the wizard typed -> a `Job` -> the engine's plan, with every problem the user can fix.
+
+Glue only: building the job and naming the fields a message is about, so the screen can
+mark them. Validation, costs and the plan itself come from the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.hf_source import ModelInfo
+    from engine.job import Job
+    from engine.plan import Plan
+
+
+@dataclass(frozen=True)
+class Form:
+    """What the user typed, read on the UI thread and handed to a planning worker."""
+
+    direction: str
+    hf_dir: str
+    src: str
+    src_tp: str
+    src_llm: str
+    src_vit: str
+    out: str
+    overwrite: bool
+    tp: str
+    layers: dict[str, list[list[int]]] | None
+    cost: str
+
+
+@dataclass
+class Planned:
+    problems: list[str]
+    bad_fields: set[str]  # ids of the inputs (or module names of the grid) a problem is about
+    plan: Plan | None
+    job: Job | None
+    cells: list[list[int]] | None  # cost of every (chunk, stage) cell of the grid
+    notes: list[str] = field(default_factory=list)  # worth knowing, not in the way
+
+
+# words of an engine message -> the input it is about
+_FIELD_WORDS = {
+    "tp_size": "tp",
+    "vit_tp_size": "tp",
+    "llm_pp_layers": "llm",
+    "vit_pp_layers": "vit",
+    "pipeline stage": "pp",
+    "mm_dir": "out",
+    "save_hf_dir": "out",
+    "target_dir": "out",
+    "source_dir": "src",
+}
+
+
+def _fields_of(message: str, source_side: bool) -> set[str]:
+    out = {f for w, f in _FIELD_WORDS.items() if w in message}
+    if source_side:  # a message about the source checkpoint's layout names the source inputs
+        out = {{"tp": "src_tp", "llm": "src_llm", "vit": "src_vit"}.get(f, f) for f in out} | {"src"}
+    return out
+
+
+def _layout(tp: str, layers: dict[str, list[list[int]]]) -> Any:
+    from engine.layout import ParallelConfig
+
+    return ParallelConfig(tp_size=int(tp), **{f"{m}_pp_layers": v for m, v in layers.items()})
+
+
+def plan_form(info: ModelInfo, form: Form) -> Planned:
+    from pydantic import ValidationError
+
+    from engine.balance import cell_costs
+    from engine.errors import ConvertError
+    from engine.job import Job, prepare
+    from engine.layout import layout_problems
+
+    if form.layers is None:
+        return Planned(["every stage cell needs a layer count (0 or more)"], set(), None, None, None)
+    if not form.tp.isdigit() or int(form.tp) < 1:
+        return Planned([f"TP {form.tp!r}: give a positive whole number"], {"tp"}, None, None, None)
+    cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
+    layout = _layout(form.tp, form.layers)
+    problems = layout_problems(layout, info)
+    if problems:
+        bad = set().union(*(_fields_of(p, False) for p in problems))
+        return Planned(problems, bad, None, None, cells)
+    if not form.out:
+        return Planned(["Output dir is empty: give a directory to write"], {"out"}, None, None, cells)
+    hf = {"hf_dir": form.hf_dir or str(info.hf_dir)}
+    lay = layout.model_dump(exclude_defaults=True)
+    if form.direction == "hf_to_mm":
+        cfg: dict[str, Any] = {"mm_dir": form.out, "hf_config": hf, "parallel_config": lay}
+    elif form.direction == "mm_to_hf":
+        cfg = {"save_hf_dir": form.out, "mm_dir": form.src, "hf_config": hf, "parallel_config": lay}
+    else:
+        try:
+            src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
+            src = _layout(form.src_tp, {k: v for k, v in src_layers.items() if v is not None})
+        except (ValueError, ValidationError, TypeError):
+            return Planned(
+                ["Source TP is a positive number; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],
+                {"src_tp", "src_llm", "src_vit"},
+                None,
+                None,
+                cells,
+            )
+        cfg = {
+            "source_dir": form.src,
+            "target_dir": form.out,
+            "hf_config": hf,
+            "source_parallel_config": src.model_dump(exclude_defaults=True),
+            "target_parallel_config": lay,
+        }
+    if form.direction != "hf_to_mm" and not form.src:
+        return Planned(["Megatron dir is empty: give the checkpoint to read"], {"src"}, None, None, cells)
+    if form.overwrite:
+        cfg["overwrite"] = True
+    try:
+        job = Job.model_validate({"converter": info.preset.converter, "command": form.direction, "cfg": cfg})
+        _, plan = prepare(job, check_out=False)
+    except ValidationError as e:
+        return Planned([str(e).splitlines()[0]], set(), None, None, cells)
+    except ConvertError as e:
+        return Planned([str(e)], _fields_of(str(e), form.direction != "hf_to_mm"), None, None, cells)
+    notes = list(plan.notes)
+    bad = set()
+    out = Path(form.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not form.overwrite:
+        notes.append(f"{out} exists and is not empty: tick overwrite, or Run will refuse it")
+        bad.add("out")
+    return Planned([], bad, plan, job, cells, notes)
