@@ -23,7 +23,7 @@ class RunPanel(Vertical):
     """
 
     def compose(self) -> ComposeResult:
-        yield ProgressBar(id="bar", show_eta=False)
+        yield ProgressBar(id="bar", total=1, show_eta=False)  # not indeterminate: that one animates
         yield Static("ready: ctrl+r starts the conversion", id="rate")
         yield Static("", id="current")
         yield DataTable(id="ranks", cursor_type="row", zebra_stripes=True)
