@@ -40,13 +40,18 @@ class Suggestion:
 
     @property
     def stage_costs(self) -> list[int]:
-        return [sum(chunk[s] for chunk in self.cell_costs) for s in range(len(self.cell_costs[0]))]
+        return stage_costs(self.cell_costs)
 
     @property
     def imbalance(self) -> float:
         """Largest stage over the mean stage: 1.0 is perfect."""
         costs = self.stage_costs
         return max(costs) * len(costs) / sum(costs)
+
+
+def stage_costs(cells: list[list[int]]) -> list[int]:
+    """A stage runs all of its chunks: its cost is the sum over them."""
+    return [sum(chunk[s] for chunk in cells) for s in range(len(cells[0]))]
 
 
 def layer_costs(weights: list[ModuleWeights], model: CostModel, tokens: dict[str, int]) -> list[list[int]]:
@@ -115,6 +120,28 @@ def partition(costs: list[int], parts: int) -> list[int]:
     return sizes
 
 
+def _module_costs(info: ModelInfo, model: CostModel, vit_tokens: int, llm_tokens: int) -> dict[str, list[int]]:
+    """Module name -> cost of each of its layers, in model order."""
+    weights = module_weights(info)
+    tokens = {w.name: vit_tokens if w.name == "vit" else llm_tokens for w in weights}
+    return {w.name: costs for w, costs in zip(weights, layer_costs(weights, model, tokens), strict=True)}
+
+
+def _cells(costs: dict[str, list[int]], layers: dict[str, Chunks]) -> list[list[int]]:
+    """Layers fill cells in chunk-major order, as the plan places them; counts beyond a
+    module's layers are ignored (the layout check reports them)."""
+    first = next(iter(layers.values()))
+    cells = [[0] * len(first[0]) for _ in first]
+    for name, per_layer in costs.items():
+        pos = 0
+        for c, chunk in enumerate(layers.get(name, [])):
+            for s, n in enumerate(chunk):
+                if c < len(cells) and s < len(cells[c]):
+                    cells[c][s] += sum(per_layer[pos : pos + n])
+                pos += n
+    return cells
+
+
 def cell_costs(
     info: ModelInfo,
     layers: dict[str, Chunks],
@@ -122,27 +149,8 @@ def cell_costs(
     vit_tokens: int = 1024,
     llm_tokens: int = 4096,
 ) -> list[list[int]]:
-    """Cost of every (chunk, stage) cell of a given layout, under the same model `suggest` uses.
-
-    Layers fill cells in chunk-major order, as the plan places them; counts beyond a
-    module's layers are ignored (the layout check reports them).
-    """
-    weights = module_weights(info)
-    per_module = layer_costs(weights, model, _tokens(weights, vit_tokens, llm_tokens))
-    first = next(iter(layers.values()))
-    cells = [[0] * len(first[0]) for _ in first]
-    for w, costs in zip(weights, per_module, strict=True):
-        pos = 0
-        for c, chunk in enumerate(layers.get(w.name, [])):
-            for s, n in enumerate(chunk):
-                if c < len(cells) and s < len(cells[c]):
-                    cells[c][s] += sum(costs[pos : pos + n])
-                pos += n
-    return cells
-
-
-def _tokens(weights: list[ModuleWeights], vit_tokens: int, llm_tokens: int) -> dict[str, int]:
-    return {w.name: vit_tokens if w.name == "vit" else llm_tokens for w in weights}
+    """Cost of every (chunk, stage) cell of a given layout, under the same model `suggest` uses."""
+    return _cells(_module_costs(info, model, vit_tokens, llm_tokens), layers)
 
 
 def suggest(
@@ -156,17 +164,14 @@ def suggest(
     """The optimal split of `info`'s modules over `pp` stages (and `vpp` chunks) under `model`."""
     if model not in COST_MODELS:
         raise ConvertError(f"cost model {model!r} is unknown; use one of: {', '.join(COST_MODELS)}")
-    weights = module_weights(info)
-    per_module = layer_costs(weights, model, _tokens(weights, vit_tokens, llm_tokens))
-    items = [(w.name, c) for w, costs in zip(weights, per_module, strict=True) for c in costs]
-    sizes = partition([c for _, c in items], pp * vpp)
-    layers = {w.name: [[0] * pp for _ in range(vpp)] for w in weights}
-    cells = [[0] * pp for _ in range(vpp)]
+    costs = _module_costs(info, model, vit_tokens, llm_tokens)
+    owners = [name for name, per_layer in costs.items() for _ in per_layer]
+    sizes = partition([c for per_layer in costs.values() for c in per_layer], pp * vpp)
+    layers = {name: [[0] * pp for _ in range(vpp)] for name in costs}
     pos = 0
     for cell, size in enumerate(sizes):
         c, s = divmod(cell, pp)
-        for name, cost in items[pos : pos + size]:
+        for name in owners[pos : pos + size]:
             layers[name][c][s] += 1
-            cells[c][s] += cost
         pos += size
-    return Suggestion(model, layers, cells)
+    return Suggestion(model, layers, _cells(costs, layers))

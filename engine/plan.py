@@ -116,6 +116,11 @@ class OutputFile:
     def dir_name(self) -> str:
         return self.path.split("/")[-2]
 
+    @property
+    def label(self) -> str:
+        """How a person names it: the rank directory of a Megatron file, the path of an HF shard."""
+        return self.dir_name if self.kind == "torch" else self.path
+
 
 @dataclass
 class Plan:

@@ -46,8 +46,8 @@ def summarize(info: ModelInfo) -> Summary:
     ]
     dtypes = ", ".join(f"{d} × {n}" for d, n in Counter(t.dtype for t in info.tensors.values()).most_common())
     fits, why = [], {}
+    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in preset.modules}
     for tp in TP_CANDIDATES:
-        whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in preset.modules}
         problems = [p for p in layout_problems(ParallelConfig(tp_size=tp, **whole), info) if "tp_size" in p]
         if problems:
             why[tp] = problems[0]

@@ -123,6 +123,14 @@ def identical(rows: list[Row], atol: float = 0.0) -> bool:
     return all(r.status in ok for r in rows)
 
 
+def status_counts(rows: list[Row]) -> str:
+    """ "92 equal, 2 differs": how many rows of each status, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
 def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     """Compare what a finished job wrote with what it read; (identical, one-line summary)."""
     from .job import HfToMmConfig, MmToHfConfig
@@ -138,11 +146,7 @@ def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
         a = open_side(Path(cfg.source_dir), info, cfg.source_parallel_config, "source")
         b = open_side(job.out_dir, info, cfg.target_parallel_config, "output")
     rows = list(compare(a, b))
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    ok = identical(rows)
-    detail = ", ".join(f"{n} {s}" for s, n in counts.items())
     first_bad = next((r for r in rows if r.status != "equal"), None)
     tail = f"; first: {first_bad.name} {first_bad.status}" if first_bad else ""
-    return ok, f"{'identical' if ok else 'different'}: {len(rows)} tensors ({detail}){tail}"
+    ok = identical(rows)
+    return ok, f"{'identical' if ok else 'different'}: {len(rows)} tensors ({status_counts(rows)}){tail}"

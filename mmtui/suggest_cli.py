@@ -26,11 +26,6 @@ def human(cost: int, model: str) -> str:
     return f"{cost / 1e9:.3f} B params" if model == "params" else f"{cost / 1e12:.2f} TFLOP"
 
 
-def bar(share: float, width: int = 24) -> str:
-    full = round(share * width)
-    return "█" * full + "·" * (width - full)
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     from rich.console import Console
@@ -39,6 +34,8 @@ def main(argv: list[str]) -> None:
     from engine.balance import suggest
     from engine.errors import ConvertError
     from engine.hf_source import inspect_hf
+
+    from .widgets.format import bar
 
     try:
         info = inspect_hf(args.hf_dir)
@@ -52,7 +49,7 @@ def main(argv: list[str]) -> None:
     top = max(s.stage_costs)
     for st, cost in enumerate(s.stage_costs):
         counts = ["+".join(str(s.layers[n][c][st]) for c in range(args.vpp)) for n in names]
-        table.add_row(str(st), *counts, human(cost, args.cost), bar(cost / top))
+        table.add_row(str(st), *counts, human(cost, args.cost), bar(cost / top, 24))
     console.print(table)
     model = "parameters per stage" if args.cost == "params" else "forward FLOPs per sample and stage"
     console.print(f"cost model: {model}; largest stage / mean = {s.imbalance:.3f}")

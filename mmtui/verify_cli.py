@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
 
     from engine.errors import ConvertError
     from engine.hf_source import inspect_hf
-    from engine.verify import compare, identical, open_side
+    from engine.verify import compare, identical, open_side, status_counts
 
     console = Console()
     try:
@@ -75,10 +75,7 @@ def main(argv: list[str]) -> None:
         table.add_row(r.name, f"[{color}]{r.status}[/]", diff, r.detail)
     if table.row_count:
         console.print(table)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    summary = status_counts(rows)
     ok = identical(rows, args.atol)
     console.print(f"{'[green]identical' if ok else '[red]different'}[/]: {len(rows)} tensors ({summary})")
     sys.exit(0 if ok else 1)

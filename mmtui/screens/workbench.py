@@ -335,7 +335,7 @@ class WorkbenchScreen(Screen[None]):
         biggest = max((f.nbytes for f in self.plan.files), default=1) or 1
         rows = []
         for i, f in enumerate(self.plan.files):
-            name = _file_label(f.path)
+            name = f.label
             if needle and needle not in name.lower() and not any(needle in e.key.lower() for e in f.entries):
                 continue
             share = f"{100 * f.nbytes / biggest:5.1f}%"
@@ -353,7 +353,7 @@ class WorkbenchScreen(Screen[None]):
         table.clear()
         for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
             for e in chunk:
-                if needle and needle not in e.key.lower() and needle not in _file_label(f.path).lower():
+                if needle and needle not in e.key.lower() and needle not in f.label.lower():
                     continue
                 key = e.key if len(f.chunks) == 1 else f"{name}: {e.key}"
                 table.add_row(key, str(list(e.shape)), e.dtype, size(e.nbytes), ", ".join(e.sources), e.transform)
@@ -384,7 +384,7 @@ class WorkbenchScreen(Screen[None]):
         self._cancel = False
         self.action_tab("run")
         panel = self.query_one(RunPanel)
-        panel.reset([(_file_label(f.path), f.nbytes) for f in self.plan.files])
+        panel.reset([(f.label, f.nbytes) for f in self.plan.files])
         panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
         self.convert(self.plan, self.job)
 
@@ -479,9 +479,3 @@ class WorkbenchScreen(Screen[None]):
 
     def action_help(self) -> None:
         self.app.push_screen(help_screen())
-
-
-def _file_label(path: str) -> str:
-    """`mp_rank_00_001` for a Megatron rank file, the file name for an HF shard."""
-    parts = path.split("/")
-    return parts[-2] if len(parts) >= 3 else parts[-1]

@@ -17,3 +17,9 @@ def count(n: int) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.1f} M"
     return f"{n:,}"
+
+
+def bar(share: float, width: int) -> str:
+    """A horizontal bar, full at share 1.0 (stage costs against the most expensive stage)."""
+    full = round(share * width)
+    return "█" * full + "·" * (width - full)

@@ -10,6 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Static
 
+from .format import bar
+
 BAR_WIDTH = 20
 
 
@@ -80,14 +82,13 @@ class StageGrid(VerticalScroll):
             for st in self.query(".cost").results(Static):
                 st.update("")
             return
-        stages = [sum(chunk[s] for chunk in cells) for s in range(len(cells[0]))]
-        top = max(stages) or 1
+        from engine.balance import stage_costs
+
+        top = max(stage_costs(cells)) or 1
         for c, chunk in enumerate(cells):
             for s, cost in enumerate(chunk):
-                full = round(BAR_WIDTH * cost / top)
-                bar = "█" * full + "·" * (BAR_WIDTH - full)
                 for box in self.query(f"#cost-{c}-{s}").results(Static):  # none while the grid is replaced
-                    box.update(f"{bar} {label(cost)}")
+                    box.update(f"{bar(cost / top, BAR_WIDTH)} {label(cost)}")
 
     def mark_invalid(self, modules: set[str]) -> None:
         for inp in self.query(Input).results(Input):
