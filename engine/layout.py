@@ -26,8 +26,9 @@ class ParallelConfig(BaseModel):
 
     llm_pp_layers: ChunksOrFlat
     """Language-model layers per pipeline stage, one list per virtual-pipeline chunk: [[1,10,10,7]]."""
-    vit_pp_layers: ChunksOrFlat
-    """Vision-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]."""
+    vit_pp_layers: ChunksOrFlat | None = None
+    """Vision-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]
+    (vision-language models only)."""
     tp_size: PositiveInt = 1
     """Tensor-parallel size; one rank directory per TP rank."""
     vit_tp_size: NonNegativeInt | None = None
@@ -42,27 +43,36 @@ class ParallelConfig(BaseModel):
             return [list(v)]
         return v
 
+    def given(self) -> dict[str, Chunks]:
+        """Module name -> its per-stage lists, for every module whose list is set."""
+        out = {"llm": self.llm_pp_layers}
+        if self.vit_pp_layers is not None:
+            out["vit"] = self.vit_pp_layers
+        return out  # type: ignore[return-value]  # chunked by the validator
+
     def shape_problems(self) -> list[str]:
         """Problems of the lists alone (no model needed)."""
-        out = []
-        for name in ("llm_pp_layers", "vit_pp_layers"):
-            chunks = getattr(self, name)
-            if not chunks or not chunks[0]:
-                out.append(f"parallel_config.{name} is empty; give layer counts per stage, e.g. [[1,10,10,7]]")
+        given = self.given()
+        out = [
+            f"parallel_config.{m}_pp_layers is empty; give layer counts per stage, e.g. [[1,10,10,7]]"
+            for m, chunks in given.items()
+            if not chunks or not chunks[0]
+        ]
         if out:
             return out
-        pp = len(self.llm_pp_layers[0])
-        if len(self.vit_pp_layers) != len(self.llm_pp_layers):
-            out.append(
-                f"parallel_config.vit_pp_layers has {len(self.vit_pp_layers)} VPP chunk(s) but llm_pp_layers has "
-                f"{len(self.llm_pp_layers)}; give one list per chunk for both"
-            )
-        for name in ("llm_pp_layers", "vit_pp_layers"):
-            for i, chunk in enumerate(getattr(self, name)):
+        pp, vpp = self.pp_size, self.vpp_size
+        for m, chunks in given.items():
+            if len(chunks) != vpp:
+                out.append(
+                    f"parallel_config.{m}_pp_layers has {len(chunks)} VPP chunk(s) but llm_pp_layers has "
+                    f"{vpp}; give one list per chunk for both"
+                )
+        for m, chunks in given.items():
+            for i, chunk in enumerate(chunks):
                 if len(chunk) != pp:
                     out.append(
-                        f"parallel_config.{name}[{i}] = {chunk} has {len(chunk)} stage(s); every chunk needs {pp} "
-                        f"(the length of llm_pp_layers[0])"
+                        f"parallel_config.{m}_pp_layers[{i}] = {chunk} has {len(chunk)} stage(s); every chunk needs "
+                        f"{pp} (the length of llm_pp_layers[0])"
                     )
         return out
 
@@ -75,7 +85,7 @@ class ParallelConfig(BaseModel):
         return len(self.llm_pp_layers)
 
     def layers_of(self, module: str) -> Chunks:
-        return getattr(self, f"{module}_pp_layers")  # always chunked after validation
+        return self.given()[module]
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,9 @@ def placement(module: str, counts: Chunks) -> Placement:
     return Placement(module, counts, cells[0] if cells else None, cells[-1] if cells else None)
 
 
+_MODULE_WORDS = {"vit": "vision encoder", "llm": "language model"}
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -118,6 +131,21 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
     """Every problem of the layout for this model, in field order (the TUI shows them all)."""
     cfg = f"{info.hf_dir.name}/config.json"
     out = layout.shape_problems()
+    if out:
+        return out
+    names = {m.name for m in info.preset.modules}
+    for m in info.preset.modules:
+        if m.name not in layout.given():
+            out.append(
+                f"parallel_config.{m.name}_pp_layers is missing; {info.preset.title} has a {m.title.lower()} "
+                "whose layers need a per-stage list, e.g. [[32,0,0,0]]"
+            )
+    for m in layout.given():
+        if m not in names:
+            out.append(
+                f"parallel_config.{m}_pp_layers is set but {info.preset.title} has no {_MODULE_WORDS[m]}; "
+                "leave it unset"
+            )
     if out:
         return out
     vit_tp = layout.vit_tp_size or layout.tp_size

@@ -32,7 +32,8 @@ class MmView:
 
 
 def _layout_text(layout: ParallelConfig) -> str:
-    return f"tp_size={layout.tp_size}, llm_pp_layers={layout.llm_pp_layers}, vit_pp_layers={layout.vit_pp_layers}"
+    lists = ", ".join(f"{m}_pp_layers={chunks}" for m, chunks in layout.given().items())
+    return f"tp_size={layout.tp_size}, {lists}"
 
 
 def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir") -> MmView:

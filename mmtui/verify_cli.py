@@ -20,7 +20,7 @@ def _layout(args: argparse.Namespace, side: str):
     return ParallelConfig(
         tp_size=getattr(args, f"{side}_tp"),
         llm_pp_layers=json.loads(llm or "[]"),
-        vit_pp_layers=json.loads(vit or "[]"),
+        vit_pp_layers=json.loads(vit) if vit is not None else None,
     )
 
 

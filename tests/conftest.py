@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tiny_llm import build_tiny_llm
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 
 VARIANTS = {
@@ -26,3 +27,17 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def qwen2vl_dir(tiny_dirs: dict[str, Path]) -> Path:
     return tiny_dirs["qwen2_vl"]
+
+
+LLM_VARIANTS = {
+    # name: build_tiny_llm keyword arguments
+    "llama": {"family": "llama", "shards": 2},
+    "qwen2_tied": {"family": "qwen2", "tied": True},
+    "qwen3": {"family": "qwen3"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_llm")
+    return {name: build_tiny_llm(root / name, **kw) for name, kw in LLM_VARIANTS.items()}

@@ -104,7 +104,8 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Megatron dir", src, "needs-src")
                     yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
-                    yield _field("Source ViT", Input(id="src_vit", placeholder="[[3,0]]"), "needs-src-layout")
+                    src_vit = Input(id="src_vit", placeholder="[[3,0]]")
+                    yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
                     yield _field("Output dir", Input(str(self.out_dir or ""), id="out"))
                     yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
                 with VerticalScroll(id="summary-box"):
@@ -167,6 +168,7 @@ class WorkbenchScreen(Screen[None]):
 
     async def _inspected(self, info: ModelInfo, summary: Any) -> None:
         self.info = info
+        self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
         lines = [f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"]
         for m in summary.modules:
             lines.append(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}")

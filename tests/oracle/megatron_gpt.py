@@ -32,6 +32,7 @@ class GPTArch:
     add_qkv_bias: bool
     tied: bool
     qk_layernorm: bool = False
+    kv_channels: int | None = None  # head size when it is not hidden_size / heads (Qwen3)
 
 
 def _free_port() -> int:
@@ -58,6 +59,7 @@ def _worker(rank: int, world: int, port: int, arch_d: dict, paths: list[str], to
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
         ffn_hidden_size=arch.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_epsilon,

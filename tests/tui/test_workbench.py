@@ -221,3 +221,28 @@ async def test_quit_when_idle_is_immediate(qwen2vl_dir: Path) -> None:
         await pilot.press("q")
         await pilot.pause()
         assert app.return_code == 0 or not app.is_running
+
+
+async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """A Llama checkpoint: one grid column (no ViT), Suggest and Run work, output == headless."""
+    hf = tiny_llms["llama"]
+    app = make_app(hf, out_dir=tmp_path / "tui")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        assert "Llama" in str(screen.query_one("#summary", Static).render())
+        await pilot.press("f3")
+        screen.query_one("#tp", Input).value = "2"
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        grid = screen.query_one(StageGrid)
+        assert list(grid.read()) == ["llm"]
+        assert grid.read()["llm"] == suggest(inspect_hf(hf), 2).layers["llm"]
+        assert _problems(screen) == "layout OK"
+        assert screen.query_one("#preview", DataTable).row_count == 4
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    layers = suggest(inspect_hf(hf), 2).layers["llm"]
+    run(build_plan(inspect_hf(hf), ParallelConfig(tp_size=2, llm_pp_layers=layers)), tmp_path / "headless")
+    assert _equal(tmp_path / "tui", tmp_path / "headless")
