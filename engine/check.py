@@ -45,6 +45,8 @@ def check_plan(plan: Plan) -> list[str]:
         if name in plan.dropped:
             continue
         rows, cols = grid(meta.shape)
+        if plan.padding.get(name):  # vocabulary padding: those rows are deliberately not read
+            used[name].add((rows - plan.padding[name], rows, 0, cols))
         if name not in used:
             problems.append(f"source {name} is used by no output and not listed as dropped")
             continue
@@ -60,6 +62,11 @@ def _check_entry(plan: Plan, e: Entry, where: str, used: dict[str, set[Rect]]) -
     trows, tcols = grid(e.shape)
     placed: set[Rect] = set()
     area = 0
+    if e.pad_rows:
+        if not 0 < e.pad_rows <= trows:
+            out.append(f"{where}: {e.key} {list(e.shape)} has {e.pad_rows} padding rows")
+        placed.add((trows - e.pad_rows, trows, 0, tcols))
+        area += e.pad_rows * tcols
     for p in e.pieces:
         meta = plan.sources.get(p.source)
         if meta is None:

@@ -50,7 +50,7 @@ def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span
             return None
         spans.append(reader.row_span(meta, *p.rows))
         at += p.nrows
-    return spans
+    return spans if not entry.pad_rows else None
 
 
 def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
@@ -58,6 +58,8 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
     out = np.empty(entry.nbytes, dtype=np.uint8)
     rows, cols = grid(entry.shape)
     target = out.reshape(rows, cols, -1) if entry.nbytes else out
+    if entry.pad_rows:
+        target[rows - entry.pad_rows :] = 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
         scols = grid(meta.shape)[1]

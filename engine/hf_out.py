@@ -101,7 +101,9 @@ def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | 
     notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}"]
     if tied and any(e.transform.startswith("tied") for _, e in entries):
         notes.append("tied embeddings: the output layer is written from the embedding")
-    return Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
+    plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
+    plan.padding = dict(view.padding)
+    return plan
 
 
 def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:

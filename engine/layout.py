@@ -35,6 +35,16 @@ class ParallelConfig(BaseModel):
     """Vision-encoder TP size; 0 or unset means tp_size."""
     ep_size: PositiveInt = 1
     """Expert-parallel size (MoE models only)."""
+    make_vocab_size_divisible_by: PositiveInt | None = None
+    """Pad the vocabulary rows of the embedding and output layer with zeros to a multiple of this x tp_size
+    (Megatron-LM's rule); unset means no padding (the vocabulary must then divide by tp_size)."""
+
+    def padded_vocab(self, vocab: int) -> int:
+        """Rows of the full embedding in this layout (Megatron-LM: a multiple of divisible_by x TP)."""
+        if self.make_vocab_size_divisible_by is None:
+            return vocab
+        step = self.make_vocab_size_divisible_by * self.tp_size
+        return -(-vocab // step) * step
 
     @field_validator("llm_pp_layers", "vit_pp_layers", mode="before")
     @classmethod
@@ -166,15 +176,17 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
             out.append(f"{name} {counts} sums to {total} but {cfg} has {path} = {want}; the sum must equal {want}")
     tp = layout.tp_size
     for m in info.preset.modules:
-        for field_name in (m.heads, m.vocab):
+        vocab = m.vocab if layout.make_vocab_size_divisible_by is None else None  # padding makes it divide
+        for field_name in (m.heads, vocab):
             if not field_name:
                 continue
             n = info.field_int(field_name)
             if n % tp:
                 path = info.preset.fields[field_name][-1]
+                pad = " or pad it with parallel_config.make_vocab_size_divisible_by" if field_name == m.vocab else ""
                 out.append(
                     f"parallel_config.tp_size {tp} does not divide {path} = {n} ({cfg}); "
-                    f"use a tp_size among: {_divisors(n)}"
+                    f"use a tp_size among: {_divisors(n)}{pad}"
                 )
     for c in range(layout.vpp_size):
         for s in range(layout.pp_size):

@@ -29,6 +29,7 @@ class MmView:
     blocks: dict[str, tuple[Piece, ...]]  # canonical name -> rank-file blocks, in target order
     dropped: dict[str, str]  # rank-file tensors no canonical tensor needs
     dtypes: dict[str, str]  # canonical name -> dtype on disk
+    padding: dict[str, int]  # rank-file tensor -> its last rows that are vocabulary padding
 
 
 def _layout_text(layout: ParallelConfig) -> str:
@@ -57,6 +58,7 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
     blocks: dict[str, list[Piece]] = {}
     covered: dict[str, set[tuple[int, int, int, int]]] = {}
     kept: dict[str, bool] = {}
+    padding: dict[str, int] = {}
     for rank, f in expected.items():
         path = ckpt.ranks[rank]
         on_disk = read_rank_file(path, prefix=f.dir_name + "/")
@@ -88,6 +90,9 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
                     )
                 sources[meta.name] = meta
                 kept.setdefault(meta.name, False)
+                if e.pad_rows:
+                    padding[meta.name] = e.pad_rows
+                    kept[meta.name] = kept[meta.name] or not e.pieces  # all padding: nothing else to read
                 width = grid(meta.shape)[1]
                 for p in e.pieces:
                     hf_cols = grid(forward.sources[p.source].shape)[1]
@@ -109,7 +114,7 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
         dtypes[name] = kinds.pop()
     dropped = {name: REPLICA for name, used in kept.items() if not used}
     ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
-    return MmView(ckpt, layout, sources, ordered, dropped, dtypes)
+    return MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding)
 
 
 def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, TensorMeta]) -> tuple[Piece, ...]:
@@ -163,10 +168,13 @@ def retarget(plan: Plan, view: MmView) -> Plan:
         for chunk in f.chunks:
             for e in chunk:
                 e.pieces = through_view(e.pieces, view, canonical)
+                if not e.pieces:  # all vocabulary padding
+                    continue
                 kinds = {view.sources[p.source].dtype for p in e.pieces}
                 if len(kinds) != 1:
                     raise ConvertError(f"{e.key}: its blocks on disk have different dtypes {sorted(kinds)}")
                 e.dtype = kinds.pop()
     plan.sources = dict(view.sources)
     plan.dropped = dict(view.dropped)
+    plan.padding = dict(view.padding)
     return plan

@@ -62,13 +62,17 @@ def grid(shape: tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class Entry:
-    """One tensor of an output file, assembled from blocks of source tensors."""
+    """One tensor of an output file, assembled from blocks of source tensors.
+
+    The last `pad_rows` rows are zeros (vocabulary padding); the pieces cover the rest.
+    """
 
     key: str
     shape: tuple[int, ...]
     dtype: str
     pieces: tuple[Piece, ...]
     transform: str
+    pad_rows: int = 0
 
     @property
     def numel(self) -> int:
@@ -131,6 +135,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)  # small files written as they are (tracker, index)
     copies: dict[str, Path] = field(default_factory=dict)  # files copied unchanged (config, tokenizer)
+    padding: dict[str, int] = field(default_factory=dict)  # source key -> its last rows that are padding
 
     @property
     def nbytes(self) -> int:
@@ -203,21 +208,33 @@ def _window(segs: list[Segment], a: int, b: int) -> list[Piece]:
 
 
 def _split(
-    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str
-) -> list[tuple[list[Piece], str]]:
-    """Pieces and a description for each TP rank; `shape` is the first source's shape."""
+    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str, padded: int
+) -> list[tuple[list[Piece], str, int]]:
+    """Pieces, a description and zero rows at the end for each TP rank.
+
+    `shape` is the first source's shape; `padded` the row count after vocabulary padding
+    (the rows themselves when there is none).
+    """
     ndim = len(shape)
     total = sum(n for _, _, n in segs)
     rule = mp.tp
     if rule == "cols" and ndim < 2:
         rule = "replicate"  # the bias of a row-parallel layer is added after the reduction
+    if padded > total:
+        n = padded // tp
+        out = []
+        for r in range(tp):
+            real = max(0, min(total, (r + 1) * n) - r * n)
+            how = f"rows {r + 1}/{tp} · {n - real} zero rows" if tp > 1 else f"{n - real} zero rows"
+            out.append((_window(segs, r * n, r * n + real), _describe(mp, how), n - real))
+        return out
     if tp == 1 or rule == "replicate":
-        return [(_window(segs, 0, total), _describe(mp, "copy" if tp > 1 else ""))] * tp
+        return [(_window(segs, 0, total), _describe(mp, "copy" if tp > 1 else ""), 0)] * tp
     if rule == "rows":
         if total % tp:
             raise ConvertError(f"{key}: {total} rows cannot be split in {tp} equal TP blocks")
         n = total // tp
-        return [(_window(segs, r * n, (r + 1) * n), _describe(mp, f"rows {r + 1}/{tp}")) for r in range(tp)]
+        return [(_window(segs, r * n, (r + 1) * n), _describe(mp, f"rows {r + 1}/{tp}"), 0) for r in range(tp)]
     if rule == "gated":
         half = total // 2
         if total % 2 or half % tp:
@@ -227,6 +244,7 @@ def _split(
             (
                 _window(segs, r * n, (r + 1) * n) + _window(segs, half + r * n, half + (r + 1) * n),
                 _describe(mp, f"gated {r + 1}/{tp}"),
+                0,
             )
             for r in range(tp)
         ]
@@ -237,7 +255,7 @@ def _split(
     n = cols // tp
     whole = _window(segs, 0, total)
     return [
-        ([Piece(p.source, p.rows, (r * n, (r + 1) * n)) for p in whole], _describe(mp, f"cols {r + 1}/{tp}"))
+        ([Piece(p.source, p.rows, (r * n, (r + 1) * n)) for p in whole], _describe(mp, f"cols {r + 1}/{tp}"), 0)
         for r in range(tp)
     ]
 
@@ -393,9 +411,13 @@ def build_plan(
             raise ConvertError(f"{t.key}: its sources have different dtypes {sorted(dtypes)}")
         dtype = dtypes.pop()
         tie_note = " · tied to embedding" if preset.tie and tied and t.key == preset.tie.target else ""
-        for r, (pieces, how) in enumerate(_split(t.mapping, segs, tp, t.sources[0].shape, t.key)):
-            shape = _shape(pieces, sources)
-            by_rank_stage[(r, s)].chunks[c].append(Entry(key, shape, dtype, stack(pieces), how + tie_note))
+        first = t.sources[0].shape
+        rows = sum(n for _, _, n in segs)
+        padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
+        for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded)):
+            shape = _shape(pieces, first, pad)
+            entry = Entry(key, shape, dtype, stack(pieces), how + tie_note, pad)
+            by_rank_stage[(r, s)].chunks[c].append(entry)
     notes = []
     if preset.tie and tied:
         notes.append(
@@ -408,14 +430,13 @@ def build_plan(
     return plan
 
 
-def _shape(pieces: Iterable[Piece], sources: dict[str, TensorMeta]) -> tuple[int, ...]:
-    pieces = list(pieces)
-    first = sources[pieces[0].source].shape
+def _shape(pieces: list[Piece], first: tuple[int, ...], pad: int) -> tuple[int, ...]:
+    """The shape a rank's pieces (of sources shaped like `first`) and zero rows make."""
     if not first:
         return ()
-    rows = sum(p.rows[1] - p.rows[0] for p in pieces)
+    rows = sum(p.rows[1] - p.rows[0] for p in pieces) + pad
     rest = list(first[1:])
-    if pieces[0].cols is not None:
+    if pieces and pieces[0].cols is not None:
         rest[0] = pieces[0].cols[1] - pieces[0].cols[0]
     return (rows, *rest)
 

@@ -36,6 +36,7 @@ class Mapping(_Strict):
     tp: TpRule = "replicate"
     heads: str | None = None  # config field: attention heads (qkv, qkv_per_head)
     groups: str | None = None  # config field: key/value heads (qkv)
+    pad_vocab: bool = False  # vocabulary rows: padded with zeros when the layout asks (embedding, output layer)
 
     @field_validator("hf", mode="before")
     @classmethod
@@ -56,6 +57,8 @@ class Mapping(_Strict):
             raise ValueError("kind 'qkv' needs `groups` (the key/value heads config field)")
         if self.kind == "gate_up" and self.tp != "gated":
             raise ValueError("kind 'gate_up' needs tp = 'gated'")
+        if self.pad_vocab and (self.kind != "rename" or self.tp != "rows"):
+            raise ValueError("pad_vocab needs kind 'rename' and tp = 'rows' (vocabulary rows split over TP)")
         return self
 
 

@@ -34,6 +34,7 @@ LLM_VARIANTS = {
     "llama": {"family": "llama", "shards": 2},
     "qwen2_tied": {"family": "qwen2", "tied": True},
     "qwen3": {"family": "qwen3"},
+    "qwen3_vocab99": {"family": "qwen3", "tied": True, "vocab_size": 99},  # divides by no TP > 1
 }
 
 

@@ -61,7 +61,7 @@ def test_tp_must_divide_heads_and_vocab(qwen2vl_dir: Path) -> None:
         "parallel_config.tp_size 3 does not divide num_key_value_heads = 2 (qwen2_vl/config.json); "
         "use a tp_size among: 1, 2",
         "parallel_config.tp_size 3 does not divide vocab_size = 128 (qwen2_vl/config.json); "
-        "use a tp_size among: 1, 2, 4, 8, 16, 32, 64, 128",
+        "use a tp_size among: 1, 2, 4, 8, 16, 32, 64, 128 or pad it with parallel_config.make_vocab_size_divisible_by",
     ]
 
 

@@ -185,3 +185,98 @@ def test_command_line(tiny_llms: dict[str, Path], tiny_dirs: dict[str, Path], tm
     assert r.returncode == 2 and not (tmp_path / "vl").exists()
     assert r.stderr.strip().endswith("parallel_config.vit_pp_layers is missing; Qwen2-VL has a vision encoder whose "
                                      "layers need a per-stage list, e.g. [[32,0,0,0]]")  # fmt: skip
+
+
+# ---- vocabulary padding (Megatron-LM's rule: a multiple of make_vocab_size_divisible_by x TP) ----
+
+PADDED = {
+    # name: (tp, llm_pp_layers, make_vocab_size_divisible_by) -> padded rows for a vocabulary of 99
+    "pad8_tp2pp2": (2, [[1, 3]], 8),  # 112 rows: 56 + 43 real and 13 zero
+    "pad128_tp2": (2, [[4]], 128),  # 256 rows: rank 1 is all zeros
+    "pad8_tp1_vpp": (1, [[1, 1], [1, 1]], 8),  # 104 rows
+}
+
+
+def _padded(name: str) -> ParallelConfig:
+    tp, llm, div = PADDED[name]
+    return ParallelConfig(tp_size=tp, llm_pp_layers=llm, make_vocab_size_divisible_by=div)
+
+
+def _convert(hf: Path, command: str, cfg) -> None:
+    _, plan = prepare(_job(hf, command, cfg))
+    assert check_plan(plan) == []
+    run(plan, cfg.out_dir)
+
+
+def _padded_mm(hf: Path, out: Path, layout: str) -> Path:
+    _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_padded(layout)))
+    return out
+
+
+@pytest.mark.parametrize("layout", list(PADDED))
+def test_padded_vocabulary_layout_and_round_trip(tiny_llms: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    hf = tiny_llms["qwen3_vocab99"]
+    pc = _padded(layout)
+    mm = _padded_mm(hf, tmp_path / "mm", layout)
+    cfg = _cfg(hf)
+    want = expected_checkpoint(
+        load_hf_state(hf), family="qwen3", num_heads=4, num_kv_heads=2, vit_num_heads=0, tied=True, tp=pc.tp_size,
+        llm_pp_layers=pc.llm_pp_layers, vit_pp_layers=None, prefix="", vocab_rows=pc.padded_vocab(cfg["vocab_size"]),
+    )  # fmt: skip
+    _assert_same(_load_dir(mm), want)
+    back = tmp_path / "back"
+    _convert(
+        hf, "mm_to_hf", MmToHfConfig(save_hf_dir=back, mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=pc)
+    )
+    for p in hf.iterdir():
+        assert filecmp.cmp(p, back / p.name, shallow=False), p.name  # the padding is stripped on the way back
+
+
+def test_padded_vocabulary_resplit(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_llms["qwen3_vocab99"]
+    a = _padded_mm(hf, tmp_path / "a", "pad128_tp2")
+    direct = _padded_mm(hf, tmp_path / "direct", "pad8_tp2pp2")
+    cfg = ResplitConfig(
+        source_dir=a, target_dir=tmp_path / "b", hf_config=HfConfig(hf_dir=hf),
+        source_parallel_config=_padded("pad128_tp2"), target_parallel_config=_padded("pad8_tp2pp2"),
+    )  # fmt: skip
+    _convert(hf, "resplit", cfg)
+    _same_tree(direct, tmp_path / "b")
+
+
+def test_wrong_source_padding_is_named(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_llms["qwen3_vocab99"]
+    mm = _padded_mm(hf, tmp_path / "mm", "pad128_tp2")
+    wrong = ParallelConfig(tp_size=2, llm_pp_layers=[[4]], make_vocab_size_divisible_by=8)
+    cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=wrong)
+    with pytest.raises(ConvertError, match=r"embedding.word_embeddings.weight has shape \[128, 64\] on disk, the layout expects \[56, 64\]"):  # fmt: skip
+        prepare(_job(hf, "mm_to_hf", cfg))
+    with pytest.raises(ConvertError, match=r"or pad it with parallel_config\.make_vocab_size_divisible_by"):
+        validate_layout(ParallelConfig(tp_size=2, llm_pp_layers=[[4]]), inspect_hf(hf))
+
+
+@pytest.mark.oracle
+def test_padded_vocabulary_logits(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """megatron-core with the padded vocabulary: the real columns equal transformers' logits."""
+    pytest.importorskip("megatron.core")
+    from tests.oracle.megatron_gpt import GPTArch, megatron_logits
+
+    hf = tiny_llms["qwen3_vocab99"]
+    mm = _padded_mm(hf, tmp_path / "mm", "pad128_tp2")
+    ranks = [
+        torch.load(mm / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)["model"]
+        for r in range(2)
+    ]
+    c = _cfg(hf)
+    arch = GPTArch(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, vocab_size=256,
+        rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"], add_qkv_bias=False, tied=True,
+        qk_layernorm=True, kv_channels=32,
+    )  # fmt: skip
+    tokens = [t % 99 for t in TOKENS]
+    got = megatron_logits(ranks, arch, tokens)
+    model, _ = tiny_llm_model(hf)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([tokens])).logits[0]
+    assert got.shape == (len(tokens), 256)
+    torch.testing.assert_close(got[:, :99], want, rtol=0, atol=1e-5)
