@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .check import check_plan
+from .dcp_writer import DcpWriter
 from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
@@ -88,6 +89,14 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
             yield FileStarted(i, f.path, f.nbytes)
             path = dest / f.path
             _mkdirs(dest, path.parent)
+            if f.kind == "dcp":
+                for e in _write_dcp(plan, f, path.parent, reader):
+                    done += e.nbytes
+                    yield Progress(done, total, f.path, e.key)
+                for p in path.parent.iterdir():
+                    os.chmod(p, FILE_MODE)
+                yield FileDone(i, f.path)
+                continue
             if f.kind == "safetensors":
                 for e in _write_safetensors(plan, f, path, reader):
                     done += e.nbytes
@@ -128,6 +137,22 @@ def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorRead
             else:
                 w.add_bytes(memoryview(assemble(e, plan, reader)))
             yield e
+
+
+def _write_dcp(plan: Plan, f: OutputFile, directory: Path, reader: TensorReader) -> Iterator[Entry]:
+    w = DcpWriter(directory)
+    try:
+        for e in f.entries:
+            spans = whole_row_spans(e, plan, reader)
+            if spans is not None:
+                w.add_spans(("model", e.key), spans, e.dtype, e.shape)
+            else:
+                w.add_bytes(("model", e.key), memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
+            yield e
+        w.add_object(("checkpoint_version",), CHECKPOINT_VERSION)
+        w.finish()
+    finally:
+        w.abort()
 
 
 def _mkdirs(root: Path, path: Path) -> None:

@@ -19,7 +19,7 @@ from .hf_source import ModelInfo, inspect_hf, resolve_fields
 from .layout import ParallelConfig
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
-from .plan import Plan, build_plan
+from .plan import Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
 
 
@@ -118,15 +118,35 @@ class ResplitConfig(_Config):
         return self.target_dir
 
 
-COMMANDS: dict[str, type[_Config]] = {"hf_to_mm": HfToMmConfig, "mm_to_hf": MmToHfConfig, "resplit": ResplitConfig}
+class HfToDcpConfig(_Config):
+    """Convert a Hugging Face checkpoint to one torch.distributed.checkpoint directory (re-sharded at load)."""
+
+    dcp_dir: Path
+    """Output directory: latest_checkpointed_iteration.txt and release/{.metadata,__0_0.distcp}."""
+    hf_config: HfConfig
+    """The Hugging Face checkpoint to convert."""
+    overwrite: bool = False
+    """Replace an existing, non-empty dcp_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.dcp_dir
+
+
+COMMANDS: dict[str, type[_Config]] = {
+    "hf_to_mm": HfToMmConfig,
+    "mm_to_hf": MmToHfConfig,
+    "resplit": ResplitConfig,
+    "hf_to_dcp": HfToDcpConfig,
+}
 
 
 class Job(_Config):
     """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
 
     converter: str
-    command: Literal["hf_to_mm", "mm_to_hf", "resplit"]
-    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig
+    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp"]
+    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig | HfToDcpConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -175,7 +195,7 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
     return info
 
 
-OUT_FIELDS = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir"}
+OUT_FIELDS = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir", "hf_to_dcp": "dcp_dir"}
 
 
 def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
@@ -190,6 +210,9 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
         info = _inspect(job, cfg.hf_config.hf_dir)
         view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
         return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size)
+    if isinstance(cfg, HfToDcpConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        return info, build_dcp_plan(info)
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")

@@ -97,7 +97,7 @@ class OutputFile:
     pp_rank: int
     ep_rank: int
     chunks: list[list[Entry]]  # one list per VPP chunk
-    kind: str = "torch"  # "torch" (a Megatron rank file) or "safetensors"
+    kind: str = "torch"  # "torch" (a Megatron rank file), "safetensors", or "dcp" (torch.distributed.checkpoint)
     metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
 
     @property
@@ -123,7 +123,7 @@ class OutputFile:
     @property
     def label(self) -> str:
         """How a person names it: the rank directory of a Megatron file, the path of an HF shard."""
-        return self.dir_name if self.kind == "torch" else self.path
+        return self.path if self.kind == "safetensors" else self.dir_name
 
 
 @dataclass
@@ -427,6 +427,21 @@ def build_plan(
         )
     plan = Plan(files, dict(sources), dropped, iteration, notes)
     plan.texts[TRACKER_NAME] = plan.tracker_text
+    return plan
+
+
+def build_dcp_plan(info: ModelInfo, *, iteration: str = "release") -> Plan:
+    """The whole model as one torch.distributed.checkpoint: full tensors, global layer numbers.
+
+    DCP re-shards at load time, so the plan is the TP 1 / PP 1 layout written in DCP's format.
+    """
+    from .dcp_writer import DATA_NAME
+
+    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in info.preset.modules}
+    plan = build_plan(info, ParallelConfig(**whole), iteration=iteration)
+    (f,) = plan.files
+    f.kind, f.path = "dcp", f"{iteration}/{DATA_NAME}"
+    plan.notes.append("torch.distributed.checkpoint: full tensors under model.*, re-sharded by the loader")
     return plan
 
 

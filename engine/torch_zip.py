@@ -217,11 +217,16 @@ def copy_spans(spans: list[Span], fd: int) -> int:
 class StreamingCheckpointWriter:
     """`add_tensor` / `add_bytes` / `add_spans` for each tensor as it is produced, then `finish(obj)`."""
 
-    def __init__(self, path: str | os.PathLike[str], archive_name: str = "model_optim_rng") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], archive_name: str = "model_optim_rng", *, fd: int | None = None
+    ) -> None:
+        """With `fd`, the archive is appended at that descriptor's position and the descriptor
+        stays open (DCP packs one archive per tensor into a shared file)."""
         self.path = Path(path)
         self.prefix = archive_name + "/"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pos = 0
+        self._owns_fd = fd is None
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if fd is None else fd
+        self._pos = 0  # offsets inside the archive count from its first byte
         self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, offset, size, crc, flags
         self._next_key = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
@@ -341,7 +346,7 @@ class StreamingCheckpointWriter:
         self._record("version", b"3\n")
         self._record(".data/serialization_id", b"0" * 40)
         self._central_directory()
-        if fsync:
+        if fsync and self._owns_fd:
             os.fsync(self._fd)
         self._close()
 
@@ -350,7 +355,8 @@ class StreamingCheckpointWriter:
 
     def _close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            if self._owns_fd:
+                os.close(self._fd)
             self._fd = None
         self._pool.shutdown(wait=True)
 

@@ -133,9 +133,11 @@ def status_counts(rows: list[Row]) -> str:
 
 def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     """Compare what a finished job wrote with what it read; (identical, one-line summary)."""
-    from .job import HfToMmConfig, MmToHfConfig
+    from .job import HfToDcpConfig, HfToMmConfig, MmToHfConfig
 
     cfg = job.cfg
+    if isinstance(cfg, HfToDcpConfig):
+        raise ConvertError(f"{job.out_dir}: verify does not read torch.distributed.checkpoint directories yet")
     if isinstance(cfg, HfToMmConfig):
         a = open_side(Path(cfg.hf_config.hf_dir), info, None, "source")
         b = open_side(job.out_dir, info, cfg.parallel_config, "output")

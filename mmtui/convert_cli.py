@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.job import HfToMmConfig, Job, MmToHfConfig, ResplitConfig
+from engine.job import HfToDcpConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig
 from engine.preset import builtin_presets
 
 from .runner import run_job_cli
@@ -32,7 +32,11 @@ def _converter_class(converter: str, title: str) -> type:
         """Re-cut a MindSpeed-MM (Megatron) checkpoint to another TP / PP / VPP layout."""
         run_job_cli(Job(converter=converter, command="resplit", cfg=cfg), prog="mm-convert")
 
-    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit)}
+    def hf_to_dcp(cfg: HfToDcpConfig) -> None:
+        """Convert a Hugging Face checkpoint to one torch.distributed.checkpoint directory."""
+        run_job_cli(Job(converter=converter, command="hf_to_dcp", cfg=cfg), prog="mm-convert")
+
+    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit, hf_to_dcp)}
     return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 
