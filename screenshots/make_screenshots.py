@@ -68,6 +68,10 @@ async def shoot(size: tuple[int, int]) -> None:
             await pilot.press("f1")
             await settle(pilot)
             save("7-help")
+            await pilot.press("escape")
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.5)  # not settle(): the directory tree's loader worker never completes
+            save("0-open")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ HELP = """\
   ctrl+r   Run the conversion           escape  cancel a run / previous step
   ctrl+s   Save the job as TOML         ctrl+l  show (and copy) the mm-convert command
   ctrl+t   Verify (test) the output against the source after a run
+  ctrl+o   Open another model directory (a tree to pick from)
   tab / shift+tab  move between fields    q / ctrl+q  quit (asks while a run is going)
   ? / F1   this help
 

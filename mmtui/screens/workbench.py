@@ -37,6 +37,7 @@ from ..widgets.format import count, size
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
 from .help import TextScreen, help_screen
+from .pick_dir import PickDirScreen, is_model_dir
 
 if TYPE_CHECKING:
     from engine.hf_source import ModelInfo
@@ -74,6 +75,7 @@ class WorkbenchScreen(Screen[None]):
         Binding("ctrl+s", "save", "Save"),
         Binding("ctrl+l", "command_line", "Command"),
         Binding("ctrl+t", "verify", "Verify", show=False),
+        Binding("ctrl+o", "open", "Open", show=False),
         Binding("escape", "back", "Back/cancel", show=False),
         Binding("f1", "help", "Help"),
         Binding("question_mark", "help", "Help", show=False),
@@ -138,6 +140,8 @@ class WorkbenchScreen(Screen[None]):
         self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
         if self.hf_dir:
             self.inspect(self.hf_dir)
+        else:
+            self.action_open()
 
     @property
     def direction(self) -> str:
@@ -478,6 +482,20 @@ class WorkbenchScreen(Screen[None]):
         line = shlex.join(["mm-convert", *job_to_argv(self.job)])
         self.app.copy_to_clipboard(line)
         self.app.push_screen(TextScreen(line + "\n\n(copied to the clipboard where the terminal allows)", "mm-convert"))
+
+    def action_open(self) -> None:
+        """Pick the model directory from a tree (also what `mmtui` without an argument shows first)."""
+        typed = Path(self._value("hf_dir")).expanduser() if self._value("hf_dir") else None
+        root = Path.cwd()
+        if typed and typed.is_dir():  # start beside the open model, to pick a sibling
+            root = typed.parent if is_model_dir(typed) else typed
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.query_one("#hf_dir", Input).value = str(path)
+                self.inspect(path)
+
+        self.app.push_screen(PickDirScreen(root), chosen)
 
     def action_help(self) -> None:
         self.app.push_screen(help_screen())

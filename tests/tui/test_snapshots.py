@@ -53,10 +53,16 @@ def _steps(*keys: str, pp: str | None = None, select_row: bool = False):
     return run_before
 
 
+async def _open_picker(pilot) -> None:
+    await _ready(pilot)
+    await pilot.press("ctrl+o")
+    await pilot.pause(0.5)  # not _ready(): the directory tree's loader worker lives as long as the tree
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "step",
-    ["source", "layout", "preview", "run", "help"],
+    ["open", "source", "layout", "preview", "run", "help"],
 )
 def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> None:
     run_before = {
@@ -65,5 +71,6 @@ def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> Non
         "preview": _steps("f4", pp="2", select_row=True),
         "run": _steps("f5", pp="2"),
         "help": _steps("f1"),
+        "open": _open_picker,
     }[step]
     assert snap_compare(demo_app, terminal_size=size, run_before=run_before)

@@ -246,3 +246,33 @@ async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -
     layers = suggest(inspect_hf(hf), 2).layers["llm"]
     run(build_plan(inspect_hf(hf), ParallelConfig(tp_size=2, llm_pp_layers=layers)), tmp_path / "headless")
     assert _equal(tmp_path / "tui", tmp_path / "headless")
+
+
+async def test_no_argument_opens_a_directory_picker(tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """`mmtui` alone: pick the model from a tree; a directory without config.json is not taken."""
+    from textual.widgets import DirectoryTree
+
+    from mmtui.screens.pick_dir import PickDirScreen
+
+    monkeypatch.chdir(tiny_dirs["qwen2_vl"].parent)
+    app = make_app(None, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        # not settle(): the tree's loader is a worker that lives as long as the tree
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, PickDirScreen)
+        app.screen.query_one("#pick-path", Input).value = str(tmp_path)  # no config.json there
+        app.screen.query_one("#pick-path", Input).focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, PickDirScreen)
+        assert "no config.json here" in str(app.screen.query_one("#pick-hint", Static).render())
+        tree = app.screen.query_one(DirectoryTree)
+        tree.focus()
+        await pilot.pause(0.2)
+        names = [str(node.data.path.name) for node in tree.root.children]
+        tree.move_cursor(tree.root.children[names.index("qwen2_5_vl")])
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert not isinstance(app.screen, PickDirScreen)
+        assert "Qwen2.5-VL" in str(app.screen.query_one("#summary", Static).render())
+        assert app.screen.query_one("#hf_dir", Input).value == str(tiny_dirs["qwen2_5_vl"])
