@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .check import check_plan
-from .dcp_writer import DcpWriter
+from .dcp_writer import METADATA_NAME, DcpWriter
 from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
@@ -89,40 +89,31 @@ def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) ->
             yield FileStarted(i, f.path, f.nbytes)
             path = dest / f.path
             _mkdirs(dest, path.parent)
-            if f.kind == "dcp":
-                for e in _write_dcp(plan, f, path.parent, reader):
-                    done += e.nbytes
-                    yield Progress(done, total, f.path, e.key)
-                for p in path.parent.iterdir():
-                    os.chmod(p, FILE_MODE)
-                yield FileDone(i, f.path)
-                continue
-            if f.kind == "safetensors":
-                for e in _write_safetensors(plan, f, path, reader):
-                    done += e.nbytes
-                    yield Progress(done, total, f.path, e.key)
-                os.chmod(path, FILE_MODE)
-                yield FileDone(i, f.path)
-                continue
-            with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
-                obj: dict[str, object] = {}
-                for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
-                    refs = {}
-                    for e in chunk:
-                        spans = whole_row_spans(e, plan, reader)
-                        if spans is not None:  # copied inside the kernel
-                            refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
-                        else:
-                            refs[e.key] = w.add_bytes(memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
-                        done += e.nbytes
-                        yield Progress(done, total, f.path, e.key)
-                    obj[name] = refs
-                obj["checkpoint_version"] = CHECKPOINT_VERSION
-                w.finish(obj, fsync=False)  # one sync pass at the end lets writeback overlap
+            for e in _WRITERS[f.kind](plan, f, path, reader):
+                done += e.nbytes
+                yield Progress(done, total, f.path, e.key)
             os.chmod(path, FILE_MODE)
             yield FileDone(i, f.path)
     finally:
         reader.close()
+
+
+def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
+    """A rank file: {"model" or "model0".., "checkpoint_version"}, each tensor streamed into the zip."""
+    with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
+        obj: dict[str, object] = {}
+        for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
+            refs = {}
+            for e in chunk:
+                spans = whole_row_spans(e, plan, reader)
+                if spans is not None:  # copied inside the kernel
+                    refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
+                else:
+                    refs[e.key] = w.add_bytes(memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
+                yield e
+            obj[name] = refs
+        obj["checkpoint_version"] = CHECKPOINT_VERSION
+        w.finish(obj, fsync=False)  # one sync pass at the end lets writeback overlap
 
 
 def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
@@ -139,8 +130,9 @@ def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorRead
             yield e
 
 
-def _write_dcp(plan: Plan, f: OutputFile, directory: Path, reader: TensorReader) -> Iterator[Entry]:
-    w = DcpWriter(directory)
+def _write_dcp(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
+    """`path` is the DCP data file; its .metadata is written beside it at the end."""
+    w = DcpWriter(path.parent)
     try:
         for e in f.entries:
             spans = whole_row_spans(e, plan, reader)
@@ -151,8 +143,12 @@ def _write_dcp(plan: Plan, f: OutputFile, directory: Path, reader: TensorReader)
             yield e
         w.add_object(("checkpoint_version",), CHECKPOINT_VERSION)
         w.finish()
+        os.chmod(path.parent / METADATA_NAME, FILE_MODE)
     finally:
         w.abort()
+
+
+_WRITERS = {"torch": _write_megatron, "safetensors": _write_safetensors, "dcp": _write_dcp}
 
 
 def _mkdirs(root: Path, path: Path) -> None:
