@@ -12,18 +12,14 @@ import torch
 
 from engine.check import check_plan
 from engine.execute import run
+from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, Job, prepare
 from engine.layout import ParallelConfig
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 
-CONVERTER = {
-    "qwen2_vl": "Qwen2VLConverter", "qwen2_5_vl": "Qwen2_5_VLConverter",
-    "llama": "LlamaConverter", "qwen2": "Qwen2Converter", "qwen3": "Qwen3Converter",
-}  # fmt: skip
-
 
 def _converter(hf: Path) -> str:
-    return CONVERTER[json.loads((hf / "config.json").read_text())["model_type"]]
+    return inspect_hf(hf).preset.converter  # detection itself is tested elsewhere
 
 
 def _dcp(hf: Path, out: Path) -> Path:

@@ -17,6 +17,7 @@ from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig,
 from engine.layout import ParallelConfig, layout_problems, validate_layout
 from engine.plan import build_plan
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
+from tests.engine.test_way_back import _same_tree
 from tests.fixtures.reference_layout import expected_checkpoint
 from tests.fixtures.tiny_llm import tiny_llm_model
 from tests.fixtures.tiny_vlm import load_hf_state
@@ -45,19 +46,47 @@ def _job(hf: Path, command: str, cfg) -> Job:
     return Job(converter=CONVERTER[_cfg(hf)["model_type"]], command=command, cfg=cfg)
 
 
-def _hf_to_mm(hf: Path, out: Path, layout: str) -> Path:
-    cfg = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc(layout))
-    _, plan = prepare(_job(hf, "hf_to_mm", cfg))
+def _convert(hf: Path, command: str, cfg) -> Path:
+    _, plan = prepare(_job(hf, command, cfg))
     assert check_plan(plan) == []
-    run(plan, out)
-    return out
+    run(plan, cfg.out_dir)
+    return cfg.out_dir
 
 
-def _same_tree(a: Path, b: Path) -> None:
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    for rel in files:
-        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+def _hf_to_mm(hf: Path, out: Path, layout: ParallelConfig) -> Path:
+    return _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=layout))
+
+
+def _resplit(hf: Path, src: Path, out: Path, a: ParallelConfig, b: ParallelConfig) -> Path:
+    cfg = ResplitConfig(
+        source_dir=src,
+        target_dir=out,
+        hf_config=HfConfig(hf_dir=hf),
+        source_parallel_config=a,
+        target_parallel_config=b,
+    )
+    return _convert(hf, "resplit", cfg)
+
+
+def _assert_back_to_original(hf: Path, mm: Path, out: Path, layout: ParallelConfig) -> None:
+    """mm_to_hf gives the original files: the index with the same content, every other file byte for byte."""
+    _convert(
+        hf, "mm_to_hf", MmToHfConfig(save_hf_dir=out, mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=layout)
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in hf.iterdir())
+    for p in hf.iterdir():
+        if p.name == "model.safetensors.index.json":
+            assert json.loads((out / p.name).read_text()) == json.loads(p.read_text())
+        else:
+            assert filecmp.cmp(p, out / p.name, shallow=False), p.name
+
+
+def _rank_models(mm: Path, tp: int) -> list[dict[str, torch.Tensor]]:
+    """The "model" dict of each TP rank of a PP 1 checkpoint."""
+    return [
+        torch.load(mm / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)["model"]
+        for r in range(tp)
+    ]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -65,7 +94,7 @@ def _same_tree(a: Path, b: Path) -> None:
 def test_layout_matches_reference(tiny_llms: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
     hf = tiny_llms[variant]
     tp, llm = LAYOUTS[layout]
-    _hf_to_mm(hf, tmp_path / "out", layout)
+    _hf_to_mm(hf, tmp_path / "out", _pc(layout))
     cfg = _cfg(hf)
     want = expected_checkpoint(
         load_hf_state(hf), family=cfg["model_type"], num_heads=cfg["num_attention_heads"],
@@ -79,20 +108,8 @@ def test_layout_matches_reference(tiny_llms: dict[str, Path], tmp_path: Path, va
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_mm_hf_is_byte_identical(tiny_llms: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
     hf = tiny_llms[variant]
-    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
-    cfg = MmToHfConfig(
-        save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc(layout)
-    )
-    _, plan = prepare(_job(hf, "mm_to_hf", cfg))
-    assert check_plan(plan) == []
-    run(plan, tmp_path / "back")
-    back = tmp_path / "back"
-    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in hf.iterdir())
-    for p in hf.iterdir():  # the index is rewritten (same content); every other file byte for byte
-        if p.name == "model.safetensors.index.json":
-            assert json.loads((back / p.name).read_text()) == json.loads(p.read_text())
-        else:
-            assert filecmp.cmp(p, back / p.name, shallow=False), p.name
+    mm = _hf_to_mm(hf, tmp_path / "mm", _pc(layout))
+    _assert_back_to_original(hf, mm, tmp_path / "back", _pc(layout))
 
 
 @pytest.mark.parametrize(("a", "b"), [("tp2pp2", "tp1"), ("tp1", "vpp"), ("vpp", "pp3_tp1")])
@@ -101,15 +118,9 @@ def test_resplit_equals_direct_conversion(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, a: str, b: str
 ) -> None:
     hf = tiny_llms[variant]
-    mm_a = _hf_to_mm(hf, tmp_path / "a", a)
-    direct = _hf_to_mm(hf, tmp_path / "direct", b)
-    cfg = ResplitConfig(
-        source_dir=mm_a, target_dir=tmp_path / "b", hf_config=HfConfig(hf_dir=hf),
-        source_parallel_config=_pc(a), target_parallel_config=_pc(b),
-    )  # fmt: skip
-    _, plan = prepare(_job(hf, "resplit", cfg))
-    run(plan, tmp_path / "b")
-    _same_tree(direct, tmp_path / "b")
+    mm_a = _hf_to_mm(hf, tmp_path / "a", _pc(a))
+    direct = _hf_to_mm(hf, tmp_path / "direct", _pc(b))
+    _same_tree(direct, _resplit(hf, mm_a, tmp_path / "b", _pc(a), _pc(b)))
 
 
 def test_module_lists_must_match_the_family(tiny_llms: dict[str, Path], tiny_dirs: dict[str, Path]) -> None:
@@ -137,6 +148,20 @@ def test_qwen3_head_size_comes_from_the_weights(tiny_llms: dict[str, Path]) -> N
 TOKENS = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]
 
 
+def _arch(hf: Path, **override):
+    """megatron-core's architecture for the HF config.json (vocab_size overridden when padded)."""
+    from tests.oracle.megatron_gpt import GPTArch
+
+    c = _cfg(hf)
+    fields = dict(
+        num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
+        num_query_groups=c["num_key_value_heads"], ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
+        rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"], add_qkv_bias=c["model_type"] == "qwen2",
+        tied=c["tie_word_embeddings"], qk_layernorm=c["model_type"] == "qwen3", kv_channels=c.get("head_dim"),
+    )  # fmt: skip
+    return GPTArch(**(fields | override))
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -144,22 +169,11 @@ def test_megatron_reproduces_transformers_logits(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, tp: int
 ) -> None:
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import GPTArch, megatron_logits
+    from tests.oracle.megatron_gpt import megatron_logits
 
     hf = tiny_llms[variant]
-    out = _hf_to_mm(hf, tmp_path / "mm", "tp2" if tp == 2 else "tp1")
-    ranks = [
-        torch.load(out / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)["model"]
-        for r in range(tp)
-    ]
-    c = _cfg(hf)
-    arch = GPTArch(
-        num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
-        num_query_groups=c["num_key_value_heads"], ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
-        rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"], add_qkv_bias=c["model_type"] == "qwen2",
-        tied=c["tie_word_embeddings"], qk_layernorm=c["model_type"] == "qwen3", kv_channels=c.get("head_dim"),
-    )  # fmt: skip
-    got = megatron_logits(ranks, arch, TOKENS)
+    out = _hf_to_mm(hf, tmp_path / "mm", _pc("tp2" if tp == 2 else "tp1"))
+    got = megatron_logits(_rank_models(out, tp), _arch(hf), TOKENS)
     model, _ = tiny_llm_model(hf)
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
@@ -176,7 +190,7 @@ def test_command_line(tiny_llms: dict[str, Path], tiny_dirs: dict[str, Path], tm
         "--cfg.parallel_config.llm_pp_layers", "[[1,3]]", "--cfg.parallel_config.tp_size", "2",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    _hf_to_mm(hf, tmp_path / "api", "tp2pp2")
+    _hf_to_mm(hf, tmp_path / "api", _pc("tp2pp2"))
     _same_tree(tmp_path / "api", tmp_path / "cli")
     r = mm_convert(
         "Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "vl"),
@@ -202,51 +216,30 @@ def _padded(name: str) -> ParallelConfig:
     return ParallelConfig(tp_size=tp, llm_pp_layers=llm, make_vocab_size_divisible_by=div)
 
 
-def _convert(hf: Path, command: str, cfg) -> None:
-    _, plan = prepare(_job(hf, command, cfg))
-    assert check_plan(plan) == []
-    run(plan, cfg.out_dir)
-
-
-def _padded_mm(hf: Path, out: Path, layout: str) -> Path:
-    _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_padded(layout)))
-    return out
-
-
 @pytest.mark.parametrize("layout", list(PADDED))
 def test_padded_vocabulary_layout_and_round_trip(tiny_llms: dict[str, Path], tmp_path: Path, layout: str) -> None:
     hf = tiny_llms["qwen3_vocab99"]
     pc = _padded(layout)
-    mm = _padded_mm(hf, tmp_path / "mm", layout)
+    mm = _hf_to_mm(hf, tmp_path / "mm", pc)
     cfg = _cfg(hf)
     want = expected_checkpoint(
         load_hf_state(hf), family="qwen3", num_heads=4, num_kv_heads=2, vit_num_heads=0, tied=True, tp=pc.tp_size,
         llm_pp_layers=pc.llm_pp_layers, vit_pp_layers=None, prefix="", vocab_rows=pc.padded_vocab(cfg["vocab_size"]),
     )  # fmt: skip
     _assert_same(_load_dir(mm), want)
-    back = tmp_path / "back"
-    _convert(
-        hf, "mm_to_hf", MmToHfConfig(save_hf_dir=back, mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=pc)
-    )
-    for p in hf.iterdir():
-        assert filecmp.cmp(p, back / p.name, shallow=False), p.name  # the padding is stripped on the way back
+    _assert_back_to_original(hf, mm, tmp_path / "back", pc)  # the padding is stripped on the way back
 
 
 def test_padded_vocabulary_resplit(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     hf = tiny_llms["qwen3_vocab99"]
-    a = _padded_mm(hf, tmp_path / "a", "pad128_tp2")
-    direct = _padded_mm(hf, tmp_path / "direct", "pad8_tp2pp2")
-    cfg = ResplitConfig(
-        source_dir=a, target_dir=tmp_path / "b", hf_config=HfConfig(hf_dir=hf),
-        source_parallel_config=_padded("pad128_tp2"), target_parallel_config=_padded("pad8_tp2pp2"),
-    )  # fmt: skip
-    _convert(hf, "resplit", cfg)
-    _same_tree(direct, tmp_path / "b")
+    a = _hf_to_mm(hf, tmp_path / "a", _padded("pad128_tp2"))
+    direct = _hf_to_mm(hf, tmp_path / "direct", _padded("pad8_tp2pp2"))
+    _same_tree(direct, _resplit(hf, a, tmp_path / "b", _padded("pad128_tp2"), _padded("pad8_tp2pp2")))
 
 
 def test_wrong_source_padding_is_named(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     hf = tiny_llms["qwen3_vocab99"]
-    mm = _padded_mm(hf, tmp_path / "mm", "pad128_tp2")
+    mm = _hf_to_mm(hf, tmp_path / "mm", _padded("pad128_tp2"))
     wrong = ParallelConfig(tp_size=2, llm_pp_layers=[[4]], make_vocab_size_divisible_by=8)
     cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=wrong)
     with pytest.raises(ConvertError, match=r"embedding.word_embeddings.weight has shape \[128, 64\] on disk, the layout expects \[56, 64\]"):  # fmt: skip
@@ -259,22 +252,12 @@ def test_wrong_source_padding_is_named(tiny_llms: dict[str, Path], tmp_path: Pat
 def test_padded_vocabulary_logits(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     """megatron-core with the padded vocabulary: the real columns equal transformers' logits."""
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import GPTArch, megatron_logits
+    from tests.oracle.megatron_gpt import megatron_logits
 
     hf = tiny_llms["qwen3_vocab99"]
-    mm = _padded_mm(hf, tmp_path / "mm", "pad128_tp2")
-    ranks = [
-        torch.load(mm / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)["model"]
-        for r in range(2)
-    ]
-    c = _cfg(hf)
-    arch = GPTArch(
-        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, vocab_size=256,
-        rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"], add_qkv_bias=False, tied=True,
-        qk_layernorm=True, kv_channels=32,
-    )  # fmt: skip
+    mm = _hf_to_mm(hf, tmp_path / "mm", _padded("pad128_tp2"))
     tokens = [t % 99 for t in TOKENS]
-    got = megatron_logits(ranks, arch, tokens)
+    got = megatron_logits(_rank_models(mm, 2), _arch(hf, vocab_size=256), tokens)
     model, _ = tiny_llm_model(hf)
     with torch.no_grad():
         want = model(input_ids=torch.tensor([tokens])).logits[0]
