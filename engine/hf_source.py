@@ -49,6 +49,11 @@ class ModelInfo:
     def field_int(self, name: str) -> int:
         return int(self.fields[name])
 
+    def field_path(self, name: str) -> str:
+        """The config.json path a field's value came from (for messages); the preferred one when defaulted."""
+        paths = self.preset.fields[name]
+        return next((p for p in paths if _lookup(self.config, p) is not None), paths[0])
+
 
 def _config_path(hf_dir: Path) -> Path:
     if not hf_dir.exists():

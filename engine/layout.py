@@ -35,6 +35,10 @@ class ParallelConfig(BaseModel):
     """Vision-encoder TP size; 0 or unset means tp_size."""
     ep_size: PositiveInt = 1
     """Expert-parallel size (MoE models only)."""
+    noop_layers: list[NonNegativeInt] | None = None
+    """Positions (0-based, counting every layer of llm_pp_layers) of empty language-model layers
+    (MindSpeed-LLM's --noop-layers): counted in llm_pp_layers, holding no weights; the layers around
+    them keep their positions, so a stage's local layer numbers skip them."""
     make_vocab_size_divisible_by: PositiveInt | None = None
     """Pad the vocabulary rows of the embedding and output layer with zeros to a multiple of this x tp_size
     (Megatron-LM's rule); unset means no padding (the vocabulary must then divide by tp_size)."""
@@ -97,6 +101,9 @@ class ParallelConfig(BaseModel):
     def layers_of(self, module: str) -> Chunks:
         return self.given()[module]
 
+    def noops_of(self, module: str) -> tuple[int, ...]:
+        return tuple(sorted(set(self.noop_layers or ()))) if module == "llm" else ()
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -106,9 +113,16 @@ class Placement:
     counts: Chunks
     first_cell: tuple[int, int] | None  # (chunk, stage) holding the first layer
     last_cell: tuple[int, int] | None
+    noops: tuple[int, ...] = ()  # pipeline positions that are empty layers (sorted)
 
     def locate(self, layer: int) -> tuple[int, int, int]:
-        """Cells are ordered chunk-major: chunk 0 stages 0..P-1, then chunk 1, ..."""
+        """Cells are ordered chunk-major: chunk 0 stages 0..P-1, then chunk 1, ...
+
+        `layer` counts real layers (the HF numbering); empty positions are stepped over.
+        """
+        for n in self.noops:
+            if n <= layer:
+                layer += 1
         start = 0
         for c, chunk in enumerate(self.counts):
             for s, n in enumerate(chunk):
@@ -118,9 +132,9 @@ class Placement:
         raise IndexError(layer)
 
 
-def placement(module: str, counts: Chunks) -> Placement:
+def placement(module: str, counts: Chunks, noops: tuple[int, ...] = ()) -> Placement:
     cells = [(c, s) for c, chunk in enumerate(counts) for s, n in enumerate(chunk) if n]
-    return Placement(module, counts, cells[0] if cells else None, cells[-1] if cells else None)
+    return Placement(module, counts, cells[0] if cells else None, cells[-1] if cells else None, noops)
 
 
 _MODULE_WORDS = {"vit": "vision encoder", "llm": "language model"}
@@ -164,16 +178,37 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
             f"parallel_config.vit_tp_size {layout.vit_tp_size} differs from tp_size {layout.tp_size}; "
             "a separate vision TP is not supported yet (use 0 or the same value)"
         )
-    if layout.ep_size != 1:
+    expert_fields = [m.experts for m in info.preset.modules if m.experts]
+    if layout.ep_size != 1 and not expert_fields:
         out.append(f"parallel_config.ep_size {layout.ep_size}: {info.preset.title} has no experts; use 1")
+    for field_name in expert_fields:
+        n = info.field_int(field_name)
+        if n % layout.ep_size:
+            path = info.field_path(field_name)
+            out.append(
+                f"parallel_config.ep_size {layout.ep_size} does not divide {path} = {n} ({cfg}); "
+                f"use an ep_size among: {_divisors(n)}"
+            )
     for m in info.preset.modules:
         name = f"parallel_config.{m.name}_pp_layers"
         counts = layout.layers_of(m.name)
         total = sum(sum(c) for c in counts)
-        want = info.field_int(m.layers)
+        real = info.field_int(m.layers)
+        noops = layout.noops_of(m.name)
+        want = real + len(noops)
         if total != want:
-            path = info.preset.fields[m.layers][-1]
-            out.append(f"{name} {counts} sums to {total} but {cfg} has {path} = {want}; the sum must equal {want}")
+            path = info.field_path(m.layers)
+            plus = f" plus {len(noops)} noop_layers" if noops else ""
+            out.append(
+                f"{name} {counts} sums to {total} but {cfg} has {path} = {real}{plus}; the sum must equal {want}"
+            )
+        elif noops and noops[-1] >= total:
+            out.append(
+                f"parallel_config.noop_layers {layout.noop_layers}: position {noops[-1]} is past the last layer; "
+                f"positions are 0..{total - 1} (the {total} layers of {name})"
+            )
+    if layout.noop_layers and len(set(layout.noop_layers)) != len(layout.noop_layers):
+        out.append(f"parallel_config.noop_layers {layout.noop_layers} names a position twice; list each once")
     tp = layout.tp_size
     for m in info.preset.modules:
         vocab = m.vocab if layout.make_vocab_size_divisible_by is None else None  # padding makes it divide
@@ -182,7 +217,7 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
                 continue
             n = info.field_int(field_name)
             if n % tp:
-                path = info.preset.fields[field_name][-1]
+                path = info.field_path(field_name)
                 pad = " or pad it with parallel_config.make_vocab_size_divisible_by" if field_name == m.vocab else ""
                 out.append(
                     f"parallel_config.tp_size {tp} does not divide {path} = {n} ({cfg}); "

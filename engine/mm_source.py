@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConvertError
-from .plan import TRACKER_NAME
+from .plan import CKPT_NAME, TRACKER_NAME
 from .safetensors_header import TensorMeta, itemsize
 from .torch_zip import STORAGES
 
@@ -229,8 +229,7 @@ class MmCheckpoint:
 
     root: Path
     iteration: str  # "release" or "iter_0000123"
-    ranks: dict[tuple[int, int, int], Path]  # (tp, pp, ep) -> rank file
-    names: dict[tuple[int, int, int], str]  # (tp, pp, ep) -> rank directory name
+    ranks: dict[str, Path]  # rank directory name -> rank file; which ranks a name means depends on the layout
 
 
 def open_checkpoint(mm_dir: Path | str, field: str = "mm_dir") -> MmCheckpoint:
@@ -251,16 +250,8 @@ def open_checkpoint(mm_dir: Path | str, field: str = "mm_dir") -> MmCheckpoint:
     it_dir = root / iteration
     if not it_dir.is_dir():
         raise ConvertError(f"{tracker}: says {text!r} but {it_dir} does not exist")
-    ranks, names = {}, {}
-    for d in sorted(it_dir.iterdir()):
-        m = RANK_DIR.match(d.name)
-        if not m or not d.is_dir():
-            continue
-        tp = int(m.group(1))
-        pp = int(m.group(2)) if m.group(2) else 0
-        ep = int(m.group(3)) if m.group(3) else 0
-        ranks[(tp, pp, ep)] = d / "model_optim_rng.pt"
-        names[(tp, pp, ep)] = d.name
+    # mp_rank_00_001 is PP rank 1 or, with PP = 1, EP rank 1: the layout decides (open_view)
+    ranks = {d.name: d / CKPT_NAME for d in sorted(it_dir.iterdir()) if RANK_DIR.match(d.name) and d.is_dir()}
     if not ranks:
         raise ConvertError(f"{it_dir}: no mp_rank_* directories")
-    return MmCheckpoint(root, iteration, ranks, names)
+    return MmCheckpoint(root, iteration, ranks)

@@ -34,22 +34,18 @@ class MmView:
 
 def _layout_text(layout: ParallelConfig) -> str:
     lists = ", ".join(f"{m}_pp_layers={chunks}" for m, chunks in layout.given().items())
-    return f"tp_size={layout.tp_size}, {lists}"
+    ep = f", ep_size={layout.ep_size}" if layout.ep_size > 1 else ""
+    return f"tp_size={layout.tp_size}{ep}, {lists}"
 
 
 def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir") -> MmView:
     """Check the checkpoint on disk against `layout` and invert the layout's plan."""
     forward = build_plan(info, layout, iteration=ckpt.iteration)
-    expected = {(f.tp_rank, f.pp_rank, f.ep_rank): f for f in forward.files}
+    expected = {f.dir_name: f for f in forward.files}
     missing = sorted(set(expected) - set(ckpt.ranks))
     extra = sorted(set(ckpt.ranks) - set(expected))
     if missing or extra:
-        f = expected[missing[0]] if missing else None
-        what = (
-            f"{ckpt.root / ckpt.iteration / f.dir_name} is missing"
-            if f
-            else f"{ckpt.names[extra[0]]} is not part of it"
-        )
+        what = f"{ckpt.root / ckpt.iteration / missing[0]} is missing" if missing else f"{extra[0]} is not part of it"
         raise ConvertError(
             f"{field} {ckpt.root}: {len(ckpt.ranks)} rank directories on disk, the layout "
             f"({_layout_text(layout)}) has {len(expected)}: {what}"

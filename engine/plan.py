@@ -270,17 +270,26 @@ def _describe(mp: Mapping, split: str) -> str:
 
 
 def _pattern(name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(name).replace(r"\*", r"(\d+)") + r"\.(" + "|".join(PARAMS) + r")$")
+    body = re.escape(name).replace(r"\*", r"(?P<layer>\d+)").replace(r"\#", r"(?P<expert>\d+)")
+    return re.compile(body + r"\.(?P<param>" + "|".join(PARAMS) + r")$")
 
 
 @dataclass
 class _Target:
-    key: str  # global target key (layer index global)
+    key: str  # global target key (layer and expert indices global)
     module: Module
     layer: int | None
+    expert: int | None
+    param: str
     mapping: Mapping
     sources: list[TensorMeta]
-    order: tuple[int, ...]  # (module, section first/layers/last, layer, mapping, param)
+    order: tuple[int, ...]  # (module, section first/layers/last, layer, expert, mapping, param)
+
+    def local_key(self, layer: int | None, expert: int | None) -> str:
+        """The key on its rank: layer numbered within the stage, expert within the EP rank."""
+        if self.layer is None:
+            return self.key
+        return _fill(self.mapping.mm, layer, expert) + "." + self.param
 
 
 def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Module]) -> tuple[list[_Target], set[str]]:
@@ -290,30 +299,36 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
     claimed: set[str] = set()
     for mi, mp in enumerate(preset.mappings):
         module = preset.module_of_target(mp.mm)
-        pats = [_pattern(h) for h in mp.hf]
-        found: list[tuple[int | None, str, re.Match[str]]] = []
+        pat = _pattern(mp.hf[0])
         for name in sources:
-            m = pats[0].match(name)
-            if m:
-                layer = int(m.group(1)) if "*" in mp.hf[0] else None
-                found.append((layer, m.group(m.lastindex or 0), m))
-        for layer, param, _ in found:
-            names = [_fill(h, layer) + "." + param for h in mp.hf]
+            m = pat.match(name)
+            if not m:
+                continue
+            groups = m.groupdict()
+            layer = int(groups["layer"]) if groups.get("layer") else None
+            expert = int(groups["expert"]) if groups.get("expert") else None
+            param = groups["param"]
+            names = [_fill(h, layer, expert) + "." + param for h in mp.hf]
             missing = [n for n in names if n not in sources]
             if missing:
                 raise ConvertError(f"{info.hf_dir}: {names[0]} is present but {missing[0]} is missing")
             claimed.update(names)
             if module.name not in wanted:
                 continue
-            key = _fill(mp.mm, layer) + "." + param
+            key = _fill(mp.mm, layer, expert) + "." + param
             section = 1 if layer is not None else 0 if any(key.startswith(p) for p in module.first) else 2
-            order = (preset.modules.index(module), section, layer or 0, mi, PARAMS.index(param))
-            targets.append(_Target(key, module, layer, mp, [sources[n] for n in names], order))
+            e = -1 if expert is None else expert
+            order = (preset.modules.index(module), section, layer or 0, e, mi, PARAMS.index(param))
+            targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order))
     return targets, claimed
 
 
-def _fill(name: str, layer: int | None) -> str:
-    return name.replace("*", str(layer)) if layer is not None else name
+def _fill(name: str, layer: int | None, expert: int | None = None) -> str:
+    if layer is not None:
+        name = name.replace("*", str(layer))
+    if expert is not None:
+        name = name.replace("#", str(expert))
+    return name
 
 
 def _check_layers(info: ModelInfo, targets: list[_Target]) -> None:
@@ -321,25 +336,33 @@ def _check_layers(info: ModelInfo, targets: list[_Target]) -> None:
         seen = sorted({t.layer for t in targets if t.module is m and t.layer is not None})
         want = info.field_int(m.layers)
         if seen and seen != list(range(want)):
-            path = info.preset.fields[m.layers][-1]
+            path = info.field_path(m.layers)
             raise ConvertError(
                 f"{info.hf_dir}/config.json: {path} = {want} but the weights hold {m.title.lower()} layers "
                 f"{seen[0]}..{seen[-1]} ({len(seen)} layers)"
             )
+        if not m.experts:
+            continue
+        experts = sorted({t.expert for t in targets if t.module is m and t.expert is not None})
+        want = info.field_int(m.experts)
+        if experts and experts != list(range(want)):
+            path = info.field_path(m.experts)
+            raise ConvertError(
+                f"{info.hf_dir}/config.json: {path} = {want} but the weights hold experts "
+                f"{experts[0]}..{experts[-1]} ({len(experts)} experts)"
+            )
 
 
-def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, str] | None:
-    """(chunk, stage, key with stage-local numbering), or None when the module has no layers here."""
+def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, int | None] | None:
+    """(chunk, stage, stage-local layer index), or None when the module has no layers here."""
     pl = placements[t.module.name]
     if t.layer is not None:
-        c, s, local = pl.locate(t.layer)
-        rest = t.key[len(t.module.layer_prefix) :].split(".", 1)[1]
-        return c, s, f"{t.module.layer_prefix}{local}.{rest}"
+        return pl.locate(t.layer)
     for prefixes, cell in ((t.module.first, pl.first_cell), (t.module.last, pl.last_cell)):
         if any(t.key.startswith(p) for p in prefixes):
             if cell is None:
                 return None
-            return cell[0], cell[1], t.key
+            return cell[0], cell[1], None
     raise ConvertError(
         f"preset {t.mapping.mm!r}: target {t.key!r} is not a layer and matches none of the "
         f"{t.module.name} module's first/last prefixes, so no stage would receive it"
@@ -387,24 +410,31 @@ def build_plan(
         if mod is not None and mod not in modules:
             dropped[name] = "save_vit_only: only the vision encoder and projector are written"
 
-    tp, pp, vpp = layout.tp_size, layout.pp_size, layout.vpp_size
-    placements = {m.name: placement(m.name, layout.layers_of(m.name)) for m in preset.modules}
+    tp, pp, vpp, ep = layout.tp_size, layout.pp_size, layout.vpp_size, layout.ep_size
+    placements = {m.name: placement(m.name, layout.layers_of(m.name), layout.noops_of(m.name)) for m in preset.modules}
     files = [
-        OutputFile(_rank_path(iteration, r, s, pp), r, s, 0, [[] for _ in range(vpp)])
+        OutputFile(_rank_path(iteration, r, s, pp, e, ep), r, s, e, [[] for _ in range(vpp)])
         for r in range(tp)
         for s in range(pp)
+        for e in range(ep)
     ]
-    by_rank_stage = {(f.tp_rank, f.pp_rank): f for f in files}
+    by_rank = {(f.tp_rank, f.pp_rank, f.ep_rank): f for f in files}
 
     if preset.tie and tied and pp > 1 and preset.module_of_target(preset.tie.target) in modules:
         emb = next(t for t in targets if t.sources[0].name == preset.tie.source)
-        targets.append(_Target(preset.tie.target, emb.module, None, emb.mapping, emb.sources, (emb.order[0], 3)))
+        tie = _Target(preset.tie.target, emb.module, None, None, emb.param, emb.mapping, emb.sources, (emb.order[0], 3))
+        targets.append(tie)
     targets.sort(key=lambda t: t.order)
     for t in targets:
         cell = _cell_of(t, placements)
         if cell is None:
             continue
-        c, s, key = cell
+        c, s, local_layer = cell
+        if t.expert is None:  # dense weights: the same on every expert-parallel rank
+            ep_ranks, key = range(ep), t.local_key(local_layer, None)
+        else:
+            per_rank = info.field_int(t.module.experts or "") // ep
+            ep_ranks, key = [t.expert // per_rank], t.local_key(local_layer, t.expert % per_rank)
         segs = _row_map(t.mapping, t.sources, info, t.key)
         dtypes = {src.dtype for src in t.sources}
         if len(dtypes) != 1:
@@ -416,8 +446,9 @@ def build_plan(
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
         for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded)):
             shape = _shape(pieces, first, pad)
-            entry = Entry(key, shape, dtype, stack(pieces), how + tie_note, pad)
-            by_rank_stage[(r, s)].chunks[c].append(entry)
+            for e in ep_ranks:
+                entry = Entry(key, shape, dtype, stack(pieces), how + tie_note, pad)
+                by_rank[(r, s, e)].chunks[c].append(entry)
     notes = []
     if preset.tie and tied:
         notes.append(

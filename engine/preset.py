@@ -1,8 +1,10 @@
 """A model family as data: the schema of `presets/<family>.toml`.
 
 A preset reads like a table: one entry per HF -> Megatron mapping with `*` standing for
-the layer index. The mapping kinds (rename, qkv, qkv_per_head, gate_up) and the TP rules
-(rows, cols, gated, replicate) are implemented once in the engine; a preset only picks them.
+the layer index and `#` for the expert index of a mixture-of-experts layer (global in HF
+names, local to the expert-parallel rank in Megatron names). The mapping kinds (rename,
+qkv, qkv_per_head, gate_up) and the TP rules (rows, cols, gated, replicate) are
+implemented once in the engine; a preset only picks them.
 """
 
 from __future__ import annotations
@@ -48,9 +50,14 @@ class Mapping(_Strict):
         want = _SOURCES_PER_KIND[self.kind]
         if len(self.hf) != want:
             raise ValueError(f"kind {self.kind!r} takes {want} hf name(s), got {len(self.hf)}: {self.hf}")
-        stars = {name.count("*") for name in [*self.hf, self.mm]}
-        if len(stars) != 1 or stars.pop() > 1:
-            raise ValueError(f"hf {self.hf} and mm {self.mm!r} must all hold the same single '*' or none")
+        for mark, what in (("*", "layer"), ("#", "expert")):
+            counts = {name.count(mark) for name in [*self.hf, self.mm]}
+            if len(counts) != 1 or counts.pop() > 1:
+                raise ValueError(
+                    f"hf {self.hf} and mm {self.mm!r} must all hold the same single {mark!r} ({what} index) or none"
+                )
+        if "#" in self.mm and "*" not in self.mm:
+            raise ValueError(f"mm {self.mm!r}: experts live in layers; a '#' needs a '*' too")
         if self.kind in ("qkv", "qkv_per_head") and not self.heads:
             raise ValueError(f"kind {self.kind!r} needs `heads` (a config field name)")
         if self.kind == "qkv" and not self.groups:
@@ -75,6 +82,7 @@ class Module(_Strict):
     last: list[str]  # target prefixes placed with the module's last layer
     heads: str | None = None  # config field that TP must divide
     vocab: str | None = None  # config field that TP must divide (embedding rows)
+    experts: str | None = None  # config field: experts per MoE layer (split over ep_size ranks)
 
 
 class Tie(_Strict):
@@ -103,7 +111,7 @@ class Preset(_Strict):
     def _check(self) -> Preset:
         known = set(self.fields)
         used = [m.layers for m in self.modules]
-        used += [f for m in self.modules for f in (m.heads, m.vocab) if f]
+        used += [f for m in self.modules for f in (m.heads, m.vocab, m.experts) if f]
         used += [f for mp in self.mappings for f in (mp.heads, mp.groups) if f]
         if self.tie:
             used.append(self.tie.field)
@@ -113,6 +121,8 @@ class Preset(_Strict):
         for mp in self.mappings:
             if not any(mp.mm.startswith(m.target_prefix) for m in self.modules):
                 raise ValueError(f"mapping target {mp.mm!r} belongs to no module's target_prefix")
+            if "#" in mp.mm and not self.module_of_target(mp.mm).experts:
+                raise ValueError(f"mapping target {mp.mm!r} has an expert index but its module sets no `experts` field")
         return self
 
     def module_of_target(self, key: str) -> Module:

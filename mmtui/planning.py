@@ -25,11 +25,13 @@ class Form:
     hf_dir: str
     src: str
     src_tp: str
+    src_ep: str
     src_llm: str
     src_vit: str
     out: str
     overwrite: bool
     tp: str
+    ep: str
     layers: dict[str, list[list[int]]] | None
     cost: str
 
@@ -48,6 +50,7 @@ class Planned:
 _FIELD_WORDS = {
     "tp_size": "tp",
     "vit_tp_size": "tp",
+    "ep_size": "ep",
     "llm_pp_layers": "llm",
     "vit_pp_layers": "vit",
     "pipeline stage": "pp",
@@ -61,14 +64,14 @@ _FIELD_WORDS = {
 def _fields_of(message: str, source_side: bool) -> set[str]:
     out = {f for w, f in _FIELD_WORDS.items() if w in message}
     if source_side:  # a message about the source checkpoint's layout names the source inputs
-        out = {{"tp": "src_tp", "llm": "src_llm", "vit": "src_vit"}.get(f, f) for f in out} | {"src"}
+        out = {{"tp": "src_tp", "ep": "src_ep", "llm": "src_llm", "vit": "src_vit"}.get(f, f) for f in out} | {"src"}
     return out
 
 
-def _layout(tp: str, layers: dict[str, list[list[int]]]) -> Any:
+def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]]) -> Any:
     from engine.layout import ParallelConfig
 
-    return ParallelConfig(tp_size=int(tp), **{f"{m}_pp_layers": v for m, v in layers.items()})
+    return ParallelConfig(tp_size=int(tp), ep_size=int(ep), **{f"{m}_pp_layers": v for m, v in layers.items()})
 
 
 def plan_form(info: ModelInfo, form: Form) -> Planned:
@@ -81,10 +84,11 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
 
     if form.layers is None:
         return Planned(["every stage cell needs a layer count (0 or more)"], set(), None, None, None)
-    if not form.tp.isdigit() or int(form.tp) < 1:
-        return Planned([f"TP {form.tp!r}: give a positive whole number"], {"tp"}, None, None, None)
+    for name, value in (("tp", form.tp), ("ep", form.ep)):
+        if not value.isdigit() or int(value) < 1:
+            return Planned([f"{name.upper()} {value!r}: give a positive whole number"], {name}, None, None, None)
     cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
-    layout = _layout(form.tp, form.layers)
+    layout = _layout(form.tp, form.ep, form.layers)
     problems = layout_problems(layout, info)
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
@@ -100,11 +104,11 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     else:
         try:
             src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
-            src = _layout(form.src_tp, {k: v for k, v in src_layers.items() if v is not None})
+            src = _layout(form.src_tp, form.src_ep, {k: v for k, v in src_layers.items() if v is not None})
         except (ValueError, ValidationError, TypeError):
             return Planned(
-                ["Source TP is a positive number; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],
-                {"src_tp", "src_llm", "src_vit"},
+                ["Source TP and EP are positive numbers; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],
+                {"src_tp", "src_ep", "src_llm", "src_vit"},
                 None,
                 None,
                 cells,

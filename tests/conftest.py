@@ -35,6 +35,8 @@ LLM_VARIANTS = {
     "qwen2_tied": {"family": "qwen2", "tied": True},
     "qwen3": {"family": "qwen3"},
     "qwen3_vocab99": {"family": "qwen3", "tied": True, "vocab_size": 99},  # divides by no TP > 1
+    "mixtral": {"family": "mixtral", "shards": 2},
+    "qwen3_moe": {"family": "qwen3_moe"},  # layer 1 dense (mlp_only_layers)
 }
 
 

@@ -105,6 +105,7 @@ class WorkbenchScreen(Screen[None]):
                     src = Input(id="src", placeholder="holds latest_checkpointed_iteration.txt")
                     yield _field("Megatron dir", src, "needs-src")
                     yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
+                    yield _field("Source EP", Input("1", id="src_ep"), "needs-src-layout", "needs-experts")
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
                     src_vit = Input(id="src_vit", placeholder="[[3,0]]")
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
@@ -116,6 +117,8 @@ class WorkbenchScreen(Screen[None]):
                 with Horizontal(id="layout-top"):
                     yield Label("TP")
                     yield Input("1", id="tp", restrict=r"\d*")
+                    yield Label("EP", classes="needs-experts")
+                    yield Input("1", id="ep", restrict=r"\d*", classes="needs-experts")
                     yield Label("PP")
                     yield Input("1", id="pp", restrict=r"\d*")
                     yield Label("VPP")
@@ -173,6 +176,7 @@ class WorkbenchScreen(Screen[None]):
     async def _inspected(self, info: ModelInfo, summary: Any) -> None:
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
+        self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
         lines = [f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"]
         for m in summary.modules:
             lines.append(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}")
@@ -279,11 +283,13 @@ class WorkbenchScreen(Screen[None]):
             hf_dir=self._value("hf_dir"),
             src=self._value("src"),
             src_tp=self._value("src_tp"),
+            src_ep=self._value("src_ep"),
             src_llm=self._value("src_llm"),
             src_vit=self._value("src_vit"),
             out=self._value("out"),
             overwrite=self.query_one("#overwrite", Checkbox).value,
             tp=self._value("tp"),
+            ep=self._value("ep"),
             layers=self.query_one("#grid", StageGrid).read(),
             cost=str(self.query_one("#cost", Select).value),
         )
@@ -313,7 +319,7 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(result.problems[:4]))
         else:
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
-        for name in ("tp", "pp", "vpp", "src", "src_tp", "src_llm", "src_vit", "out", "hf_dir"):
+        for name in ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir"):
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)

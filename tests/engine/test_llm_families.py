@@ -29,7 +29,6 @@ LAYOUTS = {
     "vpp": (2, [[1, 1], [1, 1]]),
     "pp3_tp1": (1, [[2, 1, 1]]),
 }
-CONVERTER = {"llama": "LlamaConverter", "qwen2": "Qwen2Converter", "qwen3": "Qwen3Converter"}
 VARIANTS = ["llama", "qwen2_tied", "qwen3"]
 
 
@@ -43,7 +42,7 @@ def _cfg(hf: Path) -> dict:
 
 
 def _job(hf: Path, command: str, cfg) -> Job:
-    return Job(converter=CONVERTER[_cfg(hf)["model_type"]], command=command, cfg=cfg)
+    return Job(converter=inspect_hf(hf).preset.converter, command=command, cfg=cfg)
 
 
 def _convert(hf: Path, command: str, cfg) -> Path:
@@ -141,6 +140,55 @@ def test_qwen3_head_size_comes_from_the_weights(tiny_llms: dict[str, Path]) -> N
     plan = build_plan(inspect_hf(tiny_llms["qwen3"]), _pc("tp1"))
     qkv = next(e for f in plan.files for e in f.entries if e.key == "decoder.layers.0.self_attention.linear_qkv.weight")
     assert qkv.shape == ((4 + 2 + 2) * 32, 64)
+
+
+# ---- noop layers (MindSpeed-LLM --noop-layers): empty pipeline positions, counted in the lists ----
+
+NOOP = {
+    # name: (tp, llm_pp_layers, noop_layers) for 4 real layers
+    "pp2_ends": (1, [[3, 3]], [0, 5]),  # stage 0: empty, 0, 1 -> local 1, 2; stage 1: 2, 3, empty
+    "tp2_vpp": (2, [[2, 1], [1, 1]], [2]),  # chunk 0 stage 1 is only the empty layer
+}
+
+
+def _noop(name: str) -> ParallelConfig:
+    tp, llm, noop = NOOP[name]
+    return ParallelConfig(tp_size=tp, llm_pp_layers=llm, noop_layers=noop)
+
+
+@pytest.mark.parametrize("layout", list(NOOP))
+def test_noop_layers_layout_and_round_trip(tiny_llms: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    hf = tiny_llms["qwen2_tied"]
+    tp, llm, noop = NOOP[layout]
+    mm = _hf_to_mm(hf, tmp_path / "mm", _noop(layout))
+    want = expected_checkpoint(
+        load_hf_state(hf), family="qwen2", num_heads=4, num_kv_heads=2, vit_num_heads=0, tied=True, tp=tp,
+        llm_pp_layers=llm, vit_pp_layers=None, prefix="", noop_layers=tuple(noop),
+    )  # fmt: skip
+    _assert_same(_load_dir(mm), want)
+    _assert_back_to_original(hf, mm, tmp_path / "back", _noop(layout))
+
+
+def test_noop_layers_keep_their_positions(tiny_llms: dict[str, Path]) -> None:
+    plan = build_plan(inspect_hf(tiny_llms["llama"]), _noop("pp2_ends"))
+    layers = [
+        sorted({e.key.split(".")[2] for e in f.entries if e.key.startswith("decoder.layers.")}) for f in plan.files
+    ]
+    assert layers == [["1", "2"], ["0", "1"]]
+    first = next(e for e in plan.files[0].entries if e.key == "decoder.layers.1.input_layernorm.weight")
+    assert first.sources == ["model.layers.0.input_layernorm.weight"]
+
+
+def test_noop_layers_problems(tiny_llms: dict[str, Path]) -> None:
+    llama = inspect_hf(tiny_llms["llama"])
+    assert layout_problems(ParallelConfig(llm_pp_layers=[[2, 2]], noop_layers=[1]), llama) == [
+        "parallel_config.llm_pp_layers [[2, 2]] sums to 4 but llama/config.json has num_hidden_layers = 4 plus "
+        "1 noop_layers; the sum must equal 5"
+    ]
+    assert layout_problems(ParallelConfig(llm_pp_layers=[[3, 2]], noop_layers=[5]), llama) == [
+        "parallel_config.noop_layers [5]: position 5 is past the last layer; positions are 0..4 "
+        "(the 5 layers of parallel_config.llm_pp_layers)"
+    ]
 
 
 # ---- the oracle: megatron-core's GPTModel on our files == transformers on the HF files ----

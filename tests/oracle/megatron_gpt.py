@@ -4,7 +4,11 @@ The strongest check of a conversion: if megatron-core, loading our files with st
 checking, computes the same logits as transformers on the HF weights, the renames,
 fusions and TP splits are right. One process per TP rank (spawned), gloo, local layer
 spec. CPU-only accommodations, inside the children only: an inference RNG tracker (its
-fork is a no-op) and `torch.cuda.current_device` answering "cpu" (rotary embeddings ask).
+fork is a no-op), `torch.cuda.current_device` answering "cpu" (rotary embeddings ask),
+and the MoE router's Transformer Engine GEMM hook defined as absent (megatron-core 0.16
+reads the name even when Transformer Engine is not installed).
+MoE models run megatron-core's own MoE layer (SequentialMLP experts, all-gather token
+dispatcher) with experts split over expert-parallel ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class GPTArch:
     tied: bool
     qk_layernorm: bool = False
     kv_channels: int | None = None  # head size when it is not hidden_size / heads (Qwen3)
+    num_moe_experts: int | None = None  # MoE: experts per MoE layer
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_layer_freq: list[int] | None = None  # 1 = MoE layer, 0 = dense MLP, per layer
 
 
 def _free_port() -> int:
@@ -41,18 +49,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, arch_d: dict, paths: list[str], tokens: list[int], out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, arch_d: dict, tp: int, paths: dict[str, str], tokens: list[int], out: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embeddings move inv_freq "to the GPU"
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe import moe_utils
 
+    if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 reads it even without Transformer Engine
+        moe_utils.te_general_gemm = None
     arch = GPTArch(**arch_d)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    ep = world // tp
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     config = TransformerConfig(
         num_layers=arch.num_layers,
@@ -76,15 +90,26 @@ def _worker(rank: int, world: int, port: int, arch_d: dict, paths: list[str], to
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=world,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        num_moe_experts=arch.num_moe_experts,
+        moe_router_topk=arch.moe_router_topk if arch.num_moe_experts else 2,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_layer_freq=arch.moe_layer_freq or 1,
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="none",
         use_cpu_initialization=True,
         perform_initialization=False,
         params_dtype=torch.float32,
         attention_softmax_in_fp32=True,
     )
+    if arch.num_moe_experts:  # per-layer specs: MoE or dense MLP as moe_layer_freq says
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     model = GPTModel(
         config,
-        get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"),
+        spec,
         vocab_size=arch.vocab_size,
         max_sequence_length=max(64, len(tokens)),
         share_embeddings_and_output_weights=arch.tied,
@@ -92,7 +117,8 @@ def _worker(rank: int, world: int, port: int, arch_d: dict, paths: list[str], to
         rotary_base=int(arch.rotary_base),
         parallel_output=False,
     ).eval()
-    state = torch.load(paths[rank], weights_only=True)
+    where = f"{parallel_state.get_tensor_model_parallel_rank()},{parallel_state.get_expert_model_parallel_rank()}"
+    state = torch.load(paths[where], weights_only=True)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
@@ -109,14 +135,18 @@ def _worker(rank: int, world: int, port: int, arch_d: dict, paths: list[str], to
     torch.distributed.destroy_process_group()
 
 
-def megatron_logits(rank_state_dicts: list[dict[str, torch.Tensor]], arch: GPTArch, tokens: list[int]) -> torch.Tensor:
-    """rank_state_dicts[r]: TP rank r's language-model state (PP = 1, no module prefix)."""
+def megatron_logits(
+    rank_state_dicts: list[dict[str, torch.Tensor]], arch: GPTArch, tokens: list[int], ep: int = 1
+) -> torch.Tensor:
+    """rank_state_dicts[e * tp + t]: the language-model state of TP rank t, EP rank e (PP = 1, no module prefix)."""
     world = len(rank_state_dicts)
+    tp = world // ep
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for r, sd in enumerate(rank_state_dicts):
-            paths.append(str(Path(tmp) / f"rank{r}.pt"))
-            torch.save(sd, paths[-1])
+        paths = {}
+        for i, sd in enumerate(rank_state_dicts):
+            where = f"{i % tp},{i // tp}"
+            paths[where] = str(Path(tmp) / f"rank{where}.pt")
+            torch.save(sd, paths[where])
         out = str(Path(tmp) / "logits.pt")
-        mp.spawn(_worker, args=(world, _free_port(), asdict(arch), paths, tokens, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), asdict(arch), tp, paths, tokens, out), nprocs=world, join=True)
         return torch.load(out, weights_only=True)

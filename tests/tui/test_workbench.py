@@ -248,6 +248,36 @@ async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -
     assert _equal(tmp_path / "tui", tmp_path / "headless")
 
 
+async def test_mixture_of_experts_takes_an_ep_size(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """A Mixtral checkpoint shows EP; an EP that does not divide the experts is marked, a good one runs."""
+    hf = tiny_llms["mixtral"]
+    app = make_app(hf, out_dir=tmp_path / "tui")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        assert screen.query_one("#ep", Input).display
+        await pilot.press("f3")
+        screen.query_one("#ep", Input).value = "3"
+        await settle(pilot, app)
+        assert _problems(screen).startswith("parallel_config.ep_size 3 does not divide num_local_experts = 4")
+        assert screen.query_one("#ep", Input).has_class("-invalid")
+        screen.query_one("#ep", Input).value = "2"
+        await settle(pilot, app)
+        assert _problems(screen) == "layout OK"
+        preview = screen.query_one("#preview", DataTable)
+        assert [preview.get_row_at(i)[0] for i in range(preview.row_count)] == ["mp_rank_00_000", "mp_rank_00_001"]
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    run(build_plan(inspect_hf(hf), ParallelConfig(ep_size=2, llm_pp_layers=[[4]])), tmp_path / "headless")
+    assert _equal(tmp_path / "tui", tmp_path / "headless")
+    # a dense model hides the field
+    app = make_app(tiny_llms["llama"], out_dir=tmp_path / "llama")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        assert not app.screen.query_one("#ep", Input).display
+
+
 async def test_no_argument_opens_a_directory_picker(tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     """`mmtui` alone: pick the model from a tree; a directory without config.json is not taken."""
     from textual.widgets import DirectoryTree
