@@ -138,17 +138,50 @@ class Preset(_Strict):
         return None
 
 
-def load_preset_file(path: Path) -> Preset:
+def _read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConvertError(f"{path}: cannot read preset ({e})") from None
+
+
+def load_preset_file(path: Path) -> Preset:
+    """A preset file; `extends = "llama"` starts from presets/llama.toml, and every top-level key
+    the file gives replaces the base's (a family with Llama's tensors but its own names is five lines)."""
+    data = _read_toml(path)
+    base = data.pop("extends", None)
+    if base is not None:
+        base_path = path.with_name(f"{base}.toml")
+        if not isinstance(base, str) or not base_path.is_file():
+            raise ConvertError(f"{path}: extends {base!r}, but there is no {base_path.name} next to it")
+        parent = _read_toml(base_path)
+        if "extends" in parent:
+            raise ConvertError(f"{path}: extends {base!r}, which extends another preset; extend the base itself")
+        data = parent | data
     try:
         return Preset.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConvertError(f"{path}: field {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg += f" (got {err['input']!r})"
+        raise ConvertError(f"{path}: {_where(err['loc'], data)}: {msg}") from None
+
+
+def _where(loc: tuple[int | str, ...], data: dict) -> str:
+    """`mappings[3].tp (the mapping to 'decoder...')`: the TOML path and which entry it is."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int) and parts:
+            parts[-1] += f"[{p}]"
+        else:
+            parts.append(str(p))
+    where = ".".join(parts) or "preset"
+    if len(loc) >= 2 and loc[0] == "mappings" and isinstance(loc[1], int):
+        entry = data["mappings"][loc[1]]
+        if isinstance(entry, dict) and entry.get("mm"):
+            where += f" (the mapping to {entry['mm']!r})"
+    return where
 
 
 @cache
