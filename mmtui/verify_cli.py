@@ -17,10 +17,14 @@ def _layout(args: argparse.Namespace, side: str):
     llm, vit = getattr(args, f"{side}_llm_pp_layers"), getattr(args, f"{side}_vit_pp_layers")
     if llm is None and vit is None:
         return None
+    noop = getattr(args, f"{side}_noop_layers")
     return ParallelConfig(
         tp_size=getattr(args, f"{side}_tp"),
+        ep_size=getattr(args, f"{side}_ep"),
         llm_pp_layers=json.loads(llm or "[]"),
         vit_pp_layers=json.loads(vit) if vit is not None else None,
+        noop_layers=json.loads(noop) if noop is not None else None,
+        make_vocab_size_divisible_by=getattr(args, f"{side}_vocab_divisible_by"),
     )
 
 
@@ -36,6 +40,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(f"--{side}-tp", type=int, default=1, help=f"TP size of {side.upper()} when it is Megatron")
         p.add_argument(f"--{side}-llm-pp-layers", metavar="JSON", help=f"e.g. [[1,3]]: {side.upper()}'s LLM layers")
         p.add_argument(f"--{side}-vit-pp-layers", metavar="JSON", help=f"e.g. [[3,0]]: {side.upper()}'s ViT layers")
+        p.add_argument(f"--{side}-ep", type=int, default=1, help=f"expert-parallel size of {side.upper()} (MoE)")
+        p.add_argument(f"--{side}-noop-layers", metavar="JSON", help=f"e.g. [0,5]: {side.upper()}'s empty layers")
+        p.add_argument(
+            f"--{side}-vocab-divisible-by", type=int, metavar="N", help=f"{side.upper()}'s make_vocab_size_divisible_by"
+        )
     p.add_argument("--atol", type=float, default=0.0, help="accept differences up to this absolute value")
     p.add_argument("--all", action="store_true", help="list equal tensors too")
     return p.parse_args(argv)

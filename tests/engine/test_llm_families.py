@@ -169,6 +169,18 @@ def test_noop_layers_layout_and_round_trip(tiny_llms: dict[str, Path], tmp_path:
     _assert_back_to_original(hf, mm, tmp_path / "back", _noop(layout))
 
 
+def test_verify_takes_padding_and_noop_layers(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    from tests.test_verify import verify
+
+    hf = tiny_llms["qwen3_vocab99"]
+    padded = _hf_to_mm(hf, tmp_path / "padded", _padded("pad8_tp2pp2"))
+    r = verify(str(hf), str(padded), "--b-tp", "2", "--b-llm-pp-layers", "[[1,3]]", "--b-vocab-divisible-by", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    noop = _hf_to_mm(hf, tmp_path / "noop", ParallelConfig(llm_pp_layers=[[3, 3]], noop_layers=[0, 5]))
+    r = verify(str(hf), str(noop), "--b-llm-pp-layers", "[[3,3]]", "--b-noop-layers", "[0,5]")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_noop_layers_keep_their_positions(tiny_llms: dict[str, Path]) -> None:
     plan = build_plan(inspect_hf(tiny_llms["llama"]), _noop("pp2_ends"))
     layers = [

@@ -187,3 +187,16 @@ def test_command_line_with_ep(tiny_llms: dict[str, Path], tmp_path: Path) -> Non
     )  # fmt: skip
     assert r.returncode == 2 and not (tmp_path / "bad").exists()
     assert r.stderr.strip().endswith("use an ep_size among: 1, 2, 4")
+
+
+def test_verify_reads_an_expert_parallel_checkpoint(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    from tests.test_verify import verify
+
+    hf = tiny_llms["qwen3_moe"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", _pc("tp2pp2ep2"))
+    layout = ["--b-tp", "2", "--b-ep", "2", "--b-llm-pp-layers", "[[1,3]]"]
+    r = verify(str(hf), str(mm), *layout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identical" in r.stdout
+    r = verify(str(hf), str(mm), *layout[:2], *layout[4:])  # EP 1: the directories do not fit
+    assert r.returncode == 2 and "rank directories on disk" in r.stderr
