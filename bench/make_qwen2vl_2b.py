@@ -6,6 +6,7 @@ for timing, shapes and sizes do.
 
     python bench/make_qwen2vl_2b.py /work/bench-data/qwen2vl-2b
     python bench/make_qwen2vl_2b.py /tmp/qwen2vl-7b --size 7b --sparse   # headers only, for planning
+    python bench/make_qwen2vl_2b.py /tmp/qwen2vl-72b --size 72b --sparse  # 146 GB of holes: preview bench
 
 `--sparse` writes the headers and leaves the data as holes (zeros, no disk used): enough
 for everything that reads metadata only (inspect, plan, `mmtui suggest`).
@@ -23,6 +24,7 @@ import torch
 SIZES = {
     "2b": {"hidden": 1536, "layers": 28, "heads": 12, "kv": 2, "inter": 8960, "vocab": 151936, "tied": True},
     "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv": 4, "inter": 18944, "vocab": 152064, "tied": False},
+    "72b": {"hidden": 8192, "layers": 80, "heads": 64, "kv": 8, "inter": 29568, "vocab": 152064, "tied": False},
 }
 LLM = dict(SIZES["2b"])
 VIT = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
@@ -121,12 +123,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B or -7B shapes")
+    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B, -7B or -72B shapes")
     ap.add_argument("--sparse", action="store_true", help="headers only; tensor data left as holes")
     args = ap.parse_args()
     LLM.update(SIZES[args.size])
     CONFIG.update(
         hidden_size=LLM["hidden"], intermediate_size=LLM["inter"], num_attention_heads=LLM["heads"],
+        num_hidden_layers=LLM["layers"],
         num_key_value_heads=LLM["kv"], vocab_size=LLM["vocab"], tie_word_embeddings=LLM["tied"],
     )  # fmt: skip
     CONFIG["vision_config"]["hidden_size"] = LLM["hidden"]
