@@ -332,25 +332,22 @@ def _fill(name: str, layer: int | None, expert: int | None = None) -> str:
 
 
 def _check_layers(info: ModelInfo, targets: list[_Target]) -> None:
+    """The layer (and expert) numbers in the weights are exactly 0..N-1 for the N in config.json."""
     for m in info.preset.modules:
-        seen = sorted({t.layer for t in targets if t.module is m and t.layer is not None})
-        want = info.field_int(m.layers)
-        if seen and seen != list(range(want)):
-            path = info.field_path(m.layers)
-            raise ConvertError(
-                f"{info.hf_dir}/config.json: {path} = {want} but the weights hold {m.title.lower()} layers "
-                f"{seen[0]}..{seen[-1]} ({len(seen)} layers)"
-            )
-        if not m.experts:
-            continue
-        experts = sorted({t.expert for t in targets if t.module is m and t.expert is not None})
-        want = info.field_int(m.experts)
-        if experts and experts != list(range(want)):
-            path = info.field_path(m.experts)
-            raise ConvertError(
-                f"{info.hf_dir}/config.json: {path} = {want} but the weights hold experts "
-                f"{experts[0]}..{experts[-1]} ({len(experts)} experts)"
-            )
+        layers = {t.layer for t in targets if t.module is m and t.layer is not None}
+        _check_numbers(info, layers, m.layers, f"{m.title.lower()} layers", "layers")
+        if m.experts:
+            experts = {t.expert for t in targets if t.module is m and t.expert is not None}
+            _check_numbers(info, experts, m.experts, "experts", "experts")
+
+
+def _check_numbers(info: ModelInfo, seen: set[int], field: str, what: str, unit: str) -> None:
+    got, want = sorted(seen), info.field_int(field)
+    if got and got != list(range(want)):
+        raise ConvertError(
+            f"{info.hf_dir}/config.json: {info.field_path(field)} = {want} but the weights hold {what} "
+            f"{got[0]}..{got[-1]} ({len(got)} {unit})"
+        )
 
 
 def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, int | None] | None:

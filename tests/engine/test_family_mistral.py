@@ -14,7 +14,7 @@ import torch
 from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
-from tests.engine.test_llm_families import TOKENS, _arch, _assert_back_to_original, _hf_to_mm, _rank_models
+from tests.engine.test_llm_families import TOKENS, _arch, _hf_to_mm, _rank_models, assert_round_trip
 from tests.fixtures.reference_layout import expected_checkpoint
 from tests.fixtures.tiny_llm import build_tiny_llm, tiny_llm_model
 from tests.fixtures.tiny_vlm import load_hf_state
@@ -42,8 +42,7 @@ def test_every_rank_file_matches_the_reference(mistral: Path, tmp_path: Path) ->
 
 
 def test_way_back_is_byte_identical(mistral: Path, tmp_path: Path) -> None:
-    mm = _hf_to_mm(mistral, tmp_path / "mm", TP2_PP2)
-    _assert_back_to_original(mistral, mm, tmp_path / "back", TP2_PP2)
+    assert_round_trip(mistral, tmp_path, TP2_PP2)
 
 
 @pytest.mark.oracle

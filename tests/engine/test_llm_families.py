@@ -80,6 +80,19 @@ def _assert_back_to_original(hf: Path, mm: Path, out: Path, layout: ParallelConf
             assert filecmp.cmp(p, out / p.name, shallow=False), p.name
 
 
+def assert_round_trip(hf: Path, tmp_path: Path, layout: ParallelConfig) -> None:
+    """HF -> MM (layout) -> HF gives the original files."""
+    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
+    _assert_back_to_original(hf, mm, tmp_path / "back", layout)
+
+
+def assert_resplit_is_direct(hf: Path, tmp_path: Path, a: ParallelConfig, b: ParallelConfig) -> None:
+    """HF -> MM (a) -> resplit to b writes what HF -> MM (b) writes, file for file."""
+    mm_a = _hf_to_mm(hf, tmp_path / "a", a)
+    direct = _hf_to_mm(hf, tmp_path / "direct", b)
+    _same_tree(direct, _resplit(hf, mm_a, tmp_path / "b", a, b))
+
+
 def _rank_models(mm: Path, tp: int) -> list[dict[str, torch.Tensor]]:
     """The "model" dict of each TP rank of a PP 1 checkpoint."""
     return [
@@ -106,9 +119,7 @@ def test_layout_matches_reference(tiny_llms: dict[str, Path], tmp_path: Path, va
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_mm_hf_is_byte_identical(tiny_llms: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
-    hf = tiny_llms[variant]
-    mm = _hf_to_mm(hf, tmp_path / "mm", _pc(layout))
-    _assert_back_to_original(hf, mm, tmp_path / "back", _pc(layout))
+    assert_round_trip(tiny_llms[variant], tmp_path, _pc(layout))
 
 
 @pytest.mark.parametrize(("a", "b"), [("tp2pp2", "tp1"), ("tp1", "vpp"), ("vpp", "pp3_tp1")])
@@ -116,10 +127,7 @@ def test_hf_mm_hf_is_byte_identical(tiny_llms: dict[str, Path], tmp_path: Path, 
 def test_resplit_equals_direct_conversion(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, a: str, b: str
 ) -> None:
-    hf = tiny_llms[variant]
-    mm_a = _hf_to_mm(hf, tmp_path / "a", _pc(a))
-    direct = _hf_to_mm(hf, tmp_path / "direct", _pc(b))
-    _same_tree(direct, _resplit(hf, mm_a, tmp_path / "b", _pc(a), _pc(b)))
+    assert_resplit_is_direct(tiny_llms[variant], tmp_path, _pc(a), _pc(b))
 
 
 def test_module_lists_must_match_the_family(tiny_llms: dict[str, Path], tiny_dirs: dict[str, Path]) -> None:

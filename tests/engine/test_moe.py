@@ -15,7 +15,15 @@ from engine.job import HfConfig, MmToHfConfig, prepare
 from engine.layout import ParallelConfig, layout_problems
 from engine.plan import build_plan
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
-from tests.engine.test_llm_families import TOKENS, _arch, _assert_back_to_original, _cfg, _hf_to_mm, _job, _resplit
+from tests.engine.test_llm_families import (
+    TOKENS,
+    _arch,
+    _cfg,
+    _hf_to_mm,
+    _job,
+    assert_resplit_is_direct,
+    assert_round_trip,
+)
 from tests.engine.test_way_back import _same_tree
 from tests.fixtures.reference_layout import expected_checkpoint
 from tests.fixtures.tiny_llm import tiny_llm_model
@@ -79,9 +87,7 @@ def test_rank_directories_and_local_expert_numbers(tiny_llms: dict[str, Path]) -
 @pytest.mark.parametrize("layout", ["ep2", "tp2pp2ep2", "vpp_ep4"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_mm_hf_is_byte_identical(tiny_llms: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
-    hf = tiny_llms[variant]
-    mm = _hf_to_mm(hf, tmp_path / "mm", _pc(layout))
-    _assert_back_to_original(hf, mm, tmp_path / "back", _pc(layout))
+    assert_round_trip(tiny_llms[variant], tmp_path, _pc(layout))
 
 
 @pytest.mark.parametrize(("a", "b"), [("ep2", "tp2"), ("tp2pp2ep2", "vpp_ep4"), ("tp1", "tp2ep2")])
@@ -89,10 +95,7 @@ def test_hf_mm_hf_is_byte_identical(tiny_llms: dict[str, Path], tmp_path: Path, 
 def test_resplit_to_another_ep_equals_direct_conversion(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, a: str, b: str
 ) -> None:
-    hf = tiny_llms[variant]
-    mm_a = _hf_to_mm(hf, tmp_path / "a", _pc(a))
-    direct = _hf_to_mm(hf, tmp_path / "direct", _pc(b))
-    _same_tree(direct, _resplit(hf, mm_a, tmp_path / "b", _pc(a), _pc(b)))
+    assert_resplit_is_direct(tiny_llms[variant], tmp_path, _pc(a), _pc(b))
 
 
 def test_layout_errors_name_the_expert_count(tiny_llms: dict[str, Path]) -> None:
