@@ -442,10 +442,9 @@ def build_plan(
         rows = sum(n for _, _, n in segs)
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
         for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded)):
-            shape = _shape(pieces, first, pad)
-            for e in ep_ranks:
-                entry = Entry(key, shape, dtype, stack(pieces), how + tie_note, pad)
-                by_rank[(r, s, e)].chunks[c].append(entry)
+            shape, stacked = _shape(pieces, first, pad), stack(pieces)
+            for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
+                by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
     notes = []
     if preset.tie and tied:
         notes.append(

@@ -93,7 +93,7 @@ def _worker(
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         num_moe_experts=arch.num_moe_experts,
-        moe_router_topk=arch.moe_router_topk if arch.num_moe_experts else 2,
+        moe_router_topk=arch.moe_router_topk,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
         moe_layer_freq=arch.moe_layer_freq or 1,
         moe_token_dispatcher_type="allgather",
