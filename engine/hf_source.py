@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
-from .preset import Preset, builtin_presets
+from .preset import Preset, builtin_presets, with_language_model
 from .safetensors_header import TensorMeta, read_header
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     hf_dir = Path(hf_dir)
     config = read_config(hf_dir)
     where = hf_dir / "config.json"
-    preset = preset or detect_preset(config, where)
+    preset = with_language_model(preset or detect_preset(config, where), config, where)
     fields = resolve_fields(preset, config, where)
     files, weight_map = weight_files(hf_dir)
     tensors: dict[str, TensorMeta] = {}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from .errors import ConvertError
 from .execute import check_target
 from .hf_out import build_mm_to_hf_plan
-from .hf_source import ModelInfo, inspect_hf, resolve_fields
+from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
@@ -185,14 +185,13 @@ def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
 
 def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
     preset = preset_for_converter(job.converter)
-    info = inspect_hf(hf_dir, preset)
-    seen = info.config.get("model_type")
+    seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
     if seen and seen not in preset.model_types:
         raise ConvertError(
             f"{hf_dir}/config.json: model_type {seen!r} is not a {preset.title} model "
             f"(converter {job.converter} expects {', '.join(preset.model_types)})"
         )
-    return info
+    return inspect_hf(hf_dir, preset)
 
 
 OUT_FIELDS = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir", "hf_to_dcp": "dcp_dir"}

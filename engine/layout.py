@@ -211,7 +211,8 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
         out.append(f"parallel_config.noop_layers {layout.noop_layers} names a position twice; list each once")
     tp = layout.tp_size
     for m in info.preset.modules:
-        vocab = m.vocab if layout.make_vocab_size_divisible_by is None else None  # padding makes it divide
+        # padding makes the vocabulary divide; an uneven split does not need it to
+        vocab = m.vocab if layout.make_vocab_size_divisible_by is None and not info.preset.uneven_vocab(m) else None
         for field_name in (m.heads, vocab):
             if not field_name:
                 continue
@@ -223,6 +224,13 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
                     f"parallel_config.tp_size {tp} does not divide {path} = {n} ({cfg}); "
                     f"use a tp_size among: {_divisors(n)}{pad}"
                 )
+    for field_name in dict.fromkeys(mp.heads for mp in info.preset.mappings if mp.head_split and mp.heads):
+        n = info.field_int(field_name)
+        if n < tp:
+            out.append(
+                f"parallel_config.tp_size {tp} is more than {info.field_path(field_name)} = {n} ({cfg}); "
+                f"every TP rank needs a whole head: use a tp_size of at most {n}"
+            )
     for c in range(layout.vpp_size):
         for s in range(layout.pp_size):
             if not any(layout.layers_of(m.name)[c][s] for m in info.preset.modules):

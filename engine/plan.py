@@ -207,13 +207,19 @@ def _window(segs: list[Segment], a: int, b: int) -> list[Piece]:
     return out
 
 
+def _bounds(n: int, tp: int) -> list[int]:
+    """Where each rank's share of n units starts (n at the end): the first n % tp ranks take one more."""
+    q, r = divmod(n, tp)
+    return [i * q + min(i, r) for i in range(tp + 1)]
+
+
 def _split(
-    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str, padded: int
+    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str, padded: int, heads: int
 ) -> list[tuple[list[Piece], str, int]]:
     """Pieces, a description and zero rows at the end for each TP rank.
 
     `shape` is the first source's shape; `padded` the row count after vocabulary padding
-    (the rows themselves when there is none).
+    (the rows themselves when there is none); `heads` the head count of a whole-head split.
     """
     ndim = len(shape)
     total = sum(n for _, _, n in segs)
@@ -230,11 +236,14 @@ def _split(
         return out
     if tp == 1 or rule == "replicate":
         return [(_window(segs, 0, total), _describe(mp, "copy" if tp > 1 else ""), 0)] * tp
+    if mp.head_split:
+        return _split_heads(mp, segs, tp, shape, key, heads, total if rule == "rows" else shape[1])
     if rule == "rows":
-        if total % tp:
+        if total % tp and not mp.uneven:
             raise ConvertError(f"{key}: {total} rows cannot be split in {tp} equal TP blocks")
-        n = total // tp
-        return [(_window(segs, r * n, (r + 1) * n), _describe(mp, f"rows {r + 1}/{tp}"), 0) for r in range(tp)]
+        b = _bounds(total, tp)
+        how = "rows" if total % tp == 0 else "uneven rows"
+        return [(_window(segs, b[r], b[r + 1]), _describe(mp, f"{how} {r + 1}/{tp}"), 0) for r in range(tp)]
     if rule == "gated":
         half = total // 2
         if total % 2 or half % tp:
@@ -253,11 +262,33 @@ def _split(
     if cols % tp:
         raise ConvertError(f"{key}: {cols} columns cannot be split in {tp} equal TP blocks")
     n = cols // tp
-    whole = _window(segs, 0, total)
-    return [
-        ([Piece(p.source, p.rows, (r * n, (r + 1) * n)) for p in whole], _describe(mp, f"cols {r + 1}/{tp}"), 0)
-        for r in range(tp)
-    ]
+    return [(_cut_cols(segs, total, r * n, (r + 1) * n), _describe(mp, f"cols {r + 1}/{tp}"), 0) for r in range(tp)]
+
+
+def _cut_cols(segs: list[Segment], total: int, c0: int, c1: int) -> list[Piece]:
+    return [Piece(p.source, p.rows, (c0, c1)) for p in _window(segs, 0, total)]
+
+
+def _split_heads(
+    mp: Mapping, segs: list[Segment], tp: int, shape: tuple[int, ...], key: str, heads: int, extent: int
+) -> list[tuple[list[Piece], str, int]]:
+    """Whole heads per rank along rows (in each of `blocks` blocks) or columns; uneven counts allowed."""
+    units = heads * (mp.blocks if mp.tp == "rows" else 1)
+    if extent % units:
+        raise ConvertError(f"{key}: {extent} {mp.tp} do not hold {mp.blocks} x {heads} equal heads")
+    if heads < tp:
+        raise ConvertError(f"{key}: {heads} heads cannot give each of {tp} TP ranks a whole head")
+    d, block, b = extent // units, extent // mp.blocks, _bounds(heads, tp)
+    out = []
+    for r in range(tp):
+        h0, h1 = b[r], b[r + 1]
+        how = f"heads {h0}-{h1 - 1} of {heads}" if h1 - h0 > 1 else f"head {h0} of {heads}"
+        if mp.tp == "cols":
+            pieces = _cut_cols(segs, sum(n for _, _, n in segs), h0 * d, h1 * d)
+        else:
+            pieces = [p for k in range(mp.blocks) for p in _window(segs, k * block + h0 * d, k * block + h1 * d)]
+        out.append((pieces, _describe(mp, ("q,k,v " if mp.blocks == 3 else "") + how), 0))
+    return out
 
 
 def _describe(mp: Mapping, split: str) -> str:
@@ -269,9 +300,14 @@ def _describe(mp: Mapping, split: str) -> str:
 # matching the preset's mappings against the source tensors
 
 
-def _pattern(name: str) -> re.Pattern[str]:
+def _pattern(name: str, bare: bool = False) -> re.Pattern[str]:
     body = re.escape(name).replace(r"\*", r"(?P<layer>\d+)").replace(r"\#", r"(?P<expert>\d+)")
-    return re.compile(body + r"\.(?P<param>" + "|".join(PARAMS) + r")$")
+    return re.compile(body + ("$" if bare else r"\.(?P<param>" + "|".join(PARAMS) + r")$"))
+
+
+def _with_param(name: str, param: str) -> str:
+    """A tensor name: the mapping's name plus `.weight`/`.bias`, or the name alone for a bare tensor."""
+    return f"{name}.{param}" if param else name
 
 
 @dataclass
@@ -280,7 +316,7 @@ class _Target:
     module: Module
     layer: int | None
     expert: int | None
-    param: str
+    param: str  # "weight", "bias", or "" for a bare tensor
     mapping: Mapping
     sources: list[TensorMeta]
     order: tuple[int, ...]  # (module, section first/layers/last, layer, expert, mapping, param)
@@ -289,7 +325,7 @@ class _Target:
         """The key on its rank: layer numbered within the stage, expert within the EP rank."""
         if self.layer is None:
             return self.key
-        return _fill(self.mapping.mm, layer, expert) + "." + self.param
+        return _with_param(_fill(self.mapping.mm, layer, expert), self.param)
 
 
 def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Module]) -> tuple[list[_Target], set[str]]:
@@ -299,7 +335,7 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
     claimed: set[str] = set()
     for mi, mp in enumerate(preset.mappings):
         module = preset.module_of_target(mp.mm)
-        pat = _pattern(mp.hf[0])
+        pat = _pattern(mp.hf[0], mp.bare)
         for name in sources:
             m = pat.match(name)
             if not m:
@@ -307,18 +343,18 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             groups = m.groupdict()
             layer = int(groups["layer"]) if groups.get("layer") else None
             expert = int(groups["expert"]) if groups.get("expert") else None
-            param = groups["param"]
-            names = [_fill(h, layer, expert) + "." + param for h in mp.hf]
+            param = groups.get("param") or ""
+            names = [_with_param(_fill(h, layer, expert), param) for h in mp.hf]
             missing = [n for n in names if n not in sources]
             if missing:
                 raise ConvertError(f"{info.hf_dir}: {names[0]} is present but {missing[0]} is missing")
             claimed.update(names)
             if module.name not in wanted:
                 continue
-            key = _fill(mp.mm, layer, expert) + "." + param
+            key = _with_param(_fill(mp.mm, layer, expert), param)
             section = 1 if layer is not None else 0 if any(key.startswith(p) for p in module.first) else 2
             e = -1 if expert is None else expert
-            order = (preset.modules.index(module), section, layer or 0, e, mi, PARAMS.index(param))
+            order = (preset.modules.index(module), section, layer or 0, e, mi, PARAMS.index(param) if param else 0)
             targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order))
     return targets, claimed
 
@@ -441,7 +477,8 @@ def build_plan(
         first = t.sources[0].shape
         rows = sum(n for _, _, n in segs)
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
-        for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded)):
+        heads = info.field_int(t.mapping.heads) if t.mapping.head_split and t.mapping.heads else 0
+        for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded, heads)):
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))

@@ -5,6 +5,11 @@ the layer index and `#` for the expert index of a mixture-of-experts layer (glob
 names, local to the expert-parallel rank in Megatron names). The mapping kinds (rename,
 qkv, qkv_per_head, gate_up) and the TP rules (rows, cols, gated, replicate) are
 implemented once in the engine; a preset only picks them.
+
+A vision-language preset may take its language model from another preset
+(`[language_model]`): the LLM preset's names, fields and modules are nested under
+prefixes, picked by the architecture the model's config names. So InternVL with an
+InternLM2, Qwen2 or Llama inside is one file plus the LLM presets that already exist.
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ class Mapping(_Strict):
     hf: list[str]
     mm: str
     tp: TpRule = "replicate"
-    heads: str | None = None  # config field: attention heads (qkv, qkv_per_head)
+    heads: str | None = None  # config field: attention heads (qkv, qkv_per_head; a rename split in whole heads)
     groups: str | None = None  # config field: key/value heads (qkv)
     pad_vocab: bool = False  # vocabulary rows: padded with zeros when the layout asks (embedding, output layer)
+    # A rename with `heads` and tp rows/cols splits in whole heads; when the heads do not divide
+    # by TP the first heads % tp ranks take one more. `blocks` = 3 reads the rows as [q; k; v],
+    # each block holding every head and split alike (InternViT's QKV).
+    blocks: int = 1
+    uneven: bool = False  # tp rows that do not divide: the first rows % tp ranks take one more row
+    bare: bool = False  # names are whole tensor names (InternViT's ls1, class_embedding), not .weight/.bias prefixes
 
     @field_validator("hf", mode="before")
     @classmethod
@@ -66,7 +77,18 @@ class Mapping(_Strict):
             raise ValueError("kind 'gate_up' needs tp = 'gated'")
         if self.pad_vocab and (self.kind != "rename" or self.tp != "rows"):
             raise ValueError("pad_vocab needs kind 'rename' and tp = 'rows' (vocabulary rows split over TP)")
+        if self.kind == "rename" and self.heads and self.tp not in ("rows", "cols"):
+            raise ValueError("a rename with `heads` splits in whole heads: it needs tp = 'rows' or 'cols'")
+        if self.blocks != 1 and not (self.kind == "rename" and self.heads and self.tp == "rows"):
+            raise ValueError("`blocks` needs kind 'rename', `heads` and tp = 'rows' (e.g. [q; k; v] split by heads)")
+        if self.uneven and (self.kind != "rename" or self.tp != "rows" or self.heads):
+            raise ValueError("`uneven` needs kind 'rename' and tp = 'rows' without `heads` (heads split unevenly)")
         return self
+
+    @property
+    def head_split(self) -> bool:
+        """Split over TP in whole heads (an uneven head count allowed)."""
+        return self.kind == "rename" and self.heads is not None
 
 
 class Module(_Strict):
@@ -94,6 +116,19 @@ class Tie(_Strict):
     drop: list[str] = []  # HF names ignored when tied (some checkpoints still carry lm_head)
 
 
+class LanguageModel(_Strict):
+    """The language model is another preset's, chosen by the architecture the config names.
+
+    Its HF names get `hf_prefix`, its target names `mm_prefix`, its config paths `config_prefix`.
+    """
+
+    architecture: str  # config path of the LLM's architectures list (its first entry picks the preset)
+    config_prefix: str  # "llm_config."
+    hf_prefix: str  # "language_model."
+    mm_prefix: str  # "text_decoder."
+    uneven_vocab: bool = False  # vocabulary rows that do not divide by TP: the first ranks take one more
+
+
 class Preset(_Strict):
     name: str
     title: str
@@ -106,9 +141,12 @@ class Preset(_Strict):
     modules: list[Module]
     mappings: list[Mapping]
     tie: Tie | None = None
+    language_model: LanguageModel | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Preset:
+        if self.language_model and any(m.name == "llm" for m in self.modules):
+            raise ValueError("a preset with [language_model] takes its llm module from there; drop its own")
         known = set(self.fields)
         used = [m.layers for m in self.modules]
         used += [f for m in self.modules for f in (m.heads, m.vocab, m.experts) if f]
@@ -130,6 +168,10 @@ class Preset(_Strict):
             if key.startswith(m.target_prefix):
                 return m
         raise KeyError(key)
+
+    def uneven_vocab(self, module: Module) -> bool:
+        """Whether the module's vocabulary rows may split unevenly (then TP need not divide them)."""
+        return any(mp.uneven for mp in self.mappings if mp.pad_vocab and self.module_of_target(mp.mm) is module)
 
     def module_of_source(self, key: str) -> Module | None:
         for m in self.modules:
@@ -193,6 +235,77 @@ def builtin_presets() -> dict[str, Preset]:
             preset = load_preset_file(Path(str(entry)))
             out[preset.name] = preset
     return out
+
+
+def _nested(llm: Preset, lm: LanguageModel) -> dict:
+    """The parts of an LLM preset with its names and config paths put under the VLM's prefixes."""
+    hf, mm = lm.hf_prefix, lm.mm_prefix
+    modules = [
+        m.model_copy(
+            update={
+                "target_prefix": mm + m.target_prefix,
+                "hf_prefixes": [hf + p for p in m.hf_prefixes],
+                "layer_prefix": mm + m.layer_prefix,
+                "first": [mm + p for p in m.first],
+                "last": [mm + p for p in m.last],
+            }
+        )
+        for m in llm.modules
+    ]
+    mappings = [
+        mp.model_copy(
+            update={"hf": [hf + h for h in mp.hf], "mm": mm + mp.mm, "uneven": mp.pad_vocab and lm.uneven_vocab}
+        )
+        for mp in llm.mappings
+    ]
+    tie = llm.tie and Tie(
+        field=llm.tie.field, source=hf + llm.tie.source, target=mm + llm.tie.target, drop=[hf + d for d in llm.tie.drop]
+    )
+    return {
+        "fields": {k: [lm.config_prefix + p for p in paths] for k, paths in llm.fields.items()},
+        "aliases": {hf + a: hf + c for a, c in llm.aliases.items()},
+        "defaults": llm.defaults,
+        "modules": modules,
+        "mappings": mappings,
+        "tie": tie,
+    }
+
+
+def with_language_model(preset: Preset, config: dict, where: Path) -> Preset:
+    """A VLM preset completed with the LLM preset its config's architecture names; others as they are."""
+    lm = preset.language_model
+    if lm is None:
+        return preset
+    node: object = config
+    for part in lm.architecture.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    arch = node[0] if isinstance(node, list) and node else node
+    candidates = {
+        a: p for p in builtin_presets().values() if p.language_model is None and [m.name for m in p.modules] == ["llm"]
+        for a in p.architectures
+    }  # fmt: skip
+    llm = candidates.get(arch) if isinstance(arch, str) else None
+    if llm is None:
+        raise ConvertError(
+            f"{where}: {lm.architecture} = {node!r} is not a language model {preset.title} can hold; "
+            f"supported: {', '.join(sorted(candidates))}"
+        )
+    nested = _nested(llm, lm)
+    clash = sorted(set(nested["fields"]) & set(preset.fields))
+    if clash:
+        raise ConvertError(f"preset {preset.name}: fields {clash} are also declared by the {llm.name} preset")
+    return Preset.model_validate(
+        preset.model_dump(exclude={"language_model"})
+        | {
+            "title": f"{preset.title} · {llm.title}",
+            "fields": preset.fields | nested["fields"],
+            "aliases": preset.aliases | nested["aliases"],
+            "defaults": preset.defaults | nested["defaults"],
+            "modules": [*preset.modules, *nested["modules"]],
+            "mappings": [*preset.mappings, *nested["mappings"]],
+            "tie": nested["tie"],
+        }
+    )
 
 
 def preset_for_converter(converter: str) -> Preset:

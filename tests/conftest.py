@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tiny_internvl import build_tiny_internvl
 from tests.fixtures.tiny_llm import build_tiny_llm
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 
@@ -44,3 +45,19 @@ LLM_VARIANTS = {
 def tiny_llms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_llm")
     return {name: build_tiny_llm(root / name, **kw) for name, kw in LLM_VARIANTS.items()}
+
+
+INTERNVL_VARIANTS = {
+    # name: build_tiny_internvl keyword arguments
+    # InternViT-6B-like (RMSNorm, q/k norms) with InternLM2, sharded
+    "internlm2": {"llm": "internlm2", "norm": "rms_norm", "qk_norm": True, "shards": 2},
+    # InternViT-300M-like (LayerNorm) with a tied Qwen2 whose vocabulary (130) divides by no TP > 2
+    "qwen2": {"llm": "qwen2", "vocab_size": 130, "tied": True},
+    "llama": {"llm": "llama"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_internvls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_internvl")
+    return {name: build_tiny_internvl(root / name, **kw) for name, kw in INTERNVL_VARIANTS.items()}

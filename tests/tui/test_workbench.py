@@ -248,6 +248,31 @@ async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -
     assert _equal(tmp_path / "tui", tmp_path / "headless")
 
 
+async def test_internvl_with_uneven_vit_heads(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
+    """InternVL at TP 4 (6 ViT heads, 130 vocabulary rows): no problem shown, Suggest and Run == headless."""
+    hf = tiny_internvls["qwen2"]
+    app = make_app(hf, out_dir=tmp_path / "tui")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        assert "InternVL · Qwen2" in str(screen.query_one("#summary", Static).render())
+        await pilot.press("f3")
+        screen.query_one("#tp", Input).value = "4"
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        grid = screen.query_one(StageGrid)
+        assert grid.read() == suggest(inspect_hf(hf), 2).layers
+        assert _problems(screen).splitlines()[0] == "layout OK"  # then a note on the tied output layer
+        assert screen.query_one("#preview", DataTable).row_count == 8
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    layers = suggest(inspect_hf(hf), 2).layers
+    layout = ParallelConfig(tp_size=4, llm_pp_layers=layers["llm"], vit_pp_layers=layers["vit"])
+    run(build_plan(inspect_hf(hf), layout), tmp_path / "headless")
+    assert _equal(tmp_path / "tui", tmp_path / "headless")
+
+
 async def test_mixture_of_experts_takes_an_ep_size(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     """A Mixtral checkpoint shows EP; an EP that does not divide the experts is marked, a good one runs."""
     hf = tiny_llms["mixtral"]
