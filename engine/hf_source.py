@@ -52,7 +52,7 @@ class ModelInfo:
     def field_path(self, name: str) -> str:
         """The config.json path a field's value came from (for messages); the preferred one when defaulted."""
         paths = self.preset.fields[name]
-        return next((p for p in paths if _lookup(self.config, p) is not None), paths[0])
+        return next((p for p in paths if lookup(self.config, p) is not None), paths[0])
 
 
 def _config_path(hf_dir: Path) -> Path:
@@ -94,7 +94,7 @@ def detect_preset(config: dict[str, Any], where: Path) -> Preset:
     )
 
 
-def _lookup(config: dict[str, Any], dotted: str) -> Any:
+def lookup(config: dict[str, Any], dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node or node[part] is None:
@@ -106,7 +106,7 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 def resolve_fields(preset: Preset, config: dict[str, Any], where: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, paths in preset.fields.items():
-        value = next((v for v in (_lookup(config, p) for p in paths) if v is not None), None)
+        value = next((v for v in (lookup(config, p) for p in paths) if v is not None), None)
         if value is None:
             if name not in preset.defaults:
                 raise ConvertError(

@@ -1,6 +1,7 @@
 """`mmtui verify A B`: are two checkpoints the same model? Any mix of HF and Megatron layouts.
 
-Exit 0 when every tensor is identical (or within --atol), 1 when not, 2 on bad input.
+Exit 0 when every tensor is identical (or within --atol) and, with --logits, the logits
+agree within --logits-atol; 1 when not; 2 on bad input.
 """
 
 from __future__ import annotations
@@ -47,7 +48,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
     p.add_argument("--atol", type=float, default=0.0, help="accept differences up to this absolute value")
     p.add_argument("--all", action="store_true", help="list equal tensors too")
+    p.add_argument(
+        "--logits",
+        action="store_true",
+        help="also run both sides (HF in transformers, Megatron in megatron-core, CPU, fp32) and compare logits",
+    )
+    p.add_argument("--logits-atol", type=float, default=1e-4, help="largest accepted |logit A - logit B|")
+    p.add_argument("--tokens", metavar="JSON", help="token ids for --logits, e.g. [1,2,3]; default: 16 fixed ids")
     return p.parse_args(argv)
+
+
+def _logits_diff(args: argparse.Namespace, info) -> tuple[float, str]:
+    """max |A - B| of the two sides' logits, and what was compared."""
+    from mmtui.logits import default_tokens, hf_logits, mm_logits
+
+    vocab = info.field_int("vocab_size")
+    tokens = json.loads(args.tokens) if args.tokens else default_tokens(vocab)
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and 0 <= t < vocab for t in tokens)):
+        raise ValueError(f"--tokens {args.tokens}: give a JSON list of token ids in 0..{vocab - 1}")
+    out = []
+    for side, path in (("a", args.a), ("b", args.b)):
+        layout = _layout(args, side)
+        megatron = (path / "latest_checkpointed_iteration.txt").is_file()
+        out.append(mm_logits(info, path, layout, tokens) if megatron else hf_logits(path, tokens))
+    a, b = out
+    if a.shape != b.shape:
+        raise ValueError(f"logits shapes differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
+    return float((a - b).abs().max()), f"{len(tokens)} tokens x {vocab} vocabulary"
 
 
 def main(argv: list[str]) -> None:
@@ -87,4 +114,14 @@ def main(argv: list[str]) -> None:
     summary = status_counts(rows)
     ok = identical(rows, args.atol)
     console.print(f"{'[green]identical' if ok else '[red]different'}[/]: {len(rows)} tensors ({summary})")
+    if args.logits:
+        try:
+            diff, what = _logits_diff(args, info)
+        except (ConvertError, ValueError) as e:
+            print(f"mmtui verify: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        close = diff <= args.logits_atol
+        ok = ok and close
+        verdict = "[green]logits agree" if close else "[red]logits differ"
+        console.print(f"{verdict}[/]: max |A-B| = {diff:.3g} over {what} (--logits-atol {args.logits_atol:g})")
     sys.exit(0 if ok else 1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 from engine.hf_source import inspect_hf
@@ -70,3 +72,46 @@ def test_engine_compare_ignores_layout(qwen2vl_dir: Path, tmp_path: Path) -> Non
     )
     rows = list(compare(open_side(qwen2vl_dir, info, None, "A"), side))
     assert len(rows) == len(info.tensors) and identical(rows)
+
+
+@pytest.mark.oracle
+def test_logits_agree_across_formats_and_catch_a_change(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """--logits: transformers on HF against megatron-core on TP2/PP2; a change within --atol still shows in them."""
+    pytest.importorskip("megatron.core")
+    assert hf_to_mm(qwen2vl_dir, tmp_path / "mm", tp=2).returncode == 0
+    r = verify(str(qwen2vl_dir), str(tmp_path / "mm"), *TP2, "--logits")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "logits agree" in r.stdout and "16 tokens x 128 vocabulary" in r.stdout
+    changed = tmp_path / "hf"
+    shutil.copytree(qwen2vl_dir, changed)
+    state = load_file(changed / "model.safetensors")
+    state["model.layers.2.mlp.down_proj.weight"][3, 5] += 1.0
+    save_file(state, changed / "model.safetensors", metadata={"format": "pt"})
+    r = verify(str(changed), str(tmp_path / "mm"), *TP2, "--atol", "2", "--logits")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "identical" in r.stdout and "logits differ" in r.stdout
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    ("variant", "layout", "flags"),
+    [
+        ("mixtral", ParallelConfig(ep_size=2, llm_pp_layers=[[2, 2]]), ["--b-ep", "2", "--b-llm-pp-layers", "[[2,2]]"]),
+        (
+            "qwen3_vocab99",
+            ParallelConfig(tp_size=2, llm_pp_layers=[[1, 4]], make_vocab_size_divisible_by=8, noop_layers=[0]),
+            ["--b-tp", "2", "--b-llm-pp-layers", "[[1,4]]", "--b-vocab-divisible-by", "8", "--b-noop-layers", "[0]"],
+        ),
+    ],
+)
+def test_logits_of_moe_and_padded_language_models(
+    tiny_llms: dict[str, Path], tmp_path: Path, variant: str, layout: ParallelConfig, flags: list[str]
+) -> None:
+    pytest.importorskip("megatron.core")
+    from tests.engine.test_llm_families import _hf_to_mm
+
+    hf = tiny_llms[variant]
+    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
+    r = verify(str(hf), str(mm), *flags, "--logits")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "logits agree" in r.stdout

@@ -145,7 +145,7 @@ def test_mm_convert_internvl_converter(tiny_internvls: dict[str, Path], tmp_path
 
 
 def _text_arch(hf: Path):
-    from tests.oracle.megatron_gpt import GPTArch
+    from mmtui.megatron_logits import GPTArch
 
     c = json.loads((hf / "config.json").read_text())["llm_config"]
     return GPTArch(
@@ -163,7 +163,7 @@ def test_megatron_reproduces_transformers_logits(
 ) -> None:
     """The text_decoder.* tensors, prefix stripped, run in megatron-core's GPTModel as the LLM's transformers model."""
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import megatron_logits
+    from mmtui.megatron_logits import megatron_logits
 
     hf = tiny_internvls[variant]
     mm = _hf_to_mm(hf, tmp_path / "mm", ParallelConfig(tp_size=tp, llm_pp_layers=[[4]], vit_pp_layers=[[3]]))

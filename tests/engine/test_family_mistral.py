@@ -48,7 +48,7 @@ def test_way_back_is_byte_identical(mistral: Path, tmp_path: Path) -> None:
 @pytest.mark.oracle
 def test_megatron_reproduces_transformers_logits(mistral: Path, tmp_path: Path) -> None:
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import megatron_logits
+    from mmtui.megatron_logits import megatron_logits
 
     mm = _hf_to_mm(mistral, tmp_path / "mm", ParallelConfig(tp_size=2, llm_pp_layers=[[4]]))
     got = megatron_logits(_rank_models(mm, 2), _arch(mistral), TOKENS)

@@ -218,7 +218,7 @@ TOKENS = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]
 
 def _arch(hf: Path, **override):
     """megatron-core's architecture for the HF config.json (vocab_size overridden when padded)."""
-    from tests.oracle.megatron_gpt import GPTArch
+    from mmtui.megatron_logits import GPTArch
 
     c = _cfg(hf)
     fields = dict(
@@ -237,7 +237,7 @@ def test_megatron_reproduces_transformers_logits(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, tp: int
 ) -> None:
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import megatron_logits
+    from mmtui.megatron_logits import megatron_logits
 
     hf = tiny_llms[variant]
     out = _hf_to_mm(hf, tmp_path / "mm", _pc("tp2" if tp == 2 else "tp1"))
@@ -320,7 +320,7 @@ def test_wrong_source_padding_is_named(tiny_llms: dict[str, Path], tmp_path: Pat
 def test_padded_vocabulary_logits(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     """megatron-core with the padded vocabulary: the real columns equal transformers' logits."""
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import megatron_logits
+    from mmtui.megatron_logits import megatron_logits
 
     hf = tiny_llms["qwen3_vocab99"]
     mm = _hf_to_mm(hf, tmp_path / "mm", _padded("pad128_tp2"))

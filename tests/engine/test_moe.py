@@ -157,7 +157,7 @@ def test_megatron_moe_reproduces_transformers_logits(
     tiny_llms: dict[str, Path], tmp_path: Path, variant: str, tp: int, ep: int
 ) -> None:
     pytest.importorskip("megatron.core")
-    from tests.oracle.megatron_gpt import megatron_logits
+    from mmtui.megatron_logits import megatron_logits
 
     hf = tiny_llms[variant]
     mm = _hf_to_mm(hf, tmp_path / "mm", ParallelConfig(tp_size=tp, ep_size=ep, llm_pp_layers=[[4]]))

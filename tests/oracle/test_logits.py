@@ -11,8 +11,8 @@ from engine.execute import run
 from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
 from engine.plan import build_plan
+from mmtui.megatron_logits import GPTArch, megatron_logits
 from tests.fixtures.tiny_vlm import tiny_text_model
-from tests.oracle.megatron_gpt import GPTArch, megatron_logits
 
 pytest.importorskip("megatron.core")
 TOKENS = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]

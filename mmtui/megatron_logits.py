@@ -1,14 +1,16 @@
 """Run a Megatron-Core GPT state dict in megatron-core's own GPTModel on CPU, and return logits.
 
 The strongest check of a conversion: if megatron-core, loading our files with strict key
-checking, computes the same logits as transformers on the HF weights, the renames,
-fusions and TP splits are right. One process per TP rank (spawned), gloo, local layer
-spec. CPU-only accommodations, inside the children only: an inference RNG tracker (its
-fork is a no-op), `torch.cuda.current_device` answering "cpu" (rotary embeddings ask),
-and the MoE router's Transformer Engine GEMM hook defined as absent (megatron-core 0.16
-reads the name even when Transformer Engine is not installed).
-MoE models run megatron-core's own MoE layer (SequentialMLP experts, all-gather token
-dispatcher) with experts split over expert-parallel ranks.
+checking, computes the same logits as transformers on the HF weights, the renames, fusions
+and TP splits are right. The tests' oracle and `mmtui verify --logits` both run it;
+megatron-core is an optional dependency (the `logits` extra), imported in the children only.
+One process per TP rank (spawned), gloo, local layer spec. CPU-only accommodations, inside
+the children only: an inference RNG tracker (its fork is a no-op),
+`torch.cuda.current_device` answering "cpu" (rotary embeddings ask), and the MoE router's
+Transformer Engine GEMM hook defined as absent (megatron-core 0.16 reads the name even when
+Transformer Engine is not installed). MoE models run megatron-core's own MoE layer
+(SequentialMLP experts, all-gather token dispatcher) with experts split over expert-parallel
+ranks.
 """
 
 from __future__ import annotations
