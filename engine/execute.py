@@ -42,6 +42,8 @@ def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
 
 def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span] | None:
     """The entry as byte ranges of source files laid end to end, when it is just whole rows."""
+    if entry.lora:
+        return None  # merged: the bytes change
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
@@ -73,7 +75,33 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
             src = np.frombuffer(view, dtype=np.uint8).reshape(p.nrows, scols, -1)
             dest[...] = src[:, c0:c1]
             del src  # the mapping closes on exit and must not be referenced then
+    if entry.lora:
+        add_lora(out, entry, plan, reader)
     return out
+
+
+def add_lora(out: np.ndarray, entry: Entry, plan: Plan, reader: TensorReader) -> None:
+    """W' = W + scale * B @ A on each adapted block of the entry, in float32, cast back once."""
+    import torch
+
+    rows, cols = grid(entry.shape)
+    dtype = getattr(torch, entry.dtype)
+    target = torch.from_numpy(out).view(dtype).reshape(rows, cols)
+    for p in entry.lora:
+        pair = plan.lora[p.source]
+        c0, c1 = p.cols or (0, pair.a.shape[1])
+        b = _rows(reader, pair.b, *p.rows).float()
+        a = reader.read(pair.a).float()
+        block = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]
+        block.copy_((block.float() + pair.scale * (b @ a)[:, c0:c1]).to(dtype))
+
+
+def _rows(reader: TensorReader, meta, r0: int, r1: int):
+    import torch
+
+    t = torch.empty((r1 - r0, *meta.shape[1:]), dtype=getattr(torch, meta.dtype))
+    reader.read_rows_into(meta, r0, r1, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return t
 
 
 def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) -> Iterator[Event]:

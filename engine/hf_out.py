@@ -1,4 +1,4 @@
-"""Plans that write Hugging Face safetensors: the way back (mm_to_hf).
+"""Plans that write Hugging Face safetensors: the way back (mm_to_hf), and HF -> HF with a LoRA merged.
 
 Each HF tensor is a target whose pieces come from the Megatron source view. By default
 the original's shard files, names, tensor order and header metadata are reproduced, so
@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .errors import ConvertError
 from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
-from .mm_view import MmView
-from .plan import Entry, OutputFile, Plan
+from .lora import Adapter
+from .mm_view import MmView, hf_view
+from .plan import Entry, OutputFile, Piece, Plan
 from .safetensors_header import read_metadata
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -50,8 +51,13 @@ def non_weight_files(hf_dir: Path) -> dict[str, Path]:
     return out
 
 
-def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | int | None = None) -> Plan:
-    """HF safetensors (original names and sharding, or re-sharded) from a Megatron source view."""
+def build_mm_to_hf_plan(
+    info: ModelInfo, view: MmView, *, max_shard_size: str | int | None = None, adapter: Adapter | None = None
+) -> Plan:
+    """HF safetensors (original names and sharding, or re-sharded) from a Megatron source view.
+
+    With `adapter`, its LoRA is merged into the weights it targets.
+    """
     preset = info.preset
     tied = bool(preset.tie and info.fields.get(preset.tie.field))
     order = sorted(info.tensors.values(), key=lambda m: (info.files.index(m.file), m.begin))
@@ -64,13 +70,18 @@ def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | 
             blocks = view.blocks.get(preset.tie.source)
             how = "tied: copy of the embedding"
         if blocks is None:
+            assert view.checkpoint is not None  # an HF view has every tensor
             raise ConvertError(
                 f"mm_dir {view.checkpoint.root}: holds no part of {info.raw_names.get(name, name)} "
                 "(a checkpoint written with save_vit_only cannot be turned back into a full HF model)"
             )
         dtype = view.sources[blocks[0].source].dtype  # open_view checked the blocks agree
         raw = info.raw_names.get(name, name)
-        entries.append((meta.file.name, Entry(raw, meta.shape, dtype, blocks, how)))
+        entry = Entry(raw, meta.shape, dtype, blocks, how)
+        canonical = preset.tie.source if how != "join" and preset.tie else name  # a tied output layer: the embedding
+        if adapter is not None and canonical in adapter.pairs:
+            entry.lora, entry.transform = (Piece(canonical, (0, meta.shape[0])),), f"{how} + LoRA"
+        entries.append((meta.file.name, entry))
     single = len(info.files) == 1
     files: list[OutputFile] = []
     texts: dict[str, str] = {}
@@ -103,7 +114,15 @@ def build_mm_to_hf_plan(info: ModelInfo, view: MmView, *, max_shard_size: str | 
         notes.append("tied embeddings: the output layer is written from the embedding")
     plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
     plan.padding = dict(view.padding)
+    if adapter is not None:
+        plan.lora = dict(adapter.pairs)
+        notes.append(f"LoRA: {len(adapter.pairs)} weights merged from {adapter.path} (in float32)")
     return plan
+
+
+def build_merge_plan(info: ModelInfo, adapter: Adapter, *, max_shard_size: str | int | None = None) -> Plan:
+    """HF base + LoRA adapter -> merged HF safetensors, sharded like the base unless re-sharded."""
+    return build_mm_to_hf_plan(info, hf_view(info), max_shard_size=max_shard_size, adapter=adapter)
 
 
 def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConvertError
 from .execute import check_target
-from .hf_out import build_mm_to_hf_plan
+from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
+from .lora import Adapter, attach, read_peft_adapter
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
 from .plan import Plan, build_dcp_plan, build_plan
@@ -30,6 +31,11 @@ class _Config(BaseModel):
 class HfConfig(_Config):
     hf_dir: Path
     """Hugging Face model directory (config.json and *.safetensors)."""
+
+
+class LoraConfig(_Config):
+    adapter_dir: Path
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
 
 
 class CommonModelConfig(_Config):
@@ -58,6 +64,8 @@ class HfToMmConfig(_Config):
     """Replace an existing, non-empty mm_dir."""
     trust_remote_code: bool = False
     """Accepted for compatibility; mmtui never runs code from a checkpoint."""
+    lora: LoraConfig | None = None
+    """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -91,6 +99,8 @@ class MmToHfConfig(_Config):
     """Re-shard to files of at most this size (e.g. 5GB) instead of the original's shard files."""
     overwrite: bool = False
     """Replace an existing, non-empty save_hf_dir."""
+    lora: LoraConfig | None = None
+    """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
 
     @property
     def out_dir(self) -> Path:
@@ -112,6 +122,8 @@ class ResplitConfig(_Config):
     """Layout to write."""
     overwrite: bool = False
     """Replace an existing, non-empty target_dir."""
+    lora: LoraConfig | None = None
+    """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
 
     @property
     def out_dir(self) -> Path:
@@ -127,10 +139,31 @@ class HfToDcpConfig(_Config):
     """The Hugging Face checkpoint to convert."""
     overwrite: bool = False
     """Replace an existing, non-empty dcp_dir."""
+    lora: LoraConfig | None = None
+    """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
 
     @property
     def out_dir(self) -> Path:
         return self.dcp_dir
+
+
+class MergeLoraConfig(_Config):
+    """Merge a LoRA adapter into a Hugging Face checkpoint: merged HF safetensors, sharded like the base."""
+
+    save_hf_dir: Path
+    """Output directory for the merged Hugging Face model."""
+    hf_config: HfConfig
+    """The base Hugging Face checkpoint."""
+    lora: LoraConfig
+    """The adapter: W + alpha/r * B @ A (alpha/sqrt(r) with rsLoRA), computed in float32, cast to the base dtype."""
+    max_shard_size: str | None = None
+    """Re-shard to files of at most this size (e.g. 5GB) instead of the base's shard files."""
+    overwrite: bool = False
+    """Replace an existing, non-empty save_hf_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.save_hf_dir
 
 
 COMMANDS: dict[str, type[_Config]] = {
@@ -138,6 +171,7 @@ COMMANDS: dict[str, type[_Config]] = {
     "mm_to_hf": MmToHfConfig,
     "resplit": ResplitConfig,
     "hf_to_dcp": HfToDcpConfig,
+    "merge_lora": MergeLoraConfig,
 }
 
 
@@ -145,8 +179,8 @@ class Job(_Config):
     """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
 
     converter: str
-    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp"]
-    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig | HfToDcpConfig
+    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora"]
+    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig | HfToDcpConfig | MergeLoraConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -194,7 +228,13 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
     return inspect_hf(hf_dir, preset)
 
 
-OUT_FIELDS = {"hf_to_mm": "mm_dir", "mm_to_hf": "save_hf_dir", "resplit": "target_dir", "hf_to_dcp": "dcp_dir"}
+OUT_FIELDS = {
+    "hf_to_mm": "mm_dir",
+    "mm_to_hf": "save_hf_dir",
+    "resplit": "target_dir",
+    "hf_to_dcp": "dcp_dir",
+    "merge_lora": "save_hf_dir",
+}
 
 
 def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
@@ -208,23 +248,37 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
-        return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size)
+        adapter = _adapter(cfg.lora, info)
+        return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
+    if isinstance(cfg, MergeLoraConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        adapter = read_peft_adapter(cfg.lora.adapter_dir, info)
+        return info, build_merge_plan(info, adapter, max_shard_size=cfg.max_shard_size)
     if isinstance(cfg, HfToDcpConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
-        return info, build_dcp_plan(info)
+        return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info))
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
         view = open_view(info, ckpt, cfg.source_parallel_config, "source_dir")
         plan = build_plan(info, cfg.target_parallel_config, iteration=ckpt.iteration)
-        return info, retarget(plan, view)
+        return info, retarget(_merged(plan, _adapter(cfg.lora, info)), view)
     assert isinstance(cfg, HfToMmConfig)
     info = _inspect(job, cfg.hf_config.hf_dir)
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
     plan = build_plan(info, cfg.parallel_config, save_vit_only=cfg.save_vit_only)
-    return info, plan
+    return info, _merged(plan, _adapter(cfg.lora, info))
+
+
+def _adapter(lora: LoraConfig | None, info: ModelInfo) -> Adapter | None:
+    return read_peft_adapter(lora.adapter_dir, info) if lora else None
+
+
+def _merged(plan: Plan, adapter: Adapter | None) -> Plan:
+    """The plan with the adapter's blocks marked (before any retarget: they name canonical tensors)."""
+    return attach(plan, adapter) if adapter else plan
 
 
 def _first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:

@@ -23,7 +23,7 @@ REPLICA = "a copy of data read from another rank (TP replica or tied output laye
 
 @dataclass
 class MmView:
-    checkpoint: MmCheckpoint
+    checkpoint: MmCheckpoint | None  # None: an HF directory seen through the same interface (hf_view)
     layout: ParallelConfig
     sources: dict[str, TensorMeta]  # rank-file tensors, named "mp_rank_TT_PPP/model0/key"
     blocks: dict[str, tuple[Piece, ...]]  # canonical name -> rank-file blocks, in target order
@@ -174,3 +174,10 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
     return plan
+
+
+def hf_view(info: ModelInfo) -> MmView:
+    """An HF directory as a view of itself: every canonical tensor is one block, its own file's."""
+    blocks = {name: (Piece(name, (0, grid(m.shape)[0])),) for name, m in info.tensors.items()}
+    dtypes = {name: m.dtype for name, m in info.tensors.items()}
+    return MmView(None, ParallelConfig(llm_pp_layers=[[0]]), dict(info.tensors), blocks, {}, dtypes, {})

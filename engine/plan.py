@@ -13,12 +13,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
+
+if TYPE_CHECKING:
+    from .lora import LoraPair
 
 CKPT_NAME = "model_optim_rng.pt"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -65,6 +69,8 @@ class Entry:
     """One tensor of an output file, assembled from blocks of source tensors.
 
     The last `pad_rows` rows are zeros (vocabulary padding); the pieces cover the rest.
+    `lora` lists blocks of canonical tensors that carry a LoRA adapter (`Plan.lora`), in
+    this entry's coordinates: their B @ A is added after assembling (engine/lora.py).
     """
 
     key: str
@@ -73,6 +79,7 @@ class Entry:
     pieces: tuple[Piece, ...]
     transform: str
     pad_rows: int = 0
+    lora: tuple[Piece, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -136,6 +143,7 @@ class Plan:
     texts: dict[str, str] = field(default_factory=dict)  # small files written as they are (tracker, index)
     copies: dict[str, Path] = field(default_factory=dict)  # files copied unchanged (config, tokenizer)
     padding: dict[str, int] = field(default_factory=dict)  # source key -> its last rows that are padding
+    lora: dict[str, LoraPair] = field(default_factory=dict)  # canonical tensor -> adapter merged into it
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.job import HfToDcpConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig
+from engine.job import HfToDcpConfig, HfToMmConfig, Job, MergeLoraConfig, MmToHfConfig, ResplitConfig
 from engine.preset import builtin_presets
 
 from .runner import run_job_cli
@@ -36,7 +36,11 @@ def _converter_class(converter: str, title: str) -> type:
         """Convert a Hugging Face checkpoint to one torch.distributed.checkpoint directory."""
         run_job_cli(Job(converter=converter, command="hf_to_dcp", cfg=cfg), prog="mm-convert")
 
-    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit, hf_to_dcp)}
+    def merge_lora(cfg: MergeLoraConfig) -> None:
+        """Merge a LoRA adapter (PEFT) into a Hugging Face checkpoint, written as HF safetensors."""
+        run_job_cli(Job(converter=converter, command="merge_lora", cfg=cfg), prog="mm-convert")
+
+    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit, hf_to_dcp, merge_lora)}
     return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 

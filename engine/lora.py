@@ -1,0 +1,172 @@
+"""LoRA adapters: read a PEFT adapter from metadata, and attach it to a plan so the output is merged.
+
+A merged weight is W' = W + scale * B @ A with scale = alpha / r (alpha / sqrt(r) with
+rsLoRA). The plan stays data: each output entry lists, in `Entry.lora`, the blocks of
+canonical (HF) tensors that carry an adapter, in the entry's own coordinates. The
+executor adds scale * B[rows] @ A[:, cols] to exactly those blocks, in float32, and
+casts back to the base dtype once. Fusions and TP splits need nothing else: a fused QKV
+row block of q_proj takes q_proj's B rows, a column-split linear_proj block takes A's
+columns. So every output format and layout can be written merged, from an HF or a
+Megatron base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+
+from .errors import ConvertError
+from .hf_source import ModelInfo, canonical_name
+from .plan import Plan
+from .safetensors_header import TensorMeta, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+class PeftConfig(BaseModel):
+    """The fields of PEFT's adapter_config.json that decide the merge (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    r: PositiveInt
+    lora_alpha: float
+    use_rslora: bool = False
+    target_modules: list[str] | str | None = None
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    peft_type: str = "LORA"
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The adapter of one base weight: A [r, in], B [out, r], and the factor on B @ A."""
+
+    a: TensorMeta
+    b: TensorMeta
+    scale: float
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: PeftConfig
+    pairs: dict[str, LoraPair]  # canonical base tensor name -> its adapter
+
+
+def _unsupported(cfg: PeftConfig) -> str | None:
+    if cfg.peft_type.upper() != "LORA":
+        return f"peft_type = {cfg.peft_type!r} (only LORA adapters merge)"
+    if cfg.use_dora:
+        return "use_dora = true (DoRA's magnitude vectors are not merged yet)"
+    if cfg.fan_in_fan_out:
+        return "fan_in_fan_out = true (Conv1D models such as GPT-2 are not a supported family)"
+    if cfg.bias != "none":
+        return f"bias = {cfg.bias!r} (adapters that train biases are not merged yet; use 'none')"
+    if cfg.modules_to_save:
+        return f"modules_to_save = {cfg.modules_to_save} (whole replaced modules are not merged yet)"
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        return "rank_pattern / alpha_pattern (per-module r or alpha are not merged yet)"
+    return None
+
+
+def read_peft_adapter(adapter_dir: Path | str, info: ModelInfo, field: str = "lora.adapter_dir") -> Adapter:
+    """adapter_config.json + adapter_model.safetensors, checked against the base model; no tensor data read."""
+    path = Path(adapter_dir)
+    cfg_path = path / CONFIG_NAME
+    if not path.is_dir():
+        raise ConvertError(f"{field} {path}: no such directory (a PEFT adapter: {CONFIG_NAME} + {WEIGHTS_NAME})")
+    if not cfg_path.is_file():
+        raise ConvertError(f"{cfg_path}: missing (a PEFT adapter directory holds {CONFIG_NAME})")
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = (path / "adapter_model.bin").exists()
+        raise ConvertError(f"{weights}: missing" + (" (adapter_model.bin needs unpickling and is not read)" * pickled))
+    try:
+        cfg = PeftConfig.model_validate(json.loads(cfg_path.read_text()))
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValidationError):
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ConvertError(f"{cfg_path}: {loc} = {err.get('input')!r}: {err['msg']}") from None
+        raise ConvertError(f"{cfg_path}: not valid JSON ({e})") from None
+    problem = _unsupported(cfg)
+    if problem:
+        raise ConvertError(f"{cfg_path}: {problem}")
+    halves: dict[str, dict[str, TensorMeta]] = {}
+    for key, meta in read_header(weights).items():
+        m = _KEY.match(key)
+        if not m:
+            raise ConvertError(
+                f"{weights}: tensor {key!r} is not a LoRA A/B weight (base_model.model.<module>.lora_A.weight); "
+                "only plain LoRA adapters are merged"
+            )
+        base, _ = canonical_name(info.preset, m["module"] + ".weight")
+        halves.setdefault(base, {})[m["ab"]] = meta
+    pairs = {base: _pair(base, ab, cfg, info, weights) for base, ab in halves.items()}
+    _check_targets(cfg, pairs, info, cfg_path)
+    return Adapter(path, cfg, pairs)
+
+
+def _pair(base: str, ab: dict[str, TensorMeta], cfg: PeftConfig, info: ModelInfo, weights: Path) -> LoraPair:
+    if set(ab) != {"A", "B"}:
+        have, lack = next(iter(ab)), ({"A", "B"} - set(ab)).pop()
+        raise ConvertError(f"{weights}: {ab[have].name} has no lora_{lack} partner")
+    a, b = ab["A"], ab["B"]
+    w = info.tensors.get(base)
+    if w is None:
+        raise ConvertError(f"{weights}: {a.name} targets {base}, which the base model in {info.hf_dir} does not have")
+    if len(w.shape) != 2:
+        raise ConvertError(f"{weights}: {a.name} targets {base} {list(w.shape)}; only 2-D (linear) weights merge")
+    out, inp = w.shape
+    if len(a.shape) != 2 or a.shape[0] != cfg.r:
+        raise ConvertError(
+            f"{weights}: {a.name} is {list(a.shape)} but adapter_config.json has r = {cfg.r}; "
+            f"expected [{cfg.r}, {inp}] for {base} {list(w.shape)}"
+        )
+    if a.shape[1] != inp or list(b.shape) != [out, cfg.r]:
+        raise ConvertError(
+            f"{weights}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} do not fit {base} {list(w.shape)}; "
+            f"expected [{cfg.r}, {inp}] and [{out}, {cfg.r}]"
+        )
+    return LoraPair(a, b, cfg.scale)
+
+
+def _check_targets(cfg: PeftConfig, pairs: dict[str, LoraPair], info: ModelInfo, where: Path) -> None:
+    """Each module named in target_modules exists in the base (PEFT's suffix rule)."""
+    if not isinstance(cfg.target_modules, list):
+        return  # a regex or "all-linear": nothing to check name by name
+    modules = {name.removesuffix(".weight") for name in info.tensors if name.endswith(".weight")}
+    for target in cfg.target_modules:
+        if not any(m == target or m.endswith("." + target) for m in modules):
+            raise ConvertError(
+                f"{where}: target_modules names {target!r}, which matches no module of the base model in {info.hf_dir}"
+            )
+
+
+def attach(plan: Plan, adapter: Adapter) -> Plan:
+    """Mark every entry block that comes from an adapted canonical tensor; call before `retarget`."""
+    for f in plan.files:
+        for e in f.entries:
+            blocks = tuple(p for p in e.pieces if p.source in adapter.pairs)
+            if blocks:
+                e.lora = blocks
+                e.transform = f"{e.transform} + LoRA" if e.transform != "copy" else "LoRA merged"
+    plan.lora = dict(adapter.pairs)
+    n = len(adapter.pairs)
+    plan.notes.append(f"LoRA: {n} weights merged from {adapter.path} (scale {adapter.config.scale:g}, in float32)")
+    return plan

@@ -1,0 +1,188 @@
+"""LoRA merge: W + scale * B @ A in float32, into any output format and layout, from an HF or a Megatron base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.job import HfConfig, HfToMmConfig, LoraConfig, MergeLoraConfig, MmToHfConfig, ResplitConfig
+from engine.layout import ParallelConfig
+from tests.engine.test_llm_families import TOKENS, _arch, _convert, _hf_to_mm, _rank_models
+from tests.engine.test_way_back import _same_tree
+from tests.fixtures.tiny_lora import build_peft_adapter, reference_merge
+from tests.fixtures.tiny_vlm import legacy_name, load_hf_state
+from tests.test_cli import _bad, _nothing_written, mm_convert
+
+TP2_PP2 = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]])
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    build_peft_adapter(tiny_llms["llama"], root / "llama")
+    build_peft_adapter(tiny_llms["qwen2_tied"], root / "qwen2_rslora", r=8, alpha=16, rslora=True, seed=1)
+    return {"llama": root / "llama", "qwen2_rslora": root / "qwen2_rslora"}
+
+
+def _merge(hf: Path, adapter: Path, out: Path) -> Path:
+    lora = LoraConfig(adapter_dir=adapter)
+    return _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=out, hf_config=HfConfig(hf_dir=hf), lora=lora))
+
+
+def _files_state(d: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize(("variant", "adapter"), [("llama", "llama"), ("qwen2_tied", "qwen2_rslora")])
+def test_merged_hf_equals_reference_merge(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, variant: str, adapter: str
+) -> None:
+    hf = tiny_llms[variant]
+    out = _merge(hf, adapters[adapter], tmp_path / "merged")
+    base = _files_state(hf)
+    want = reference_merge(base, adapters[adapter])
+    got = _files_state(out)
+    assert got.keys() == want.keys()
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert len(changed) == 7 * 4  # seven linear layers in each of four layers
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # the base's shard files, index and non-weight files
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in hf.iterdir())
+
+
+def test_peft_merge_and_unload_agrees(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_llms["llama"]
+    peft_model = build_peft_adapter(hf, tmp_path / "adapter", r=4, alpha=16, seed=3)
+    peft_state = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    got = _files_state(_merge(hf, tmp_path / "adapter", tmp_path / "merged"))
+    for k, v in got.items():
+        torch.testing.assert_close(v, peft_state[k], rtol=1e-6, atol=1e-7)
+
+
+def test_merged_on_the_way_equals_merge_then_convert(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """hf_to_mm, resplit and mm_to_hf with cfg.lora write what converting the merged HF model writes."""
+    hf, adapter = tiny_llms["llama"], adapters["llama"]
+    lora = LoraConfig(adapter_dir=adapter)
+    merged = _merge(hf, adapter, tmp_path / "merged")
+    direct = _hf_to_mm(merged, tmp_path / "direct", TP2_PP2)
+    on_the_way = _convert(
+        hf, "hf_to_mm", HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=TP2_PP2,
+                                     lora=lora),
+    )  # fmt: skip
+    _same_tree(direct, on_the_way)
+    # a Megatron base: merge while re-cutting, and while going back to HF
+    base_mm = _hf_to_mm(hf, tmp_path / "base_mm", ParallelConfig(llm_pp_layers=[[2, 2]]))
+    resplit = _convert(
+        hf, "resplit", ResplitConfig(source_dir=base_mm, target_dir=tmp_path / "resplit", hf_config=HfConfig(hf_dir=hf),
+                                     source_parallel_config=ParallelConfig(llm_pp_layers=[[2, 2]]),
+                                     target_parallel_config=TP2_PP2, lora=lora),
+    )  # fmt: skip
+    _same_tree(direct, resplit)
+    back = _convert(
+        hf, "mm_to_hf", MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=base_mm, hf_config=HfConfig(hf_dir=hf),
+                                     parallel_config=ParallelConfig(llm_pp_layers=[[2, 2]]), lora=lora),
+    )  # fmt: skip
+    _same_tree(merged, back)
+
+
+def test_vision_language_adapter_in_new_spelling(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """transformers 5 names Qwen2-VL's modules model.language_model.*; the files use model.*: both map."""
+    hf = tiny_dirs["qwen2_vl"]
+    build_peft_adapter(hf, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert any(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    out = _merge(hf, tmp_path / "adapter", tmp_path / "merged")
+    want = reference_merge(load_hf_state(hf), tmp_path / "adapter", legacy_name)
+    got = load_hf_state(out)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], load_hf_state(hf)["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+def test_bf16_merge_rounds_once(tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path) -> None:
+    """A bf16 base: the sum is formed in float32 and rounded to bf16 once (as the reference does)."""
+    hf = tmp_path / "bf16"
+    hf.mkdir()
+    for p in tiny_llms["llama"].iterdir():
+        if p.suffix == ".safetensors":
+            save_file({k: v.bfloat16() for k, v in load_file(p).items()}, hf / p.name, metadata={"format": "pt"})
+        else:
+            (hf / p.name).write_bytes(p.read_bytes())
+    got = _files_state(_merge(hf, adapters["llama"], tmp_path / "merged"))
+    want = reference_merge(_files_state(hf), adapters["llama"])
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+
+
+def _merge_cli(hf: Path, adapter: Path, out: Path):
+    return mm_convert(
+        "LlamaConverter", "merge_lora", "--cfg.save_hf_dir", str(out), "--cfg.hf_config.hf_dir", str(hf),
+        "--cfg.lora.adapter_dir", str(adapter),
+    )  # fmt: skip
+
+
+def _copy_adapter(adapter: Path, to: Path) -> Path:
+    to.mkdir()
+    for p in adapter.iterdir():
+        (to / p.name).write_bytes(p.read_bytes())
+    return to
+
+
+def test_bad_adapters_are_one_clear_line(tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_llms["llama"]
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _merge_cli(hf, adapters["llama"], work / "ok").returncode == 0
+    # r in adapter_config.json that the tensors do not have
+    bad_r = _copy_adapter(adapters["llama"], tmp_path / "bad_r")
+    cfg = json.loads((bad_r / "adapter_config.json").read_text())
+    (bad_r / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    _bad(_merge_cli(hf, bad_r, work / "a"), "lora_A.weight is [4, 128] but adapter_config.json has r = 8")
+    # a target module the base does not have
+    absent = _copy_adapter(adapters["llama"], tmp_path / "absent")
+    (absent / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "qkv_proj"]}))
+    _bad(_merge_cli(hf, absent, work / "b"), "target_modules names 'qkv_proj', which matches no module")
+    # adapter shapes made for another model
+    other = _copy_adapter(adapters["llama"], tmp_path / "other")
+    tensors = load_file(other / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    tensors[key] = torch.zeros(32, 4)
+    save_file(tensors, other / "adapter_model.safetensors")
+    _bad(_merge_cli(hf, other, work / "c"), "do not fit model.layers.1.mlp.down_proj.weight [64, 128]")
+    # a layer the base does not have
+    deeper = _copy_adapter(adapters["llama"], tmp_path / "deeper")
+    tensors = load_file(deeper / "adapter_model.safetensors")
+    for ab in "AB":
+        tensors[f"base_model.model.model.layers.7.self_attn.q_proj.lora_{ab}.weight"] = tensors[
+            f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight"
+        ].clone()
+    save_file(tensors, deeper / "adapter_model.safetensors")
+    _bad(_merge_cli(hf, deeper, work / "d"), "targets model.layers.7.self_attn.q_proj.weight, which the base model")
+    _nothing_written(work, "ok")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("tp", [1, 2])
+def test_merged_megatron_reproduces_peft_logits(tiny_llms: dict[str, Path], tmp_path: Path, tp: int) -> None:
+    """megatron-core on the merged TP-split output == transformers + PEFT with the adapter active (1e-5, fp32)."""
+    pytest.importorskip("megatron.core")
+    from mmtui.megatron_logits import megatron_logits
+
+    hf = tiny_llms["llama"]
+    peft_model = build_peft_adapter(hf, tmp_path / "adapter", seed=5)
+    layout = ParallelConfig(tp_size=tp, llm_pp_layers=[[4]])
+    cfg = HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=layout,
+                       lora=LoraConfig(adapter_dir=tmp_path / "adapter"))  # fmt: skip
+    mm = _convert(hf, "hf_to_mm", cfg)
+    got = megatron_logits(_rank_models(mm, tp), _arch(hf), TOKENS)
+    with torch.no_grad():
+        want = peft_model(input_ids=torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
