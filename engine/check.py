@@ -50,6 +50,8 @@ def check_plan(plan: Plan) -> list[str]:
         if name not in used:
             problems.append(f"source {name} is used by no output and not listed as dropped")
             continue
+        if name in plan.zero_blocks:  # an adapter's unused rank blocks (checked zero when read)
+            continue
         hole = _uncovered(rows, cols, used[name])
         if hole:
             problems.append(f"source {name}: rows {hole[0]}..{hole[1]}, cols {hole[2]}..{hole[3]} are written nowhere")
@@ -89,9 +91,17 @@ def _check_entry(plan: Plan, e: Entry, where: str, used: dict[str, set[Rect]]) -
         placed.add(rect)
         area += (r1 - r0) * (c1 - c0)
         used[p.source].add((r0, r1, c0, c1))
+    if e.zero_fill:  # holes are zeros; blocks still may not overlap
+        if any(_overlap(x, y) for x, y in itertools.combinations(placed, 2)) or len(placed) < len(e.pieces):
+            out.append(f"{where}: {e.key} has blocks that overlap")
+        return out
     hole = _uncovered(trows, tcols, placed)
     if hole:
         out.append(f"{where}: {e.key} rows {hole[0]}..{hole[1]}, cols {hole[2]}..{hole[3]} come from no source")
     elif area != trows * tcols:
         out.append(f"{where}: {e.key} has blocks that overlap")
     return out
+
+
+def _overlap(x: Rect, y: Rect) -> bool:
+    return x[0] < y[1] and y[0] < x[1] and x[2] < y[3] and y[2] < x[3]

@@ -24,6 +24,7 @@ from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
 from .plan import Entry, OutputFile, Plan, grid
+from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
 from .torch_zip import Span, StreamingCheckpointWriter
 
@@ -42,8 +43,8 @@ def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
 
 def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span] | None:
     """The entry as byte ranges of source files laid end to end, when it is just whole rows."""
-    if entry.lora:
-        return None  # merged: the bytes change
+    if entry.lora or entry.zero_fill:
+        return None  # merged, or with zero blocks: not a plain copy
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
@@ -58,13 +59,20 @@ def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span
 
 def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
     """The target tensor's bytes, built in one buffer from only the blocks it needs."""
-    out = np.empty(entry.nbytes, dtype=np.uint8)
+    out = assemble_from(entry, plan.sources, reader)
+    if entry.lora:
+        add_lora(out, entry, plan, reader)
+    return out
+
+
+def assemble_from(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader) -> np.ndarray:
+    out = (np.zeros if entry.zero_fill else np.empty)(entry.nbytes, dtype=np.uint8)
     rows, cols = grid(entry.shape)
     target = out.reshape(rows, cols, -1) if entry.nbytes else out
     if entry.pad_rows:
         target[rows - entry.pad_rows :] = 0
     for p in entry.pieces:
-        meta = plan.sources[p.source]
+        meta = sources[p.source]
         scols = grid(meta.shape)[1]
         c0, c1 = p.cols or (0, scols)
         dest = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]
@@ -75,8 +83,6 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
             src = np.frombuffer(view, dtype=np.uint8).reshape(p.nrows, scols, -1)
             dest[...] = src[:, c0:c1]
             del src  # the mapping closes on exit and must not be referenced then
-    if entry.lora:
-        add_lora(out, entry, plan, reader)
     return out
 
 
@@ -89,19 +95,17 @@ def add_lora(out: np.ndarray, entry: Entry, plan: Plan, reader: TensorReader) ->
     target = torch.from_numpy(out).view(dtype).reshape(rows, cols)
     for p in entry.lora:
         pair = plan.lora[p.source]
+        a, b = (_tensor(assemble_from(x, plan.lora_sources, reader), x) for x in (pair.a, pair.b))
         c0, c1 = p.cols or (0, pair.a.shape[1])
-        b = _rows(reader, pair.b, *p.rows).float()
-        a = reader.read(pair.a).float()
+        delta = b[p.rows[0] : p.rows[1]] @ a  # whole rows of A: the same sums as the reference's B @ A
         block = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]
-        block.copy_((block.float() + pair.scale * (b @ a)[:, c0:c1]).to(dtype))
+        block.copy_((block.float() + pair.scale * delta[:, c0:c1]).to(dtype))
 
 
-def _rows(reader: TensorReader, meta, r0: int, r1: int):
+def _tensor(raw: np.ndarray, entry: Entry):
     import torch
 
-    t = torch.empty((r1 - r0, *meta.shape[1:]), dtype=getattr(torch, meta.dtype))
-    reader.read_rows_into(meta, r0, r1, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return t
+    return torch.from_numpy(raw).view(getattr(torch, entry.dtype)).reshape(entry.shape).float()
 
 
 def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) -> Iterator[Event]:

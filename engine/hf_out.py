@@ -115,7 +115,7 @@ def build_mm_to_hf_plan(
     plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
     plan.padding = dict(view.padding)
     if adapter is not None:
-        plan.lora = dict(adapter.pairs)
+        plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
         notes.append(f"LoRA: {len(adapter.pairs)} weights merged from {adapter.path} (in float32)")
     return plan
 

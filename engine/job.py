@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
 from .errors import ConvertError
 from .execute import check_target
@@ -18,9 +18,10 @@ from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
 from .lora import Adapter, attach, read_peft_adapter
+from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
-from .plan import Plan, build_dcp_plan, build_plan
+from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
 
 
@@ -35,7 +36,21 @@ class HfConfig(_Config):
 
 class LoraConfig(_Config):
     adapter_dir: Path
-    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    """A PEFT adapter (adapter_config.json + adapter_model.safetensors) or a Megatron/MindSpeed LoRA checkpoint."""
+    parallel_config: ParallelConfig | None = None
+    """Layout of a Megatron LoRA checkpoint (default: the Megatron base's layout)."""
+    r: PositiveInt | None = None
+    """--lora-r a Megatron LoRA checkpoint was trained with (not needed for one mmtui wrote)."""
+    alpha: float | None = None
+    """--lora-alpha a Megatron LoRA checkpoint was trained with (not needed for one mmtui wrote)."""
+    use_rslora: bool = False
+    """A Megatron LoRA checkpoint trained with rsLoRA (scale alpha / sqrt(r))."""
+    target_modules: list[str] | None = None
+    """Megatron modules whose adapters to take, e.g. [linear_qkv, linear_proj]; default: all on disk."""
+
+    @property
+    def is_megatron(self) -> bool:
+        return (Path(self.adapter_dir) / TRACKER_NAME).is_file()
 
 
 class CommonModelConfig(_Config):
@@ -166,12 +181,50 @@ class MergeLoraConfig(_Config):
         return self.save_hf_dir
 
 
+class LoraHfToMmConfig(_Config):
+    """Write a PEFT LoRA adapter in Megatron/MindSpeed layout (lora_A / lora_B beside each target), unmerged."""
+
+    mm_dir: Path
+    """Output directory for the adapter's rank files."""
+    hf_config: HfConfig
+    """The base Hugging Face model (config.json and safetensors headers; no weights are read)."""
+    lora: LoraConfig
+    """The PEFT adapter."""
+    parallel_config: ParallelConfig
+    """Layout to cut the adapter for (the base model's training layout)."""
+    overwrite: bool = False
+    """Replace an existing, non-empty mm_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.mm_dir
+
+
+class LoraMmToHfConfig(_Config):
+    """Write a Megatron/MindSpeed LoRA checkpoint as a PEFT adapter (adapter_config.json + safetensors), unmerged."""
+
+    save_hf_dir: Path
+    """Output directory for the PEFT adapter."""
+    hf_config: HfConfig
+    """The base Hugging Face model (config.json and safetensors headers; no weights are read)."""
+    lora: LoraConfig
+    """The Megatron LoRA checkpoint: adapter_dir, parallel_config, and r / alpha unless mmtui wrote it."""
+    overwrite: bool = False
+    """Replace an existing, non-empty save_hf_dir."""
+
+    @property
+    def out_dir(self) -> Path:
+        return self.save_hf_dir
+
+
 COMMANDS: dict[str, type[_Config]] = {
     "hf_to_mm": HfToMmConfig,
     "mm_to_hf": MmToHfConfig,
     "resplit": ResplitConfig,
     "hf_to_dcp": HfToDcpConfig,
     "merge_lora": MergeLoraConfig,
+    "lora_hf_to_mm": LoraHfToMmConfig,
+    "lora_mm_to_hf": LoraMmToHfConfig,
 }
 
 
@@ -179,8 +232,16 @@ class Job(_Config):
     """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
 
     converter: str
-    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora"]
-    cfg: HfToMmConfig | MmToHfConfig | ResplitConfig | HfToDcpConfig | MergeLoraConfig
+    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora", "lora_hf_to_mm", "lora_mm_to_hf"]
+    cfg: (
+        HfToMmConfig
+        | MmToHfConfig
+        | ResplitConfig
+        | HfToDcpConfig
+        | MergeLoraConfig
+        | LoraHfToMmConfig
+        | LoraMmToHfConfig
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -234,6 +295,8 @@ OUT_FIELDS = {
     "resplit": "target_dir",
     "hf_to_dcp": "dcp_dir",
     "merge_lora": "save_hf_dir",
+    "lora_hf_to_mm": "mm_dir",
+    "lora_mm_to_hf": "save_hf_dir",
 }
 
 
@@ -248,32 +311,59 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
-        adapter = _adapter(cfg.lora, info)
+        adapter = _adapter(cfg.lora, info, cfg.parallel_config)
         return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
     if isinstance(cfg, MergeLoraConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
-        adapter = read_peft_adapter(cfg.lora.adapter_dir, info)
+        adapter = _adapter(cfg.lora, info, None)
+        assert adapter is not None
         return info, build_merge_plan(info, adapter, max_shard_size=cfg.max_shard_size)
+    if isinstance(cfg, LoraHfToMmConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        if cfg.lora.is_megatron:
+            raise ConvertError(
+                f"lora.adapter_dir {cfg.lora.adapter_dir}: a Megatron LoRA checkpoint; lora_hf_to_mm takes a PEFT "
+                "adapter (adapter_config.json + adapter_model.safetensors)"
+            )
+        return info, peft_to_mm_plan(info, read_peft_adapter(cfg.lora.adapter_dir, info), cfg.parallel_config)
+    if isinstance(cfg, LoraMmToHfConfig):
+        info = _inspect(job, cfg.hf_config.hf_dir)
+        adapter = _adapter(cfg.lora, info, None)
+        assert adapter is not None
+        return info, peft_plan(adapter)
     if isinstance(cfg, HfToDcpConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
-        return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info))
+        return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
         view = open_view(info, ckpt, cfg.source_parallel_config, "source_dir")
         plan = build_plan(info, cfg.target_parallel_config, iteration=ckpt.iteration)
-        return info, retarget(_merged(plan, _adapter(cfg.lora, info)), view)
+        return info, retarget(_merged(plan, _adapter(cfg.lora, info, cfg.source_parallel_config)), view)
     assert isinstance(cfg, HfToMmConfig)
     info = _inspect(job, cfg.hf_config.hf_dir)
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
     plan = build_plan(info, cfg.parallel_config, save_vit_only=cfg.save_vit_only)
-    return info, _merged(plan, _adapter(cfg.lora, info))
+    return info, _merged(plan, _adapter(cfg.lora, info, None))
 
 
-def _adapter(lora: LoraConfig | None, info: ModelInfo) -> Adapter | None:
-    return read_peft_adapter(lora.adapter_dir, info) if lora else None
+def _adapter(lora: LoraConfig | None, info: ModelInfo, base_layout: ParallelConfig | None) -> Adapter | None:
+    """The adapter to merge: a PEFT directory, or a Megatron LoRA checkpoint in its layout."""
+    if lora is None:
+        return None
+    if not lora.is_megatron:
+        return read_peft_adapter(lora.adapter_dir, info)
+    layout = lora.parallel_config or base_layout
+    if layout is None:
+        raise ConvertError(
+            f"lora.adapter_dir {lora.adapter_dir}: a Megatron LoRA checkpoint; give its layout in lora.parallel_config"
+        )
+    return open_mm_adapter(
+        info, lora.adapter_dir, layout, r=lora.r, alpha=lora.alpha, use_rslora=lora.use_rslora,
+        target_modules=lora.target_modules,
+    )  # fmt: skip
 
 
 def _merged(plan: Plan, adapter: Adapter | None) -> Plan:

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from .errors import ConvertError
 from .hf_source import ModelInfo, canonical_name
-from .plan import Plan
-from .safetensors_header import TensorMeta, read_header
+from .plan import Entry, Piece, Plan
+from .safetensors_header import TensorMeta, read_header, read_metadata
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,10 +54,11 @@ class PeftConfig(BaseModel):
 
 @dataclass(frozen=True)
 class LoraPair:
-    """The adapter of one base weight: A [r, in], B [out, r], and the factor on B @ A."""
+    """The adapter of one base weight: A [r, in] and B [out, r] as blocks of adapter tensors, and the
+    factor on B @ A. Blocks, so an adapter cut over Megatron rank files serves as well as a PEFT file."""
 
-    a: TensorMeta
-    b: TensorMeta
+    a: Entry
+    b: Entry
     scale: float
 
 
@@ -66,6 +67,23 @@ class Adapter:
     path: Path
     config: PeftConfig
     pairs: dict[str, LoraPair]  # canonical base tensor name -> its adapter
+    sources: dict[str, TensorMeta]  # the tensors the pairs' blocks read
+    raw_names: dict[str, str] = field(default_factory=dict)  # canonical adapter tensor -> key in the file
+    order: list[str] = field(default_factory=list)  # keys as the file lists them
+    metadata: dict[str, str] | None = None  # the file's __metadata__
+    config_text: str | None = None  # adapter_config.json as written
+    zero_blocks: set[str] = field(default_factory=set)  # source tensors with rank blocks no pair reads (all zero)
+    dropped: dict[str, str] = field(default_factory=dict)  # source tensors no pair reads (TP replicas)
+
+
+def adapter_name(base: str, half: str) -> str:
+    """Canonical name of an adapter tensor: `model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return f"{base.removesuffix('.weight')}.lora_{half}.weight"
+
+
+def whole(meta: TensorMeta) -> Entry:
+    """A tensor as an entry made of all of itself."""
+    return Entry(meta.name, meta.shape, meta.dtype, (Piece(meta.name, (0, meta.shape[0])),), "")
 
 
 def _unsupported(cfg: PeftConfig) -> str | None:
@@ -108,7 +126,9 @@ def read_peft_adapter(adapter_dir: Path | str, info: ModelInfo, field: str = "lo
     if problem:
         raise ConvertError(f"{cfg_path}: {problem}")
     halves: dict[str, dict[str, TensorMeta]] = {}
-    for key, meta in read_header(weights).items():
+    header = read_header(weights)
+    raw_names = {}
+    for key, meta in header.items():
         m = _KEY.match(key)
         if not m:
             raise ConvertError(
@@ -116,34 +136,40 @@ def read_peft_adapter(adapter_dir: Path | str, info: ModelInfo, field: str = "lo
                 "only plain LoRA adapters are merged"
             )
         base, _ = canonical_name(info.preset, m["module"] + ".weight")
-        halves.setdefault(base, {})[m["ab"]] = meta
-    pairs = {base: _pair(base, ab, cfg, info, weights) for base, ab in halves.items()}
+        name = adapter_name(base, m["ab"])
+        raw_names[name] = key
+        halves.setdefault(base, {})[m["ab"]] = replace(meta, name=name)
+    pairs = {base: _pair(base, ab, cfg, info, weights, raw_names) for base, ab in halves.items()}
     _check_targets(cfg, pairs, info, cfg_path)
-    return Adapter(path, cfg, pairs)
+    sources = {m.name: m for ab in halves.values() for m in ab.values()}
+    order = sorted(header, key=lambda k: header[k].begin)
+    return Adapter(path, cfg, pairs, sources, raw_names, order, read_metadata(weights), cfg_path.read_text())
 
 
-def _pair(base: str, ab: dict[str, TensorMeta], cfg: PeftConfig, info: ModelInfo, weights: Path) -> LoraPair:
+def _pair(
+    base: str, ab: dict[str, TensorMeta], cfg: PeftConfig, info: ModelInfo, weights: Path, raw: dict[str, str]
+) -> LoraPair:
     if set(ab) != {"A", "B"}:
         have, lack = next(iter(ab)), ({"A", "B"} - set(ab)).pop()
-        raise ConvertError(f"{weights}: {ab[have].name} has no lora_{lack} partner")
+        raise ConvertError(f"{weights}: {raw[ab[have].name]} has no lora_{lack} partner")
     a, b = ab["A"], ab["B"]
     w = info.tensors.get(base)
     if w is None:
-        raise ConvertError(f"{weights}: {a.name} targets {base}, which the base model in {info.hf_dir} does not have")
+        raise ConvertError(f"{weights}: {raw[a.name]} targets {base}, which the base model in {info.hf_dir} lacks")
     if len(w.shape) != 2:
-        raise ConvertError(f"{weights}: {a.name} targets {base} {list(w.shape)}; only 2-D (linear) weights merge")
+        raise ConvertError(f"{weights}: {raw[a.name]} targets {base} {list(w.shape)}; only 2-D (linear) weights merge")
     out, inp = w.shape
     if len(a.shape) != 2 or a.shape[0] != cfg.r:
         raise ConvertError(
-            f"{weights}: {a.name} is {list(a.shape)} but adapter_config.json has r = {cfg.r}; "
+            f"{weights}: {raw[a.name]} is {list(a.shape)} but adapter_config.json has r = {cfg.r}; "
             f"expected [{cfg.r}, {inp}] for {base} {list(w.shape)}"
         )
     if a.shape[1] != inp or list(b.shape) != [out, cfg.r]:
         raise ConvertError(
-            f"{weights}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} do not fit {base} {list(w.shape)}; "
-            f"expected [{cfg.r}, {inp}] and [{out}, {cfg.r}]"
+            f"{weights}: {raw[a.name]} {list(a.shape)} and {raw[b.name]} {list(b.shape)} do not fit "
+            f"{base} {list(w.shape)}; expected [{cfg.r}, {inp}] and [{out}, {cfg.r}]"
         )
-    return LoraPair(a, b, cfg.scale)
+    return LoraPair(whole(a), whole(b), cfg.scale)
 
 
 def _check_targets(cfg: PeftConfig, pairs: dict[str, LoraPair], info: ModelInfo, where: Path) -> None:
@@ -166,7 +192,7 @@ def attach(plan: Plan, adapter: Adapter) -> Plan:
             if blocks:
                 e.lora = blocks
                 e.transform = f"{e.transform} + LoRA" if e.transform != "copy" else "LoRA merged"
-    plan.lora = dict(adapter.pairs)
+    plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
     n = len(adapter.pairs)
     plan.notes.append(f"LoRA: {n} weights merged from {adapter.path} (scale {adapter.config.scale:g}, in float32)")
     return plan

@@ -9,7 +9,7 @@ Building it also cross-checks the layout the user gave against what is on disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
@@ -30,6 +30,7 @@ class MmView:
     dropped: dict[str, str]  # rank-file tensors no canonical tensor needs
     dtypes: dict[str, str]  # canonical name -> dtype on disk
     padding: dict[str, int]  # rank-file tensor -> its last rows that are vocabulary padding
+    zero_blocks: set[str] = field(default_factory=set)  # rank-file tensors whose unread parts are zeros by layout
 
 
 def _layout_text(layout: ParallelConfig) -> str:
@@ -38,9 +39,12 @@ def _layout_text(layout: ParallelConfig) -> str:
     return f"tp_size={layout.tp_size}{ep}, {lists}"
 
 
-def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir") -> MmView:
-    """Check the checkpoint on disk against `layout` and invert the layout's plan."""
-    forward = build_plan(info, layout, iteration=ckpt.iteration)
+def open_view(
+    info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir", forward: Plan | None = None
+) -> MmView:
+    """Check the checkpoint on disk against `layout` and invert the layout's plan (or `forward`, a plan
+    of other tensors in that layout, such as a LoRA adapter's)."""
+    forward = forward or build_plan(info, layout, iteration=ckpt.iteration)
     expected = {f.dir_name: f for f in forward.files}
     missing = sorted(set(expected) - set(ckpt.ranks))
     extra = sorted(set(ckpt.ranks) - set(expected))
@@ -55,6 +59,7 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
     covered: dict[str, set[tuple[int, int, int, int]]] = {}
     kept: dict[str, bool] = {}
     padding: dict[str, int] = {}
+    zero_blocks: set[str] = set()
     for rank, f in expected.items():
         path = ckpt.ranks[rank]
         on_disk = read_rank_file(path, prefix=f.dir_name + "/")
@@ -86,6 +91,8 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
                     )
                 sources[meta.name] = meta
                 kept.setdefault(meta.name, False)
+                if e.zero_fill:
+                    zero_blocks.add(meta.name)
                 if e.pad_rows:
                     padding[meta.name] = e.pad_rows
                     kept[meta.name] = kept[meta.name] or not e.pieces  # all padding: nothing else to read
@@ -110,7 +117,7 @@ def open_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field
         dtypes[name] = kinds.pop()
     dropped = {name: REPLICA for name, used in kept.items() if not used}
     ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
-    return MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding)
+    return MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding, zero_blocks)
 
 
 def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, TensorMeta]) -> tuple[Piece, ...]:

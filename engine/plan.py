@@ -68,7 +68,8 @@ def grid(shape: tuple[int, ...]) -> tuple[int, int]:
 class Entry:
     """One tensor of an output file, assembled from blocks of source tensors.
 
-    The last `pad_rows` rows are zeros (vocabulary padding); the pieces cover the rest.
+    The last `pad_rows` rows are zeros (vocabulary padding); the pieces cover the rest,
+    unless `zero_fill`: then what no piece covers is zero (an adapter's unused rank blocks).
     `lora` lists blocks of canonical tensors that carry a LoRA adapter (`Plan.lora`), in
     this entry's coordinates: their B @ A is added after assembling (engine/lora.py).
     """
@@ -80,6 +81,7 @@ class Entry:
     transform: str
     pad_rows: int = 0
     lora: tuple[Piece, ...] = ()
+    zero_fill: bool = False
 
     @property
     def numel(self) -> int:
@@ -144,6 +146,8 @@ class Plan:
     copies: dict[str, Path] = field(default_factory=dict)  # files copied unchanged (config, tokenizer)
     padding: dict[str, int] = field(default_factory=dict)  # source key -> its last rows that are padding
     lora: dict[str, LoraPair] = field(default_factory=dict)  # canonical tensor -> adapter merged into it
+    lora_sources: dict[str, TensorMeta] = field(default_factory=dict)  # the adapter tensors its pieces read
+    zero_blocks: set[str] = field(default_factory=set)  # sources whose unread parts are zeros by layout
 
     @property
     def nbytes(self) -> int:

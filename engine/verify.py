@@ -136,6 +136,8 @@ def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     from .job import HfToDcpConfig, HfToMmConfig, MmToHfConfig
 
     cfg = job.cfg
+    if getattr(cfg, "lora", None) is not None:
+        raise ConvertError(f"{job.out_dir}: a LoRA was merged or converted, so it differs from its source by design")
     if isinstance(cfg, HfToDcpConfig):
         raise ConvertError(f"{job.out_dir}: verify does not read torch.distributed.checkpoint directories yet")
     if isinstance(cfg, HfToMmConfig):

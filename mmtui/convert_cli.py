@@ -13,7 +13,16 @@ from __future__ import annotations
 import os
 import sys
 
-from engine.job import HfToDcpConfig, HfToMmConfig, Job, MergeLoraConfig, MmToHfConfig, ResplitConfig
+from engine.job import (
+    HfToDcpConfig,
+    HfToMmConfig,
+    Job,
+    LoraHfToMmConfig,
+    LoraMmToHfConfig,
+    MergeLoraConfig,
+    MmToHfConfig,
+    ResplitConfig,
+)
 from engine.preset import builtin_presets
 
 from .runner import run_job_cli
@@ -40,7 +49,16 @@ def _converter_class(converter: str, title: str) -> type:
         """Merge a LoRA adapter (PEFT) into a Hugging Face checkpoint, written as HF safetensors."""
         run_job_cli(Job(converter=converter, command="merge_lora", cfg=cfg), prog="mm-convert")
 
-    methods = {fn.__name__: staticmethod(fn) for fn in (hf_to_mm, mm_to_hf, resplit, hf_to_dcp, merge_lora)}
+    def lora_hf_to_mm(cfg: LoraHfToMmConfig) -> None:
+        """Write a PEFT LoRA adapter in Megatron/MindSpeed layout, cut for a TP / PP layout, unmerged."""
+        run_job_cli(Job(converter=converter, command="lora_hf_to_mm", cfg=cfg), prog="mm-convert")
+
+    def lora_mm_to_hf(cfg: LoraMmToHfConfig) -> None:
+        """Write a Megatron/MindSpeed LoRA checkpoint as a PEFT adapter, unmerged."""
+        run_job_cli(Job(converter=converter, command="lora_mm_to_hf", cfg=cfg), prog="mm-convert")
+
+    commands = (hf_to_mm, mm_to_hf, resplit, hf_to_dcp, merge_lora, lora_hf_to_mm, lora_mm_to_hf)
+    methods = {fn.__name__: staticmethod(fn) for fn in commands}
     return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 

@@ -29,6 +29,7 @@ class Form:
     src_llm: str
     src_vit: str
     out: str
+    lora: str
     overwrite: bool
     tp: str
     ep: str
@@ -58,6 +59,9 @@ _FIELD_WORDS = {
     "save_hf_dir": "out",
     "target_dir": "out",
     "source_dir": "src",
+    "lora.": "lora",
+    "adapter_config.json": "lora",
+    "adapter_model.safetensors": "lora",
 }
 
 
@@ -89,18 +93,28 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
             return Planned([f"{name.upper()} {value!r}: give a positive whole number"], {name}, None, None, None)
     cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
     layout = _layout(form.tp, form.ep, form.layers)
-    problems = layout_problems(layout, info)
+    problems = layout_problems(layout, info) if form.direction != "merge_lora" else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
         return Planned(problems, bad, None, None, cells)
     if not form.out:
         return Planned(["Output dir is empty: give a directory to write"], {"out"}, None, None, cells)
+    if form.direction in ("merge_lora", "lora_hf_to_mm") and not form.lora:
+        return Planned(["LoRA adapter is empty: give a PEFT adapter directory"], {"lora"}, None, None, cells)
     hf = {"hf_dir": form.hf_dir or str(info.hf_dir)}
     lay = layout.model_dump(exclude_defaults=True)
+    lora = {"adapter_dir": form.lora} if form.lora else None
     if form.direction == "hf_to_mm":
         cfg: dict[str, Any] = {"mm_dir": form.out, "hf_config": hf, "parallel_config": lay}
     elif form.direction == "mm_to_hf":
         cfg = {"save_hf_dir": form.out, "mm_dir": form.src, "hf_config": hf, "parallel_config": lay}
+    elif form.direction == "merge_lora":
+        cfg = {"save_hf_dir": form.out, "hf_config": hf}
+    elif form.direction == "lora_hf_to_mm":
+        cfg = {"mm_dir": form.out, "hf_config": hf, "parallel_config": lay}
+    elif form.direction == "lora_mm_to_hf":
+        cfg = {"save_hf_dir": form.out, "hf_config": hf}
+        lora = {"adapter_dir": form.src, "parallel_config": lay}
     else:
         try:
             src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
@@ -120,7 +134,9 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
             "source_parallel_config": src.model_dump(exclude_defaults=True),
             "target_parallel_config": lay,
         }
-    if form.direction != "hf_to_mm" and not form.src:
+    if lora is not None:
+        cfg["lora"] = lora
+    if form.direction in ("mm_to_hf", "resplit", "lora_mm_to_hf") and not form.src:
         return Planned(["Megatron dir is empty: give the checkpoint to read"], {"src"}, None, None, cells)
     if form.overwrite:
         cfg["overwrite"] = True
@@ -130,7 +146,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     except ValidationError as e:
         return Planned([str(e).splitlines()[0]], set(), None, None, cells)
     except ConvertError as e:
-        return Planned([str(e)], _fields_of(str(e), form.direction != "hf_to_mm"), None, None, cells)
+        source_side = form.direction in ("mm_to_hf", "resplit", "lora_mm_to_hf")
+        return Planned([str(e)], _fields_of(str(e), source_side), None, None, cells)
     notes = list(plan.notes)
     bad = set()
     out = Path(form.out).expanduser()

@@ -48,15 +48,29 @@ DIRECTIONS = [
     ("HF → Megatron / MindSpeed", "hf_to_mm"),
     ("Megatron → HF", "mm_to_hf"),
     ("Re-split Megatron", "resplit"),
+    ("Merge a LoRA adapter into HF", "merge_lora"),
+    ("LoRA adapter: PEFT → Megatron", "lora_hf_to_mm"),
+    ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
 ]
 COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
 TABS = ["source", "layout", "preview", "run"]
 SHORT = {"vit": "ViT", "llm": "LLM"}
-OUT_SUFFIX = {"hf_to_mm": "-mm", "mm_to_hf": "-hf", "resplit": "-resplit"}
+OUT_SUFFIX = {
+    "hf_to_mm": "-mm",
+    "mm_to_hf": "-hf",
+    "resplit": "-resplit",
+    "merge_lora": "-merged",
+    "lora_hf_to_mm": "-mm",
+    "lora_mm_to_hf": "-peft",
+}
+OUT_FROM = {"mm_to_hf": "src", "resplit": "src", "lora_mm_to_hf": "src", "lora_hf_to_mm": "lora"}  # else hf_dir
 LAYOUT_CAPTION = {
     "hf_to_mm": "Layout to write",
     "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
     "resplit": "Layout to write (the source layout is on the Source tab)",
+    "merge_lora": "Merging into Hugging Face files uses no layout",
+    "lora_hf_to_mm": "Layout to cut the adapter for (the base model's training layout)",
+    "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
 }
 
 
@@ -109,6 +123,8 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
                     src_vit = Input(id="src_vit", placeholder="[[3,0]]")
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
+                    lora = Input(id="lora", placeholder="optional: a PEFT adapter, merged into the output")
+                    yield _field("LoRA adapter", lora, "needs-lora")
                     yield _field("Output dir", Input(str(self.out_dir or ""), id="out"))
                     yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
                 with VerticalScroll(id="summary-box"):
@@ -193,7 +209,7 @@ class WorkbenchScreen(Screen[None]):
         out = self.query_one("#out", Input)
         if out.value and out.value != self._auto_out:
             return
-        base = self._value("src") if self.direction != "hf_to_mm" else self._value("hf_dir")
+        base = self._value(OUT_FROM.get(self.direction, "hf_dir"))
         if base:
             p = Path(base).expanduser()
             self._auto_out = out.value = str(p.parent / f"{p.name}{OUT_SUFFIX[self.direction]}")
@@ -257,7 +273,7 @@ class WorkbenchScreen(Screen[None]):
     def _changed(self, event: Input.Changed) -> None:
         if event.input.id in ("hf_dir", "filter", "pp", "vpp"):
             return
-        if event.input.id == "src":
+        if event.input.id in ("src", "lora"):
             self._default_out()
         self.replan()
 
@@ -287,6 +303,7 @@ class WorkbenchScreen(Screen[None]):
             src_llm=self._value("src_llm"),
             src_vit=self._value("src_vit"),
             out=self._value("out"),
+            lora=self._value("lora"),
             overwrite=self.query_one("#overwrite", Checkbox).value,
             tp=self._value("tp"),
             ep=self._value("ep"),
@@ -319,7 +336,7 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(result.problems[:4]))
         else:
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
-        for name in ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir"):
+        for name in ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir", "lora"):
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)

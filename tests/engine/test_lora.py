@@ -9,7 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.job import HfConfig, HfToMmConfig, LoraConfig, MergeLoraConfig, MmToHfConfig, ResplitConfig
+from engine.errors import ConvertError
+from engine.job import (
+    HfConfig,
+    HfToMmConfig,
+    LoraConfig,
+    LoraHfToMmConfig,
+    LoraMmToHfConfig,
+    MergeLoraConfig,
+    MmToHfConfig,
+    ResplitConfig,
+)
 from engine.layout import ParallelConfig
 from tests.engine.test_llm_families import TOKENS, _arch, _convert, _hf_to_mm, _rank_models
 from tests.engine.test_way_back import _same_tree
@@ -165,7 +175,7 @@ def test_bad_adapters_are_one_clear_line(tiny_llms: dict[str, Path], adapters: d
             f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight"
         ].clone()
     save_file(tensors, deeper / "adapter_model.safetensors")
-    _bad(_merge_cli(hf, deeper, work / "d"), "targets model.layers.7.self_attn.q_proj.weight, which the base model")
+    _bad(_merge_cli(hf, deeper, work / "d"), "targets model.layers.7.self_attn.q_proj.weight, which the base model in")
     _nothing_written(work, "ok")
 
 
@@ -186,3 +196,165 @@ def test_merged_megatron_reproduces_peft_logits(tiny_llms: dict[str, Path], tmp_
     with torch.no_grad():
         want = peft_model(input_ids=torch.tensor([TOKENS])).logits[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ---- adapters in Megatron layout, unmerged ----------------------------------------------------------
+
+
+def _lora_to_mm(hf: Path, adapter: Path, out: Path, layout: ParallelConfig) -> Path:
+    cfg = LoraHfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), lora=LoraConfig(adapter_dir=adapter),
+                           parallel_config=layout)  # fmt: skip
+    return _convert(hf, "lora_hf_to_mm", cfg)
+
+
+def _lora_to_peft(hf: Path, mm: Path, out: Path, layout: ParallelConfig, **lora) -> Path:
+    cfg = LoraMmToHfConfig(save_hf_dir=out, hf_config=HfConfig(hf_dir=hf),
+                           lora=LoraConfig(adapter_dir=mm, parallel_config=layout, **lora))  # fmt: skip
+    return _convert(hf, "lora_mm_to_hf", cfg)
+
+
+@pytest.mark.parametrize(("variant", "adapter"), [("llama", "llama"), ("qwen2_tied", "qwen2_rslora")])
+def test_peft_to_megatron_and_back_is_byte_identical(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, variant: str, adapter: str
+) -> None:
+    hf = tiny_llms[variant]
+    mm = _lora_to_mm(hf, adapters[adapter], tmp_path / "mm", TP2_PP2)
+    assert sorted(p.name for p in (mm / "release").iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001",
+    ]  # fmt: skip
+    back = _lora_to_peft(hf, mm, tmp_path / "back", TP2_PP2)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (back / name).read_bytes() == (adapters[adapter] / name).read_bytes(), name
+
+
+def _rank_state(mm: Path, rank: str) -> dict[str, torch.Tensor]:
+    return torch.load(mm / "release" / rank / "model_optim_rng.pt", weights_only=True)["model"]
+
+
+def test_megatron_adapter_updates_are_the_peft_updates(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """On every rank, alpha_mm / R x lora_B @ lora_A is that rank's block of the merged weight's update."""
+    hf, adapter = tiny_llms["llama"], adapters["llama"]
+    mm = _lora_to_mm(hf, adapter, tmp_path / "mm", TP2_PP2)
+    side = json.loads((mm / "lora_layout.json").read_text())
+    assert (side["lora_r"], side["lora_alpha"], side["blocks_per_target"]) == (12, 24, 3)  # q, k, v: 3 x r = 4
+    base = _hf_to_mm(hf, tmp_path / "base", TP2_PP2)
+    lora = LoraConfig(adapter_dir=adapter)
+    merged = _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=tmp_path / "merged", hf_config=HfConfig(hf_dir=hf),
+                                                   parallel_config=TP2_PP2, lora=lora))  # fmt: skip
+    scale = side["lora_alpha"] / side["lora_r"]
+    checked = 0
+    for rank in ("mp_rank_00_000", "mp_rank_01_001"):
+        w0, w1, ab = _rank_state(base, rank), _rank_state(merged, rank), _rank_state(mm, rank)
+        for key, a in ab.items():
+            if ".lora_A." not in key:
+                continue
+            target = key.replace(".lora_A.default.weight", ".weight")
+            update = scale * ab[key.replace(".lora_A.", ".lora_B.")].float() @ a.float()
+            torch.testing.assert_close(w0[target] + update, w1[target], rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == (1 + 3) * 4  # qkv, proj, fc1, fc2 of stage 0 (1 layer) and stage 1 (3 layers)
+
+
+def test_merging_a_megatron_adapter_equals_merging_the_peft_one(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    hf, adapter = tiny_llms["llama"], adapters["llama"]
+    mm = _lora_to_mm(hf, adapter, tmp_path / "mm", TP2_PP2)
+    lora = LoraConfig(adapter_dir=mm, parallel_config=TP2_PP2)
+    from_mm = _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "a", hf_config=HfConfig(hf_dir=hf),
+                                                         lora=lora))  # fmt: skip
+    _same_tree(_merge(hf, adapter, tmp_path / "b"), from_mm)
+
+
+def _mindspeed_adapter(hf: Path, out: Path, r: int) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint as MindSpeed training writes one (TP 1, PP 1): one A per module, on linear_qkv and
+    linear_fc2 only; built here with plain torch."""
+    cfg = json.loads((hf / "config.json").read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, groups = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    qkv_rows = (heads + 2 * groups) * hidden // heads
+    gen = torch.Generator().manual_seed(7)
+    state = {}
+    for i in range(layers):
+        pre = f"decoder.layers.{i}."
+        state[pre + "self_attention.linear_qkv.lora_A.default.weight"] = torch.randn(r, hidden, generator=gen)
+        state[pre + "self_attention.linear_qkv.lora_B.default.weight"] = torch.randn(qkv_rows, r, generator=gen)
+        state[pre + "mlp.linear_fc2.lora_A.default.weight"] = torch.randn(r, inter, generator=gen)
+        state[pre + "mlp.linear_fc2.lora_B.default.weight"] = torch.randn(hidden, r, generator=gen)
+    (out / "release" / "mp_rank_00").mkdir(parents=True)
+    torch.save({"model": state, "checkpoint_version": 3.0}, out / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    return state
+
+
+def test_a_mindspeed_trained_adapter_becomes_peft(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """One A per module: q, k and v each get that A and their rows of B (grouped order undone)."""
+    hf = tiny_llms["llama"]
+    state = _mindspeed_adapter(hf, tmp_path / "ms", r=4)
+    one = ParallelConfig(llm_pp_layers=[[4]])
+    with pytest.raises(ConvertError, match=r"give lora\.r and lora\.alpha"):
+        _lora_to_peft(hf, tmp_path / "ms", tmp_path / "x", one)
+    with pytest.raises(ConvertError, match=r"has shape \[4, 64\] on disk, the layout expects \[8, 64\]"):
+        _lora_to_peft(hf, tmp_path / "ms", tmp_path / "y", one, r=8, alpha=16)
+    peft = _lora_to_peft(hf, tmp_path / "ms", tmp_path / "peft", one, r=4, alpha=16)
+    cfg = json.loads((peft / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (4, 16, ["down_proj", "k_proj", "q_proj", "v_proj"])
+    got = load_file(peft / "adapter_model.safetensors")
+    assert len(got) == 4 * 4 * 2
+    b = state["decoder.layers.2.self_attention.linear_qkv.lora_B.default.weight"]
+    groups = b.reshape(2, (2 + 2) * 16, 4)  # 2 KV groups of [2 q heads; k; v], head size 16
+    key = "base_model.model.model.layers.2.self_attn.{}.lora_{}.weight"
+    assert torch.equal(got[key.format("q_proj", "B")], groups[:, :32].reshape(-1, 4))
+    assert torch.equal(got[key.format("k_proj", "B")], groups[:, 32:48].reshape(-1, 4))
+    assert torch.equal(got[key.format("v_proj", "B")], groups[:, 48:].reshape(-1, 4))
+    a = state["decoder.layers.2.self_attention.linear_qkv.lora_A.default.weight"]
+    assert all(torch.equal(got[key.format(m, "A")], a) for m in ("q_proj", "k_proj", "v_proj"))
+    # merging it directly gives what merging its PEFT form gives
+    lora = LoraConfig(adapter_dir=tmp_path / "ms", parallel_config=one, r=4, alpha=16)
+    direct = _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "m1", hf_config=HfConfig(hf_dir=hf),
+                                                        lora=lora))  # fmt: skip
+    _same_tree(_merge(hf, peft, tmp_path / "m2"), direct)
+
+
+def test_an_adapter_trained_on_after_conversion_is_read_whole(
+    tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Training in MindSpeed fills the zero blocks: the way back must keep them (one A of rank K x r per module)."""
+    hf = tiny_llms["llama"]
+    one = ParallelConfig(llm_pp_layers=[[4]])
+    mm = _lora_to_mm(hf, adapters["llama"], tmp_path / "mm", one)
+    path = mm / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    obj = torch.load(path, weights_only=True)
+    obj["model"]["decoder.layers.1.self_attention.linear_qkv.lora_B.default.weight"][0, 11] = 0.5  # q row, v block
+    torch.save(obj, path)
+    peft = _lora_to_peft(hf, mm, tmp_path / "peft", one)
+    assert json.loads((peft / "adapter_config.json").read_text())["r"] == 12
+    lora = LoraConfig(adapter_dir=mm, parallel_config=one)
+    direct = _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "m1", hf_config=HfConfig(hf_dir=hf),
+                                                        lora=lora))  # fmt: skip
+    _same_tree(_merge(hf, peft, tmp_path / "m2"), direct)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(load_file(direct / "model-00001-of-00002.safetensors").get(q, torch.zeros(1)),
+                           _files_state(_merge(hf, adapters["llama"], tmp_path / "m3"))[q])  # fmt: skip
+
+
+def test_lora_commands_on_the_command_line(tiny_llms: dict[str, Path], adapters: dict[str, Path], tmp_path: Path):
+    hf = tiny_llms["llama"]
+    r = mm_convert(
+        "LlamaConverter", "lora_hf_to_mm", "--cfg.mm_dir", str(tmp_path / "mm"), "--cfg.hf_config.hf_dir", str(hf),
+        "--cfg.lora.adapter_dir", str(adapters["llama"]), "--cfg.parallel_config.llm_pp_layers", "[[1,3]]",
+        "--cfg.parallel_config.tp_size", "2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = mm_convert(
+        "LlamaConverter", "lora_mm_to_hf", "--cfg.save_hf_dir", str(tmp_path / "peft"), "--cfg.hf_config.hf_dir",
+        str(hf), "--cfg.lora.adapter_dir", str(tmp_path / "mm"), "--cfg.lora.parallel_config.llm_pp_layers", "[[2,2]]",
+        "--cfg.lora.parallel_config.tp_size", "2",
+    )  # fmt: skip
+    _bad(
+        r,
+        "layers.1.self_attention.linear_qkv.lora_A.default.weight is missing; the layout (tp_size=2, llm_pp_layers=[[2, 2]])",
+    )
+    assert not (tmp_path / "peft").exists()

@@ -273,6 +273,51 @@ async def test_internvl_with_uneven_vit_heads(tiny_internvls: dict[str, Path], t
     assert _equal(tmp_path / "tui", tmp_path / "headless")
 
 
+async def test_merge_an_adapter_and_preview_what_changes(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Merge a LoRA adapter into HF from the wizard: the preview marks the changed tensors; output == headless."""
+    from textual.widgets import Select
+
+    from engine.job import HfConfig, Job, LoraConfig, MergeLoraConfig, prepare
+    from tests.fixtures.tiny_lora import build_peft_adapter
+
+    hf = tiny_llms["llama"]
+    build_peft_adapter(hf, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
+    app = make_app(hf, out_dir=tmp_path / "tui")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#direction", Select).value = "merge_lora"
+        await settle(pilot, app)
+        assert "LoRA adapter is empty" in _problems(screen)
+        assert screen.query_one("#lora", Input).has_class("-invalid")
+        screen.query_one("#lora", Input).value = str(tmp_path / "adapter")
+        await settle(pilot, app)
+        assert "LoRA: 8 weights merged" in _problems(screen)
+        await pilot.press("f4")
+        preview = screen.query_one("#preview", DataTable)
+        assert [preview.get_row_at(i)[0] for i in range(preview.row_count)] == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        ]  # fmt: skip
+        screen.query_one("#filter", Input).value = ""
+        preview.focus()
+        preview.move_cursor(row=0)
+        await pilot.press("enter")
+        await pilot.pause()
+        tensors = screen.query_one("#tensors", DataTable)
+        rows = [tensors.get_row_at(i) for i in range(tensors.row_count)]
+        changed = {r[0] for r in rows if "LoRA" in str(r[5])}
+        assert changed and all(k.endswith(("q_proj.weight", "down_proj.weight")) for k in changed)
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    cfg = MergeLoraConfig(save_hf_dir=tmp_path / "headless", hf_config=HfConfig(hf_dir=hf),
+                          lora=LoraConfig(adapter_dir=tmp_path / "adapter"))  # fmt: skip
+    _, plan = prepare(Job(converter="LlamaConverter", command="merge_lora", cfg=cfg))
+    run(plan, tmp_path / "headless")
+    for f in (tmp_path / "headless").iterdir():
+        assert f.read_bytes() == (tmp_path / "tui" / f.name).read_bytes(), f.name
+
+
 async def test_mixture_of_experts_takes_an_ep_size(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     """A Mixtral checkpoint shows EP; an EP that does not divide the experts is marked, a good one runs."""
     hf = tiny_llms["mixtral"]
