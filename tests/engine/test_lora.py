@@ -358,3 +358,18 @@ def test_lora_commands_on_the_command_line(tiny_llms: dict[str, Path], adapters:
         "layers.1.self_attention.linear_qkv.lora_A.default.weight is missing; the layout (tp_size=2, llm_pp_layers=[[2, 2]])",
     )
     assert not (tmp_path / "peft").exists()
+
+
+def test_vision_language_adapter_round_trip(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Qwen2.5-VL: adapters on the ViT's per-head QKV and gated MLP and the LLM's grouped QKV, TP2 / PP2, and back."""
+    hf = tiny_dirs["qwen2_5_vl"]
+    targets = ["qkv", "gate_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+    build_peft_adapter(hf, tmp_path / "adapter", target_modules=targets)
+    layout = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])
+    mm = _lora_to_mm(hf, tmp_path / "adapter", tmp_path / "mm", layout)
+    keys = set(_rank_state(mm, "mp_rank_01_000"))
+    assert "image_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.lora_B.default.weight" in keys
+    assert "image_encoder.encoder.blocks.layers.0.mlp.linear_fc1.lora_A.default.weight" in keys
+    back = _lora_to_peft(hf, mm, tmp_path / "back", layout)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (back / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes(), name
