@@ -8,8 +8,11 @@ a crash or a cancel never leaves a half checkpoint under the target name.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
+import threading
 import time
 import uuid
 from collections import deque
@@ -108,26 +111,98 @@ def _tensor(raw: np.ndarray, entry: Entry):
     return torch.from_numpy(raw).view(getattr(torch, entry.dtype)).reshape(entry.shape).float()
 
 
-def write_files(plan: Plan, dest: Path, indices: Iterable[int] | None = None) -> Iterator[Event]:
-    """Write the chosen output files of `plan` under `dest` (a worker's share of a job)."""
+def default_workers() -> int:
+    """Files written at once: the kernel's copies and the CRCs of different files run on different CPUs."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def write_files(
+    plan: Plan, dest: Path, indices: Iterable[int] | None = None, *, workers: int | None = None
+) -> Iterator[Event]:
+    """Write the chosen output files of `plan` under `dest`, `workers` files at a time.
+
+    Each worker writes whole files in turn (largest first, to the least loaded worker);
+    their events come out here as they happen. Closing the generator stops every worker
+    after the tensor it is writing.
+    """
     chosen = list(range(len(plan.files))) if indices is None else list(indices)
     total = sum(plan.files[i].nbytes for i in chosen)
     yield Started(total, len(chosen))
-    reader = TensorReader()
+    for i in chosen:  # directories first: workers must not race to create a shared parent
+        _mkdirs(dest, (dest / plan.files[i].path).parent)
+    n = max(1, min(workers or default_workers(), len(chosen)))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for i in sorted(chosen, key=lambda i: -plan.files[i].nbytes):
+        w = loads.index(min(loads))
+        shares[w].append(i)
+        loads[w] += plan.files[i].nbytes
+    stop = threading.Event()
+    streams = [_share(plan, dest, share, stop) for share in shares]
     done = 0
+    for item in streams[0] if n == 1 else _merged_streams(streams, stop):
+        if isinstance(item, tuple):
+            path, entry = item
+            done += entry.nbytes
+            yield Progress(done, total, path, entry.key)
+        else:
+            yield item
+
+
+def _share(plan: Plan, dest: Path, share: list[int], stop: threading.Event) -> Iterator[Event | tuple[str, Entry]]:
+    """One worker's files, written in turn; (file path, entry) after each tensor."""
+    reader = TensorReader()
     try:
-        for i in chosen:
+        for i in share:
             f = plan.files[i]
             yield FileStarted(i, f.path, f.nbytes)
             path = dest / f.path
-            _mkdirs(dest, path.parent)
-            for e in _WRITERS[f.kind](plan, f, path, reader):
-                done += e.nbytes
-                yield Progress(done, total, f.path, e.key)
+            with contextlib.closing(_WRITERS[f.kind](plan, f, path, reader)) as entries:
+                for e in entries:
+                    yield f.path, e
+                    if stop.is_set():
+                        return  # the writer closes its file on the way out
             os.chmod(path, FILE_MODE)
             yield FileDone(i, f.path)
     finally:
         reader.close()
+
+
+_END = object()
+
+
+def _merged_streams(
+    streams: list[Iterator[Event | tuple[str, Entry]]], stop: threading.Event
+) -> Iterator[Event | tuple[str, Entry]]:
+    """Run each stream on its own thread and pass their items on as they come."""
+    items: queue.Queue = queue.Queue()
+
+    def drain(stream: Iterator[Event | tuple[str, Entry]]) -> None:
+        try:
+            for item in stream:
+                items.put(item)
+        except BaseException as e:  # handed to the consumer, which raises it
+            items.put(e)
+        finally:
+            items.put(_END)
+
+    threads = [threading.Thread(target=drain, args=(s,), name=f"writer-{k}") for k, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            item = items.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:

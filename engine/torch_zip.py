@@ -31,6 +31,8 @@ from typing import Any
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~6x faster than the stdlib's here (SIMD)
 
+from .errors import ConvertError
+
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)
 _MARK = 0xFFFFFFFF  # "see the zip64 extra field"
@@ -148,8 +150,18 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise OSError(f"unexpected end of file (fd {fd}) at offset {offset + done}")
+            raise ConvertError(
+                f"{_fd_path(fd)}: unexpected end of file at byte {offset + done}; was it truncated or "
+                "replaced after the conversion was planned?"
+            )
         done += n
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"file descriptor {fd}"
 
 
 def _crc_spans(spans: list[Span]) -> int:

@@ -159,6 +159,37 @@ def test_cancel_leaves_nothing(qwen2vl_dir: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failing_worker_stops_the_others_and_leaves_nothing(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Files are written by several workers at once: a source cut short under one of them is one clear
+    error, the other workers stop, and no temporary directory is left."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(qwen2vl_dir, hf)
+    plan = build_plan(inspect_hf(hf), ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]]))
+    with open(hf / "model.safetensors", "r+b") as f:  # the weights shrink after planning
+        f.truncate(f.seek(0, 2) - 4096)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match="unexpected end of file"):
+        for _ in execute(plan, out):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_one_worker_and_many_write_the_same_files(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    from engine.execute import write_files
+
+    plan = build_plan(
+        inspect_hf(qwen2vl_dir), ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])
+    )
+    for n in (1, 3):
+        (tmp_path / str(n)).mkdir()
+        events = list(write_files(plan, tmp_path / str(n), workers=n))
+        assert [e.done_bytes for e in events if isinstance(e, Progress)][-1] == plan.nbytes
+    for f in plan.files:
+        assert (tmp_path / "1" / f.path).read_bytes() == (tmp_path / "3" / f.path).read_bytes()
+
+
 def test_existing_target_refused_then_overwritten(qwen2vl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
