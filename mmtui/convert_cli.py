@@ -14,6 +14,7 @@ import os
 import sys
 
 from engine.job import (
+    COMMANDS,
     HfToDcpConfig,
     HfToMmConfig,
     Job,
@@ -28,7 +29,7 @@ from engine.preset import builtin_presets
 from .runner import run_job_cli
 
 
-def _converter_class(converter: str, title: str) -> type:
+def _converter_class(converter: str, title: str, only: str | None = None) -> type:
     def hf_to_mm(cfg: HfToMmConfig) -> None:
         """Convert a Hugging Face checkpoint to MindSpeed-MM (Megatron) layout."""
         run_job_cli(Job(converter=converter, command="hf_to_mm", cfg=cfg), prog="mm-convert")
@@ -58,7 +59,7 @@ def _converter_class(converter: str, title: str) -> type:
         run_job_cli(Job(converter=converter, command="lora_mm_to_hf", cfg=cfg), prog="mm-convert")
 
     commands = (hf_to_mm, mm_to_hf, resplit, hf_to_dcp, merge_lora, lora_hf_to_mm, lora_mm_to_hf)
-    methods = {fn.__name__: staticmethod(fn) for fn in commands}
+    methods = {fn.__name__: staticmethod(fn) for fn in commands if only in (None, fn.__name__)}
     return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 
@@ -72,10 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     args = sys.argv[1:] if argv is None else argv
-    classes = converter_classes()
-    # the parser of every converter takes ~1.5 s to build; a job names its converter first
-    named = [c for c in classes if args and c.__name__ == args[0]]
-    components = {c.__name__: c for c in named or classes}
+    # every converter's parser takes ~1.5 s to build; a job names its converter and command first
+    presets = {p.converter: p for p in builtin_presets().values()}
+    if args and args[0] in presets:
+        command = args[1] if len(args) > 1 and args[1] in COMMANDS else None
+        components = {args[0]: _converter_class(args[0], presets[args[0]].title, command)}
+    else:
+        components = {c.__name__: c for c in converter_classes()}
     jsonargparse.auto_cli(components, as_positional=False, args=args, prog="mm-convert")
 
 
