@@ -44,6 +44,11 @@ async def shoot(size: tuple[int, int]) -> None:
             screen.query_one("#pp").value = "2"
             await settle(pilot)
             save("2-layout")
+            app.theme = "textual-light"  # the same step in a light theme: every colour is a theme variable
+            await settle(pilot)
+            save("2-layout-light")
+            app.theme = "textual-dark"
+            await settle(pilot)
             screen.query_one("#cell-llm-0-0").value = "3"
             await settle(pilot)
             save("3-validation")

@@ -32,8 +32,10 @@ async def _ready(pilot) -> None:
         await pilot.pause()
 
 
-def _steps(*keys: str, pp: str | None = None, select_row: bool = False):
+def _steps(*keys: str, pp: str | None = None, select_row: bool = False, theme: str | None = None):
     async def run_before(pilot) -> None:
+        if theme:  # every colour comes from the theme's variables ($primary, $error, ...)
+            pilot.app.theme = theme
         await _ready(pilot)
         screen = pilot.app.screen
         if pp:
@@ -62,12 +64,13 @@ async def _open_picker(pilot) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "step",
-    ["open", "source", "layout", "preview", "run", "help"],
+    ["open", "source", "layout", "preview", "run", "help", "layout-light"],
 )
 def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> None:
     run_before = {
         "source": _steps(),
         "layout": _steps("f3", pp="2"),
+        "layout-light": _steps("f3", pp="2", theme="textual-light"),
         "preview": _steps("f4", pp="2", select_row=True),
         "run": _steps("f5", pp="2"),
         "help": _steps("f1"),
