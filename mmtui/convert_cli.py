@@ -11,6 +11,7 @@ subcommand.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from engine.job import (
@@ -63,6 +64,43 @@ def _converter_class(converter: str, title: str, only: str | None = None) -> typ
     return type(converter, (), {"__doc__": f"{title} checkpoints.", **methods})
 
 
+_HINTS = {
+    "_pp_layers": "per-stage layer counts, one list per VPP chunk, such as [[1,10,10,7]] (quote it in the shell)",
+}
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's several-line report as one line: the field, the value given, what is accepted."""
+    lines = [line.strip().removeprefix("- ") for line in message.strip().splitlines() if line.strip()]
+    head = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    if head is None or len(lines) == 1:
+        return " ".join(lines)
+    field = head.group(1)
+    value = next((line.split("value:", 1)[1].strip() for line in reversed(lines) if "Given value:" in line
+                  or "Got value:" in line), None)  # fmt: skip
+    hint = next((h for suffix, h in _HINTS.items() if field.endswith(suffix)), None)
+    if hint is None:
+        found = next((line for line in lines[1:] if line.startswith(("Input should", "Expected", "Value error"))), "")
+        hint = re.sub(r"\s*\[type=.*$", "", found or lines[1]).split(". Got value:")[0]
+    shown = f" = {value!r}" if value is not None else ""
+    return f"{field}{shown}: expected {hint}" if hint[0].islower() else f"{field}{shown}: {hint}"
+
+
+def _parser_class() -> type:
+    import jsonargparse
+
+    class OneLineErrors(jsonargparse.ArgumentParser):
+        """Bad input is one line and exit 2, as everywhere in mmtui (not usage + a multi-line report)."""
+
+        def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+            if not self.exit_on_error:  # an internal attempt jsonargparse catches itself
+                return super().error(message, ex)
+            sys.stderr.write(f"mm-convert: error: {one_line(message)}\n")
+            sys.exit(2)
+
+    return OneLineErrors
+
+
 def converter_classes() -> list[type]:
     return [_converter_class(p.converter, p.title) for p in builtin_presets().values()]
 
@@ -80,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         components = {args[0]: _converter_class(args[0], presets[args[0]].title, command)}
     else:
         components = {c.__name__: c for c in converter_classes()}
-    jsonargparse.auto_cli(components, as_positional=False, args=args, prog="mm-convert")
+    jsonargparse.auto_cli(components, as_positional=False, args=args, prog="mm-convert", parser_class=_parser_class())
 
 
 if __name__ == "__main__":

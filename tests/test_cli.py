@@ -185,3 +185,37 @@ def test_replay_bad_toml(tmp_path: Path) -> None:
     r = subprocess.run([str(BIN / "mmtui"), "--replay", str(job)], capture_output=True, text=True, timeout=60)
     _bad(r, "job.toml", "cfg.mm_dir")
     _nothing_written(tmp_path, "job.toml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (
+            ["--cfg.parallel_config.tp_size", "abc"],
+            "cfg.parallel_config.tp_size = 'abc': Input should be a valid integer",
+        ),
+        (
+            ["--cfg.parallel_config.llm_pp_layers", "[[1,3]"],
+            "cfg.parallel_config.llm_pp_layers = '[[1,3]': expected per-stage layer counts, one list per VPP chunk",
+        ),
+        (["--cfg.bogus", "3"], "unrecognized arguments: --cfg.bogus 3"),
+    ],
+)
+def test_parse_errors_are_one_line(qwen2vl_dir: Path, tmp_path: Path, extra: list[str], needle: str) -> None:
+    """jsonargparse's usage text and several-line reports become one line naming the field and the value."""
+    _bad(hf_to_mm(qwen2vl_dir, tmp_path / "out", *extra), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float8_checkpoint_is_refused(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """FP8 weights come with scale tensors a plain conversion would drop: refused by dtype, in one line."""
+    from safetensors.torch import load_file, save_file
+
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(qwen2vl_dir, fp8)
+    state = load_file(fp8 / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    state[key] = state[key].float().to(torch.float8_e4m3fn)
+    save_file(state, fp8 / "model.safetensors", metadata={"format": "pt"})
+    _bad(hf_to_mm(fp8, tmp_path / "out"), f"tensor {key!r} has dtype F8_E4M3; supported: F64, F32, F16, BF16")
+    _nothing_written(tmp_path, "fp8")

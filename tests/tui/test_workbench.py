@@ -223,54 +223,38 @@ async def test_quit_when_idle_is_immediate(qwen2vl_dir: Path) -> None:
         assert app.return_code == 0 or not app.is_running
 
 
-async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
-    """A Llama checkpoint: one grid column (no ViT), Suggest and Run work, output == headless."""
-    hf = tiny_llms["llama"]
+async def _suggest_and_run(hf: Path, tmp_path: Path, title: str, tp: int, files: int) -> None:
+    """Open hf, set TP and PP 2: the grid holds the balanced split, no problem, `files` preview rows; the
+    run writes what a headless conversion of that layout writes."""
     app = make_app(hf, out_dir=tmp_path / "tui")
+    layers = suggest(inspect_hf(hf), 2).layers
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
         screen = app.screen
-        assert "Llama" in str(screen.query_one("#summary", Static).render())
+        assert title in str(screen.query_one("#summary", Static).render())
         await pilot.press("f3")
-        screen.query_one("#tp", Input).value = "2"
+        screen.query_one("#tp", Input).value = str(tp)
         screen.query_one("#pp", Input).value = "2"
         await settle(pilot, app)
-        grid = screen.query_one(StageGrid)
-        assert list(grid.read()) == ["llm"]
-        assert grid.read()["llm"] == suggest(inspect_hf(hf), 2).layers["llm"]
-        assert _problems(screen) == "layout OK"
-        assert screen.query_one("#preview", DataTable).row_count == 4
+        assert screen.query_one(StageGrid).read() == layers
+        assert _problems(screen).splitlines()[0] == "layout OK"  # notes may follow (a tied output layer)
+        assert screen.query_one("#preview", DataTable).row_count == files
         await pilot.press("ctrl+r")
         await settle(pilot, app)
         assert "done" in str(screen.query_one("#status", Static).render())
-    layers = suggest(inspect_hf(hf), 2).layers["llm"]
-    run(build_plan(inspect_hf(hf), ParallelConfig(tp_size=2, llm_pp_layers=layers)), tmp_path / "headless")
+    layout = ParallelConfig(tp_size=tp, **{f"{m}_pp_layers": v for m, v in layers.items()})
+    run(build_plan(inspect_hf(hf), layout), tmp_path / "headless")
     assert _equal(tmp_path / "tui", tmp_path / "headless")
+
+
+async def test_language_model_only(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """A Llama checkpoint: one grid column (no ViT), Suggest and Run work, output == headless."""
+    await _suggest_and_run(tiny_llms["llama"], tmp_path, "Llama", tp=2, files=4)
 
 
 async def test_internvl_with_uneven_vit_heads(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
     """InternVL at TP 4 (6 ViT heads, 130 vocabulary rows): no problem shown, Suggest and Run == headless."""
-    hf = tiny_internvls["qwen2"]
-    app = make_app(hf, out_dir=tmp_path / "tui")
-    async with app.run_test(size=(120, 40)) as pilot:
-        await settle(pilot, app)
-        screen = app.screen
-        assert "InternVL · Qwen2" in str(screen.query_one("#summary", Static).render())
-        await pilot.press("f3")
-        screen.query_one("#tp", Input).value = "4"
-        screen.query_one("#pp", Input).value = "2"
-        await settle(pilot, app)
-        grid = screen.query_one(StageGrid)
-        assert grid.read() == suggest(inspect_hf(hf), 2).layers
-        assert _problems(screen).splitlines()[0] == "layout OK"  # then a note on the tied output layer
-        assert screen.query_one("#preview", DataTable).row_count == 8
-        await pilot.press("ctrl+r")
-        await settle(pilot, app)
-        assert "done" in str(screen.query_one("#status", Static).render())
-    layers = suggest(inspect_hf(hf), 2).layers
-    layout = ParallelConfig(tp_size=4, llm_pp_layers=layers["llm"], vit_pp_layers=layers["vit"])
-    run(build_plan(inspect_hf(hf), layout), tmp_path / "headless")
-    assert _equal(tmp_path / "tui", tmp_path / "headless")
+    await _suggest_and_run(tiny_internvls["qwen2"], tmp_path, "InternVL · Qwen2", tp=4, files=8)
 
 
 async def test_merge_an_adapter_and_preview_what_changes(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
