@@ -283,10 +283,29 @@ def _mindspeed_adapter(hf: Path, out: Path, r: int) -> dict[str, torch.Tensor]:
         state[pre + "self_attention.linear_qkv.lora_B.default.weight"] = torch.randn(qkv_rows, r, generator=gen)
         state[pre + "mlp.linear_fc2.lora_A.default.weight"] = torch.randn(r, inter, generator=gen)
         state[pre + "mlp.linear_fc2.lora_B.default.weight"] = torch.randn(hidden, r, generator=gen)
-    (out / "release" / "mp_rank_00").mkdir(parents=True)
-    torch.save({"model": state, "checkpoint_version": 3.0}, out / "release" / "mp_rank_00" / "model_optim_rng.pt")
-    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    _save_ranks(out, [state])
     return state
+
+
+def _save_ranks(out: Path, ranks: list[dict[str, torch.Tensor]]) -> None:
+    for t, state in enumerate(ranks):
+        (out / "release" / f"mp_rank_{t:02d}").mkdir(parents=True)
+        obj = {"model": state, "checkpoint_version": 3.0}
+        torch.save(obj, out / "release" / f"mp_rank_{t:02d}" / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _tp2(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """MindSpeed's TP split of a LoRA: lora_B of a column-parallel layer by rows, lora_A of a row-parallel one by
+    columns, the rest whole on both ranks (grouped QKV rows split at KV-group boundaries: 2 groups, 1 each)."""
+    ranks: list[dict[str, torch.Tensor]] = [{}, {}]
+    for key, t in state.items():
+        column_parallel = "linear_qkv" in key
+        split = ".lora_B." if column_parallel else ".lora_A."
+        parts = t.chunk(2, dim=0 if column_parallel else 1) if split in key else (t, t)
+        for r in range(2):
+            ranks[r][key] = parts[r].clone()
+    return ranks
 
 
 def test_a_mindspeed_trained_adapter_becomes_peft(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
@@ -311,6 +330,11 @@ def test_a_mindspeed_trained_adapter_becomes_peft(tiny_llms: dict[str, Path], tm
     assert torch.equal(got[key.format("v_proj", "B")], groups[:, 48:].reshape(-1, 4))
     a = state["decoder.layers.2.self_attention.linear_qkv.lora_A.default.weight"]
     assert all(torch.equal(got[key.format(m, "A")], a) for m in ("q_proj", "k_proj", "v_proj"))
+    # the same adapter cut for TP 2 as MindSpeed cuts it reads back to the same PEFT files
+    _save_ranks(tmp_path / "ms_tp2", _tp2(state))
+    tp2 = ParallelConfig(tp_size=2, llm_pp_layers=[[4]])
+    peft2 = _lora_to_peft(hf, tmp_path / "ms_tp2", tmp_path / "peft2", tp2, r=4, alpha=16)
+    assert (peft2 / "adapter_model.safetensors").read_bytes() == (peft / "adapter_model.safetensors").read_bytes()
     # merging it directly gives what merging its PEFT form gives
     lora = LoraConfig(adapter_dir=tmp_path / "ms", parallel_config=one, r=4, alpha=16)
     direct = _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "m1", hf_config=HfConfig(hf_dir=hf),
