@@ -9,6 +9,7 @@ Building it also cross-checks the layout the user gave against what is on disk.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from .errors import ConvertError
@@ -31,6 +32,7 @@ class MmView:
     dtypes: dict[str, str]  # canonical name -> dtype on disk
     padding: dict[str, int]  # rank-file tensor -> its last rows that are vocabulary padding
     zero_blocks: set[str] = field(default_factory=set)  # rank-file tensors whose unread parts are zeros by layout
+    row_index: dict[str, tuple] = field(default_factory=dict)  # name -> block search index (_blocks_near)
 
 
 def _layout_text(layout: ParallelConfig) -> str:
@@ -127,9 +129,7 @@ def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, T
         cols = grid(canonical[p.source].shape)[1]
         r0, r1 = p.rows
         c0, c1 = p.cols or (0, cols)
-        for v in view.blocks[p.source]:
-            meta = view.sources[v.source]
-            v_cols = v.cols or (0, grid(meta.shape)[1])
+        for v, width, v_cols in _blocks_near(view, p.source, r0, r1):
             # the view block covers canonical rows [v.at, v.at + n) and cols [v.col_at, v.col_at + w)
             lo, hi = max(r0, v.at), min(r1, v.at + v.nrows)
             clo, chi = max(c0, v.col_at), min(c1, v.col_at + v_cols[1] - v_cols[0])
@@ -137,12 +137,30 @@ def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, T
                 continue
             src_rows = (v.rows[0] + lo - v.at, v.rows[0] + hi - v.at)
             src_cols = (v_cols[0] + clo - v.col_at, v_cols[0] + chi - v.col_at)
-            full = src_cols == (0, grid(meta.shape)[1])
+            full = src_cols == (0, width)
             out.append(
                 Piece(v.source, src_rows, None if full else src_cols, at=p.at + lo - r0, col_at=p.col_at + clo - c0)
             )
     out.sort(key=lambda q: (q.at, q.col_at))
     return tuple(_merge_rows(out))
+
+
+def _blocks_near(view: MmView, name: str, r0: int, r1: int) -> list[tuple[Piece, int, tuple[int, int]]]:
+    """The view blocks of `name` that may meet canonical rows [r0, r1), with their rank tensor's width.
+
+    Blocks are sorted by first row; a per-head QKV has dozens per tensor and every target
+    piece asks, so the search starts where a block could still reach r0 and stops at r1.
+    """
+    index = view.row_index.get(name)
+    if index is None:
+        blocks = view.blocks[name]
+        widths = [grid(view.sources[v.source].shape)[1] for v in blocks]
+        entries = [(v, w, v.cols or (0, w)) for v, w in zip(blocks, widths, strict=True)]
+        index = view.row_index[name] = ([v.at for v in blocks], max(v.nrows for v in blocks), entries)
+    starts, tallest, entries = index
+    i = bisect.bisect_left(starts, r0 - tallest + 1)
+    j = bisect.bisect_left(starts, r1, lo=i)
+    return entries[i:j]
 
 
 def _merge_rows(pieces: list[Piece]) -> list[Piece]:

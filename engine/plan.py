@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +54,7 @@ def stack(pieces: Iterable[Piece]) -> tuple[Piece, ...]:
     """Place pieces one under the other, in order, starting at target row 0."""
     out, at = [], 0
     for p in pieces:
-        out.append(replace(p, at=at, col_at=0))
+        out.append(Piece(p.source, p.rows, p.cols, at, 0))  # not dataclasses.replace: this runs per piece
         at += p.nrows
     return tuple(out)
 
