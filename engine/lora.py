@@ -193,6 +193,23 @@ def attach(plan: Plan, adapter: Adapter) -> Plan:
                 e.lora = blocks
                 e.transform = f"{e.transform} + LoRA" if e.transform != "copy" else "LoRA merged"
     plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
+    check_applied(plan, adapter)
     n = len(adapter.pairs)
     plan.notes.append(f"LoRA: {n} weights merged from {adapter.path} (scale {adapter.config.scale:g}, in float32)")
     return plan
+
+
+def check_applied(plan: Plan, adapter: Adapter) -> None:
+    """Every adapted weight is merged somewhere, unless the output leaves that module out (save_vit_only).
+
+    A tied model's lm_head is written from the embedding: an adapter on lm_head would be lost.
+    """
+    applied = {p.source for f in plan.files for e in f.entries for p in e.lora}
+    for base in adapter.pairs:
+        reason = plan.dropped.get(base, "")
+        if base not in applied and not reason.startswith("save_vit_only"):
+            why = f" ({reason})" if reason else ""
+            raise ConvertError(
+                f"{adapter.path}: the adapter changes {base}, which this output does not write as itself{why}; "
+                "merging would lose that update"
+            )

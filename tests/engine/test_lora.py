@@ -397,3 +397,22 @@ def test_vision_language_adapter_round_trip(tiny_dirs: dict[str, Path], tmp_path
     back = _lora_to_peft(hf, mm, tmp_path / "back", layout)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (back / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes(), name
+
+
+def test_an_adapter_on_a_tied_output_layer_is_refused(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Tied embeddings: the output layer is written from the embedding, so a LoRA on lm_head would be lost."""
+    hf = tmp_path / "tied"
+    hf.mkdir()
+    for p in tiny_llms["qwen2_tied"].iterdir():
+        (hf / p.name).write_bytes(p.read_bytes())
+    state = load_file(hf / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # some checkpoints still carry it
+    save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
+    build_peft_adapter(hf, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"  # as saved with save_embedding_layers=False
+    save_file({k: v for k, v in load_file(weights).items() if "base_layer" not in k}, weights)
+    cfg = HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=TP2_PP2,
+                       lora=LoraConfig(adapter_dir=tmp_path / "adapter"))  # fmt: skip
+    with pytest.raises(ConvertError, match=r"changes lm_head\.weight, which this output does not write as itself"):
+        _convert(hf, "hf_to_mm", cfg)
+    assert not (tmp_path / "mm").exists()
