@@ -30,6 +30,8 @@ class Form:
     src_vit: str
     out: str
     lora: str
+    lora_r: str
+    lora_alpha: str
     overwrite: bool
     tp: str
     ep: str
@@ -59,7 +61,9 @@ _FIELD_WORDS = {
     "save_hf_dir": "out",
     "target_dir": "out",
     "source_dir": "src",
-    "lora.": "lora",
+    "lora.r": "lora_r",
+    "lora.alpha": "lora_alpha",
+    "lora.adapter_dir": "lora",
     "adapter_config.json": "lora",
     "adapter_model.safetensors": "lora",
 }
@@ -115,6 +119,11 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     elif form.direction == "lora_mm_to_hf":
         cfg = {"save_hf_dir": form.out, "hf_config": hf}
         lora = {"adapter_dir": form.src, "parallel_config": lay}
+        try:  # a MindSpeed-trained adapter: the --lora-r / --lora-alpha it was trained with
+            lora |= {"r": int(form.lora_r)} if form.lora_r else {}
+            lora |= {"alpha": float(form.lora_alpha)} if form.lora_alpha else {}
+        except ValueError:
+            return Planned(["LoRA alpha is a number, e.g. 16"], {"lora_alpha"}, None, None, cells)
     else:
         try:
             src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}

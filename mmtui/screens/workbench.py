@@ -53,6 +53,9 @@ DIRECTIONS = [
     ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
 ]
 COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
+# the inputs a problem can mark
+INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir")
+INPUTS += ("lora", "lora_r", "lora_alpha")
 TABS = ["source", "layout", "preview", "run"]
 SHORT = {"vit": "ViT", "llm": "LLM"}
 OUT_SUFFIX = {
@@ -125,6 +128,10 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
                     lora = Input(id="lora", placeholder="optional: a PEFT adapter, merged into the output")
                     yield _field("LoRA adapter", lora, "needs-lora")
+                    rank = Input(id="lora_r", placeholder="only for an adapter mmtui did not write", restrict=r"\d*")
+                    yield _field("LoRA r", rank, "needs-lora-rank")
+                    alpha = Input(id="lora_alpha", placeholder="its --lora-alpha")
+                    yield _field("LoRA alpha", alpha, "needs-lora-rank")
                     yield _field("Output dir", Input(str(self.out_dir or ""), id="out"))
                     yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
                 with VerticalScroll(id="summary-box"):
@@ -304,6 +311,8 @@ class WorkbenchScreen(Screen[None]):
             src_vit=self._value("src_vit"),
             out=self._value("out"),
             lora=self._value("lora"),
+            lora_r=self._value("lora_r"),
+            lora_alpha=self._value("lora_alpha"),
             overwrite=self.query_one("#overwrite", Checkbox).value,
             tp=self._value("tp"),
             ep=self._value("ep"),
@@ -336,7 +345,7 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(result.problems[:4]))
         else:
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
-        for name in ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir", "lora"):
+        for name in INPUTS:
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)

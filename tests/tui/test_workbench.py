@@ -302,6 +302,39 @@ async def test_merge_an_adapter_and_preview_what_changes(tiny_llms: dict[str, Pa
         assert f.read_bytes() == (tmp_path / "tui" / f.name).read_bytes(), f.name
 
 
+async def test_a_mindspeed_adapter_back_to_peft_asks_for_r_and_alpha(tiny_llms: dict[str, Path], tmp_path: Path):
+    """Adapter Megatron -> PEFT: an adapter mmtui did not write needs its r and alpha, asked for on the Source tab."""
+    from textual.widgets import Select
+
+    from engine.job import HfConfig, Job, LoraConfig, LoraMmToHfConfig, prepare
+    from tests.engine.test_lora import _mindspeed_adapter
+
+    hf = tiny_llms["llama"]
+    _mindspeed_adapter(hf, tmp_path / "ms", r=4)
+    app = make_app(hf, out_dir=tmp_path / "peft")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#direction", Select).value = "lora_mm_to_hf"
+        screen.query_one("#src", Input).value = str(tmp_path / "ms")
+        await settle(pilot, app)
+        assert "give lora.r and lora.alpha" in _problems(screen)
+        assert screen.query_one("#lora_r", Input).has_class("-invalid")
+        screen.query_one("#lora_r", Input).value = "4"
+        screen.query_one("#lora_alpha", Input).value = "16"
+        await settle(pilot, app)
+        assert _problems(screen).splitlines()[0] == "layout OK"
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    lora = LoraConfig(adapter_dir=tmp_path / "ms", parallel_config=ParallelConfig(llm_pp_layers=[[4]]), r=4, alpha=16)
+    cfg = LoraMmToHfConfig(save_hf_dir=tmp_path / "headless", hf_config=HfConfig(hf_dir=hf), lora=lora)
+    _, plan = prepare(Job(converter="LlamaConverter", command="lora_mm_to_hf", cfg=cfg))
+    run(plan, tmp_path / "headless")
+    for f in (tmp_path / "headless").iterdir():
+        assert f.read_bytes() == (tmp_path / "peft" / f.name).read_bytes(), f.name
+
+
 async def test_mixture_of_experts_takes_an_ep_size(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     """A Mixtral checkpoint shows EP; an EP that does not divide the experts is marked, a good one runs."""
     hf = tiny_llms["mixtral"]
