@@ -96,9 +96,12 @@ def add_lora(out: np.ndarray, entry: Entry, plan: Plan, reader: TensorReader) ->
     rows, cols = grid(entry.shape)
     dtype = getattr(torch, entry.dtype)
     target = torch.from_numpy(out).view(dtype).reshape(rows, cols)
+    factors = {}  # a fused QKV entry has a block of q_proj per KV group: read its A and B once
     for p in entry.lora:
         pair = plan.lora[p.source]
-        a, b = (_tensor(assemble_from(x, plan.lora_sources, reader), x) for x in (pair.a, pair.b))
+        if p.source not in factors:
+            factors[p.source] = [_tensor(assemble_from(x, plan.lora_sources, reader), x) for x in (pair.a, pair.b)]
+        a, b = factors[p.source]
         c0, c1 = p.cols or (0, pair.a.shape[1])
         delta = b[p.rows[0] : p.rows[1]] @ a  # whole rows of A: the same sums as the reference's B @ A
         block = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ConvertError
 from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
-from .lora import Adapter, check_applied
+from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
 from .plan import Entry, OutputFile, Piece, Plan
 from .safetensors_header import read_metadata
@@ -114,11 +114,7 @@ def build_mm_to_hf_plan(
         notes.append("tied embeddings: the output layer is written from the embedding")
     plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
     plan.padding = dict(view.padding)
-    if adapter is not None:
-        plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
-        check_applied(plan, adapter)
-        notes.append(f"LoRA: {len(adapter.pairs)} weights merged from {adapter.path} (in float32)")
-    return plan
+    return merging(plan, adapter) if adapter is not None else plan
 
 
 def build_merge_plan(info: ModelInfo, adapter: Adapter, *, max_shard_size: str | int | None = None) -> Plan:

@@ -192,15 +192,12 @@ def attach(plan: Plan, adapter: Adapter) -> Plan:
             if blocks:
                 e.lora = blocks
                 e.transform = f"{e.transform} + LoRA" if e.transform != "copy" else "LoRA merged"
-    plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
-    check_applied(plan, adapter)
-    n = len(adapter.pairs)
-    plan.notes.append(f"LoRA: {n} weights merged from {adapter.path} (scale {adapter.config.scale:g}, in float32)")
-    return plan
+    return merging(plan, adapter)
 
 
-def check_applied(plan: Plan, adapter: Adapter) -> None:
-    """Every adapted weight is merged somewhere, unless the output leaves that module out (save_vit_only).
+def merging(plan: Plan, adapter: Adapter) -> Plan:
+    """Give a plan whose entries are marked (`Entry.lora`) the adapter they read, after checking that
+    every adapted weight is merged somewhere, unless the output leaves that module out (save_vit_only).
 
     A tied model's lm_head is written from the embedding: an adapter on lm_head would be lost.
     """
@@ -213,3 +210,7 @@ def check_applied(plan: Plan, adapter: Adapter) -> None:
                 f"{adapter.path}: the adapter changes {base}, which this output does not write as itself{why}; "
                 "merging would lose that update"
             )
+    plan.lora, plan.lora_sources = dict(adapter.pairs), dict(adapter.sources)
+    n = len(adapter.pairs)
+    plan.notes.append(f"LoRA: {n} weights merged from {adapter.path} (scale {adapter.config.scale:g}, in float32)")
+    return plan

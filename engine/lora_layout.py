@@ -27,7 +27,7 @@ from pathlib import Path
 from .errors import ConvertError
 from .hf_source import ModelInfo, TensorReader
 from .layout import ParallelConfig
-from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name
+from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
 from .mm_source import MmCheckpoint, open_checkpoint, read_rank_file
 from .mm_view import MmView, open_view
 from .plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan, build_plan
@@ -145,7 +145,6 @@ def open_mm_adapter(
     side = json.loads(side_path.read_text()) if layout_file and side_path.is_file() else None
     if side is not None and side.get("format") != SIDE_FORMAT:
         raise ConvertError(f"{side_path}: format {side.get('format')!r} is not {SIDE_FORMAT!r}")
-    base_plan = build_plan(info, layout, iteration=ckpt.iteration)
     if side is not None:
         config_text = side["adapter_config"]
         cfg = PeftConfig.model_validate(json.loads(config_text))
@@ -159,6 +158,7 @@ def open_mm_adapter(
                 f"{field} {mm_dir}: a Megatron LoRA checkpoint not written by mmtui; give lora.r and lora.alpha "
                 "(the --lora-r and --lora-alpha it was trained with)"
             )
+        base_plan = build_plan(info, layout, iteration=ckpt.iteration)
         bases = _in_file_order(info, _trained_targets(base_plan, ckpt, target_modules, field))
         modules = sorted({b.removesuffix(".weight").rsplit(".", 1)[-1] for b in bases})
         cfg = PeftConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=modules)
@@ -211,8 +211,7 @@ def _zero_where_unread(view: MmView) -> bool:
     try:
         for name in view.zero_blocks - view.dropped.keys():  # a TP replica's blocks are read from its twin
             meta = view.sources[name]
-            whole_entry = Entry(name, meta.shape, meta.dtype, (Piece(name, (0, meta.shape[0])),), "")
-            data = assemble_from(whole_entry, view.sources, reader).view(np.uint8).reshape(meta.shape[0], -1)
+            data = assemble_from(whole(meta), view.sources, reader).view(np.uint8).reshape(meta.shape[0], -1)
             mask = np.ones(data.shape, dtype=bool)
             size = meta.itemsize
             for p in covered.get(name, []):
@@ -257,13 +256,9 @@ def _synthetic(info: ModelInfo, bases: list[str], cfg: PeftConfig) -> Adapter:
         for half, shape in (("A", (cfg.r, inp)), ("B", (out, cfg.r))):
             name = adapter_name(base, half)
             sources[name] = TensorMeta(name, w.dtype, shape, Path(), 0, 0)
-        a, b = (_whole(sources[adapter_name(base, h)]) for h in "AB")
+        a, b = (whole(sources[adapter_name(base, h)]) for h in "AB")
         pairs[base] = LoraPair(a, b, cfg.scale)
     return Adapter(Path(), cfg, pairs, sources)
-
-
-def _whole(meta: TensorMeta) -> Entry:
-    return Entry(meta.name, meta.shape, meta.dtype, (Piece(meta.name, (0, meta.shape[0])),), "")
 
 
 def _trained_targets(base_plan: Plan, ckpt: MmCheckpoint, target_modules: list[str] | None, field: str) -> list[str]:
