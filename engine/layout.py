@@ -137,6 +137,12 @@ def placement(module: str, counts: Chunks, noops: tuple[int, ...] = ()) -> Place
     return Placement(module, counts, cells[0] if cells else None, cells[-1] if cells else None, noops)
 
 
+def one_stage(info: ModelInfo, **settings: object) -> ParallelConfig:
+    """Every layer of every module on one pipeline stage (the whole model, as DCP or a check sees it)."""
+    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in info.preset.modules}
+    return ParallelConfig(**whole, **settings)  # type: ignore[arg-type]
+
+
 _MODULE_WORDS = {"vit": "vision encoder", "llm": "language model"}
 
 

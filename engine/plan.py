@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ConvertError
 from .hf_source import ModelInfo
-from .layout import ParallelConfig, Placement, placement, validate_layout
+from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
 
@@ -513,8 +513,7 @@ def build_dcp_plan(info: ModelInfo, *, iteration: str = "release") -> Plan:
     """
     from .dcp_writer import DATA_NAME
 
-    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in info.preset.modules}
-    plan = build_plan(info, ParallelConfig(**whole), iteration=iteration)
+    plan = build_plan(info, one_stage(info), iteration=iteration)
     (f,) = plan.files
     f.kind, f.path = "dcp", f"{iteration}/{DATA_NAME}"
     plan.notes.append("torch.distributed.checkpoint: full tensors under model.*, re-sharded by the loader")

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .hf_source import ModelInfo
-from .layout import ParallelConfig, layout_problems
+from .layout import layout_problems, one_stage
 
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -46,9 +46,8 @@ def summarize(info: ModelInfo) -> Summary:
     ]
     dtypes = ", ".join(f"{d} × {n}" for d, n in Counter(t.dtype for t in info.tensors.values()).most_common())
     fits, why = [], {}
-    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in preset.modules}
     for tp in TP_CANDIDATES:
-        problems = [p for p in layout_problems(ParallelConfig(tp_size=tp, **whole), info) if "tp_size" in p]
+        problems = [p for p in layout_problems(one_stage(info, tp_size=tp), info) if "tp_size" in p]
         if problems:
             why[tp] = problems[0]
         else:

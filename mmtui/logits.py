@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import ConvertError
 from engine.hf_source import ModelInfo, lookup
-from engine.layout import ParallelConfig
+from engine.layout import ParallelConfig, one_stage
 from engine.plan import build_plan
 
 if TYPE_CHECKING:
@@ -72,10 +72,7 @@ def gpt_arch(info: ModelInfo, vocab_rows: int) -> GPTArch:
     if llm is None:
         raise ConvertError(f"{info.preset.title} has no language model to run")
     n = info.field_int("llm_layers")
-    whole = {f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in info.preset.modules}
-    entries = {
-        e.key.removeprefix(llm.target_prefix): e for e in build_plan(info, ParallelConfig(**whole)).files[0].entries
-    }
+    entries = {e.key.removeprefix(llm.target_prefix): e for e in build_plan(info, one_stage(info)).files[0].entries}
     heads, groups = info.field_int("llm_heads"), info.field_int("llm_kv_heads")
     qkv = entries["decoder.layers.0.self_attention.linear_qkv.weight"]
     moe = [int(f"decoder.layers.{i}.mlp.router.weight" in entries) for i in range(n)]
@@ -114,12 +111,8 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, tokens: lis
     from mmtui.megatron_logits import megatron_logits
 
     llm = next(m for m in info.preset.modules if m.name == "llm")
-    one_stage = ParallelConfig(
-        tp_size=layout.tp_size,
-        ep_size=layout.ep_size,
-        make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
-        **{f"{m.name}_pp_layers": [[info.field_int(m.layers)]] for m in info.preset.modules},
-    )
+    padding = layout.make_vocab_size_divisible_by
+    stage = one_stage(info, tp_size=layout.tp_size, ep_size=layout.ep_size, make_vocab_size_divisible_by=padding)
     vocab = info.field_int("vocab_size")
     with tempfile.TemporaryDirectory(prefix="mmtui-logits-") as tmp:
         out = Path(tmp) / "one_stage"
@@ -128,7 +121,7 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, tokens: lis
             target_dir=out,
             hf_config=HfConfig(hf_dir=info.hf_dir),
             source_parallel_config=layout,
-            target_parallel_config=one_stage,
+            target_parallel_config=stage,
         )
         _, plan = prepare(Job(converter=info.preset.converter, command="resplit", cfg=cfg))
         run(plan, out)
@@ -138,6 +131,6 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, tokens: lis
             ranks.append((f.ep_rank, f.tp_rank, {k.removeprefix(llm.target_prefix): v for k, v in model.items()
                                                  if k.startswith(llm.target_prefix)}))  # fmt: skip
         states = [sd for _, _, sd in sorted(ranks, key=lambda r: (r[0], r[1]))]
-        arch = gpt_arch(info, one_stage.padded_vocab(vocab))
+        arch = gpt_arch(info, stage.padded_vocab(vocab))
         logits = megatron_logits([{k: v.float() for k, v in sd.items()} for sd in states], arch, tokens, layout.ep_size)
     return logits[:, :vocab]
