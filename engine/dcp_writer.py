@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .torch_zip import Span, StreamingCheckpointWriter
+from .out_file import Span
+from .torch_zip import StreamingCheckpointWriter
 
 DATA_NAME = "__0_0.distcp"
 METADATA_NAME = ".metadata"

@@ -26,10 +26,11 @@ from .dcp_writer import METADATA_NAME, DcpWriter
 from .errors import ConvertError
 from .events import Event, FileDone, FileStarted, Finished, Progress, Started
 from .hf_source import TensorReader
+from .out_file import Span
 from .plan import Entry, OutputFile, Plan, grid
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
-from .torch_zip import Span, StreamingCheckpointWriter
+from .torch_zip import StreamingCheckpointWriter
 
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 FILE_MODE = 0o640

@@ -15,8 +15,8 @@ import os
 import struct
 from pathlib import Path
 
+from .out_file import OutFile, Span
 from .safetensors_header import ST_DTYPES
-from .torch_zip import Span, copy_spans, write_all
 
 
 def header_bytes(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
@@ -39,8 +39,9 @@ class SafetensorsWriter:
     def __init__(self, path: Path, header: bytes, expected: list[int]) -> None:
         self.path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._out = OutFile(self._fd)
         self._expected = list(reversed(expected))
-        write_all(self._fd, memoryview(header))
+        self._out.write(header)
 
     def _next(self, n: int) -> None:
         want = self._expected.pop() if self._expected else None
@@ -50,16 +51,16 @@ class SafetensorsWriter:
     def add_bytes(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         self._next(len(view))
-        assert self._fd is not None
-        write_all(self._fd, view)
+        self._out.write(view)
 
     def add_spans(self, spans: list[Span]) -> None:
         self._next(sum(n for _, _, n in spans))
-        assert self._fd is not None
-        copy_spans(spans, self._fd)
+        self._out.copy(spans)
 
     def close(self) -> None:
         if self._fd is not None:
+            if not self._expected:  # complete: start sending the tail too
+                self._out.flush_started()
             os.close(self._fd)
             self._fd = None
         if self._expected:

@@ -8,7 +8,8 @@ ready, so memory holds one tensor, not the file, and pickle the object last.
 - Records are 64-byte aligned like torch's own, so `torch.load(..., mmap=True)` works;
   zip64 fields are used past 4 GiB.
 - A record given as byte ranges of other files (`add_spans`) is moved with
-  `copy_file_range`, inside the kernel, as `cp` does.
+  `copy_file_range`, inside the kernel, as `cp` does; `OutFile` sends each 32 MB to
+  disk as soon as it is written.
 - Each record's CRC32 is computed on a second thread while the main thread writes the
   same bytes (both release the GIL), and is stored in a data descriptor after the data
   (zip flag bit 3), so the file is written strictly front to back: no seeking back to
@@ -31,7 +32,7 @@ from typing import Any
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~6x faster than the stdlib's here (SIMD)
 
-from .errors import ConvertError
+from .out_file import OutFile, Span, pread_exact
 
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)
@@ -53,8 +54,6 @@ STORAGES: dict[str, tuple[str, int]] = {
     "uint8": ("ByteStorage", 1),
     "bool": ("BoolStorage", 1),
 }
-
-Span = tuple[int, int, int]  # (open file descriptor, offset, length)
 
 
 def dtype_name(dtype: object) -> str:
@@ -145,25 +144,6 @@ def _crc(view: memoryview) -> int:
     return crc
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ConvertError(
-                f"{_fd_path(fd)}: unexpected end of file at byte {offset + done}; was it truncated or "
-                "replaced after the conversion was planned?"
-            )
-        done += n
-
-
-def _fd_path(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return f"file descriptor {fd}"
-
-
 def _crc_spans(spans: list[Span]) -> int:
     """CRC of file ranges, read through short-lived mappings of the page cache (no copy)."""
     try:
@@ -194,36 +174,9 @@ def _crc_spans_read(spans: list[Span]) -> int:
     for fd, offset, n in spans:
         for i in range(0, n, len(buf)):
             part = buf[: min(len(buf), n - i)]
-            _pread_exact(fd, part, offset + i)
+            pread_exact(fd, part, offset + i)
             crc = crc32(part, crc)
     return crc
-
-
-def write_all(fd: int, view: memoryview) -> int:
-    done = 0
-    while done < len(view):
-        done += os.write(fd, view[done:])
-    return done
-
-
-def copy_spans(spans: list[Span], fd: int) -> int:
-    """Append file ranges to `fd` with copy_file_range (inside the kernel, as `cp` does)."""
-    total = 0
-    for src, offset, n in spans:
-        done = 0
-        while done < n:
-            try:
-                k = os.copy_file_range(src, fd, n - done, offset + done)
-            except OSError:  # a filesystem pair the kernel cannot copy between
-                k = 0
-            if k <= 0:
-                buf = memoryview(bytearray(min(_CHUNK, n - done)))
-                _pread_exact(src, buf, offset + done)
-                write_all(fd, buf)  # advances the file position as copy_file_range does
-                k = len(buf)
-            done += k
-        total += n
-    return total
 
 
 class StreamingCheckpointWriter:
@@ -238,20 +191,23 @@ class StreamingCheckpointWriter:
         self.prefix = archive_name + "/"
         self._owns_fd = fd is None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if fd is None else fd
-        self._pos = 0  # offsets inside the archive count from its first byte
+        self._out = OutFile(self._fd)
+        self._start = self._out.pos  # offsets inside the archive count from its first byte
         self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, offset, size, crc, flags
         self._next_key = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
         self.bytes_written = 0
 
     # -- raw output ----------------------------------------------------------------------
+    @property
+    def _pos(self) -> int:
+        return self._out.pos - self._start
+
     def _write(self, data: memoryview | bytes) -> None:
-        assert self._fd is not None
-        self._pos += write_all(self._fd, memoryview(data).cast("B"))
+        self._out.write(data)
 
     def _copy(self, spans: list[Span]) -> None:
-        assert self._fd is not None
-        self._pos += copy_spans(spans, self._fd)
+        self._out.copy(spans)
 
     # -- zip records -----------------------------------------------------------------------
     def _header(self, name: str, size: int, crc: int | None) -> tuple[bytes, int, int]:
@@ -358,6 +314,7 @@ class StreamingCheckpointWriter:
         self._record("version", b"3\n")
         self._record(".data/serialization_id", b"0" * 40)
         self._central_directory()
+        self._out.flush_started()
         if fsync and self._owns_fd:
             os.fsync(self._fd)
         self._close()
