@@ -328,6 +328,11 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
         return info, peft_to_mm_plan(info, read_peft_adapter(cfg.lora.adapter_dir, info), cfg.parallel_config)
     if isinstance(cfg, LoraMmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
+        if not cfg.lora.is_megatron:
+            raise ConvertError(
+                f"lora.adapter_dir {cfg.lora.adapter_dir}: no {TRACKER_NAME}; lora_mm_to_hf takes a Megatron LoRA "
+                "checkpoint (a PEFT adapter is already in Hugging Face form)"
+            )
         adapter = _adapter(cfg.lora, info, None)
         assert adapter is not None
         return info, peft_plan(adapter)

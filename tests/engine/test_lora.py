@@ -382,6 +382,18 @@ def test_lora_commands_on_the_command_line(tiny_llms: dict[str, Path], adapters:
         "layers.1.self_attention.linear_qkv.lora_A.default.weight is missing; the layout (tp_size=2, llm_pp_layers=[[2, 2]])",
     )
     assert not (tmp_path / "peft").exists()
+    # each direction refuses the other's input
+    r = mm_convert(
+        "LlamaConverter", "lora_mm_to_hf", "--cfg.save_hf_dir", str(tmp_path / "peft"), "--cfg.hf_config.hf_dir",
+        str(hf), "--cfg.lora.adapter_dir", str(adapters["llama"]),
+    )  # fmt: skip
+    _bad(r, "latest_checkpointed_iteration.txt; lora_mm_to_hf takes a Megatron LoRA checkpoint")
+    r = mm_convert(
+        "LlamaConverter", "lora_hf_to_mm", "--cfg.mm_dir", str(tmp_path / "mm2"), "--cfg.hf_config.hf_dir", str(hf),
+        "--cfg.lora.adapter_dir", str(tmp_path / "mm"), "--cfg.parallel_config.llm_pp_layers", "[[4]]",
+    )  # fmt: skip
+    _bad(r, "a Megatron LoRA checkpoint; lora_hf_to_mm takes a PEFT adapter")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "mm2").exists()
 
 
 def test_vision_language_adapter_round_trip(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
