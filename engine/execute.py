@@ -117,7 +117,7 @@ def _tensor(raw: np.ndarray, entry: Entry):
 
 def default_workers() -> int:
     """Files written at once: the kernel's copies and CRCs of different files run on different CPUs, and
-    two per CPU keep the disk busy while one waits (TP2/PP4 on 2 CPUs: 1 -> 4.73 s, 2 -> 4.07 s, 4 -> 3.88 s)."""
+    two per CPU keep the disk busy while one waits (TP2/PP4 on 2 CPUs: 1 -> 4.89 s, 2 -> 2.77 s, 4 -> 2.44 s)."""
     return max(1, min(4, 2 * (os.cpu_count() or 1)))
 
 
