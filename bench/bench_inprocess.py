@@ -9,11 +9,9 @@ writer's speed from the cost of starting Python and building the job.
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
-import subprocess
-import time
 from pathlib import Path
+
+from alternate import alternate, copy_and_sync
 
 from engine.execute import run
 from engine.hf_source import inspect_hf
@@ -36,22 +34,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     out = args.work / "inprocess"
     info = inspect_hf(args.hf_dir)
-    times: dict[str, list[float]] = {"cp -r + sync": [], f"convert {args.layout} (in process)": []}
-    for _ in range(args.rounds):
-        for name in times:
-            shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"], check=True)
-            time.sleep(1)
-            start = time.perf_counter()
-            if name.startswith("cp"):
-                subprocess.run(["cp", "-r", str(args.hf_dir), str(out)], check=True)
-                subprocess.run(["sync"], check=True)
-            else:
-                run(build_plan(info, LAYOUTS[args.layout]), out)  # fsyncs every file before the rename
-            times[name].append(time.perf_counter() - start)
-    shutil.rmtree(out, ignore_errors=True)
-    for name, ts in times.items():
-        print(f"{name}: median {statistics.median(ts):.2f} s ({' '.join(f'{t:.2f}' for t in ts)})")
+    alternate(
+        {
+            "cp -r + sync": lambda: copy_and_sync(args.hf_dir, out),
+            f"convert {args.layout} (in process)": lambda: run(build_plan(info, LAYOUTS[args.layout]), out),
+        },
+        out,
+        args.rounds,
+    )  # the conversion fsyncs every file before its rename
 
 
 if __name__ == "__main__":

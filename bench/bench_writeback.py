@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import statistics
 import subprocess
-import time
 from pathlib import Path
+
+from alternate import alternate, copy_and_sync
 
 from engine import out_file
 from engine.out_file import OutFile
@@ -42,27 +41,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/work/bench-data/run"))
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
     out = args.work / "writeback"
     runs = {
-        "cp -r + sync": lambda: (
-            subprocess.run(["cp", "-r", str(args.src), str(out)], check=True),
-            subprocess.run(["sync"], check=True),
-        ),
+        "cp -r + sync": lambda: copy_and_sync(args.src, out),
         "copy_file_range + sync": lambda: copy_tree(args.src, out, write_behind=False),
         "copy_file_range, write-behind + sync": lambda: copy_tree(args.src, out, write_behind=True),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"], check=True)
-            time.sleep(1)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    shutil.rmtree(out, ignore_errors=True)
-    for name, ts in times.items():
-        print(f"{name}: median {statistics.median(ts):.2f} s ({' '.join(f'{t:.2f}' for t in ts)})")
+    alternate(runs, out, args.rounds)
 
 
 if __name__ == "__main__":
