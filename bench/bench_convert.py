@@ -1,11 +1,12 @@
 """hf_to_mm, mm_to_hf and resplit against `cp -r` + `sync` of the same checkpoint, side by side in one run.
 
 Each round runs the copy and every layout once, in turn, each starting after a `sync`
-with a warm page cache for the source; the table reports medians over rounds (this
-machine's disk throughput varies 2-3x from minute to minute, so single runs mislead).
+with a warm page cache for the source (`--cold`: an empty one, as on a first conversion);
+the table reports medians over rounds (this machine's disk throughput varies 2-3x from
+minute to minute, so single runs mislead).
 Peak RSS is the converter process's own `ru_maxrss` from wait4.
 
-    python bench/bench_convert.py /work/bench-data/qwen2vl-2b --rounds 5
+    python bench/bench_convert.py /work/bench-data/qwen2vl-2b --rounds 5 [--cold]
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", default="tp1pp1,tp2pp4,mm_to_hf,resplit", help="hf_to_mm layouts, mm_to_hf, resplit")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (needs root)")
     args = ap.parse_args()
     names = args.runs.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def main() -> None:
         shutil.rmtree(mm, ignore_errors=True)
         subprocess.run(convert_cmd(args.hf_dir, mm, "tp2pp4"), check=True)
     sources = [*args.hf_dir.iterdir(), *(p for p in mm.rglob("*") if p.is_file())]
-    for f in sources:  # warm the page cache for the sources, as a re-run would find them
+    for f in [] if args.cold else sources:  # warm the page cache for the sources, as a re-run would find them
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
@@ -124,6 +126,8 @@ def main() -> None:
             out = args.work / name
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
+            if args.cold:  # every source byte comes from the disk, as on a first conversion
+                Path("/proc/sys/vm/drop_caches").write_text("1\n")
             time.sleep(1)
             cmd = command(name, args.hf_dir, mm, out)
             wall, rss = timed(cmd)
@@ -131,7 +135,8 @@ def main() -> None:
             shutil.rmtree(out)
     copy_wall = statistics.median(w for w, _, _ in runs["copy"])
     rows = []
-    print(f"source: {args.hf_dir} ({du(args.hf_dir) / 1e9:.2f} GB), {args.rounds} rounds, medians\n")
+    cache = "cold page cache" if args.cold else "sources in the page cache"
+    print(f"source: {args.hf_dir} ({du(args.hf_dir) / 1e9:.2f} GB), {cache}, {args.rounds} rounds, medians\n")
     print("| run | wall s (median) | all runs | ratio to copy | peak RSS MB | output GB |")
     print("|---|---|---|---|---|---|")
     for name, rs in runs.items():
