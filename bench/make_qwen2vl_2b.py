@@ -25,6 +25,17 @@ SIZES = {
     "2b": {"hidden": 1536, "layers": 28, "heads": 12, "kv": 2, "inter": 8960, "vocab": 151936, "tied": True},
     "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv": 4, "inter": 18944, "vocab": 152064, "tied": False},
     "72b": {"hidden": 8192, "layers": 80, "heads": 64, "kv": 8, "inter": 29568, "vocab": 152064, "tied": False},
+    # 1.1 GB, with a small ViT: big enough that holding it, or a few of its tensors, shows in a process's RSS
+    "mid": {
+        "hidden": 2048,
+        "layers": 8,
+        "heads": 16,
+        "kv": 4,
+        "inter": 5632,
+        "vocab": 32000,
+        "tied": False,
+        "vit": {"depth": 4, "dim": 1024, "heads": 16, "mlp": 4096},
+    },
 }
 LLM = dict(SIZES["2b"])
 VIT = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
@@ -119,22 +130,21 @@ def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes, s
     return offset
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B, -7B or -72B shapes")
-    ap.add_argument("--sparse", action="store_true", help="headers only; tensor data left as holes")
-    args = ap.parse_args()
-    LLM.update(SIZES[args.size])
+def write_checkpoint(out: Path, size: str = "2b", *, sparse: bool = False, seed: int = 0) -> int:
+    """Write the checkpoint of this size into `out`; its tensor bytes."""
+    LLM.update({k: v for k, v in SIZES[size].items() if k != "vit"})
+    VIT.update(SIZES[size].get("vit", {}))
     CONFIG.update(
         hidden_size=LLM["hidden"], intermediate_size=LLM["inter"], num_attention_heads=LLM["heads"],
         num_hidden_layers=LLM["layers"],
         num_key_value_heads=LLM["kv"], vocab_size=LLM["vocab"], tie_word_embeddings=LLM["tied"],
     )  # fmt: skip
-    CONFIG["vision_config"]["hidden_size"] = LLM["hidden"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    CONFIG["vision_config"].update(
+        hidden_size=LLM["hidden"], depth=VIT["depth"], embed_dim=VIT["dim"], num_heads=VIT["heads"],
+        mlp_ratio=VIT["mlp"] // VIT["dim"],
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
     block = (torch.randn(32 << 20, dtype=torch.float32) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
     all_shapes = shapes()
     names = list(all_shapes)
@@ -149,12 +159,23 @@ def main() -> None:
     weight_map = {}
     for i, part in enumerate(parts):
         fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        write_shard(args.out / fname, {n: all_shapes[n] for n in part}, block, args.sparse)
+        write_shard(out / fname, {n: all_shapes[n] for n in part}, block, sparse)
         weight_map |= dict.fromkeys(part, fname)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (args.out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    print(f"wrote {total / 1e9:.2f} GB in {len(parts)} shards to {args.out}")
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B, -7B or -72B shapes, or mid")
+    ap.add_argument("--sparse", action="store_true", help="headers only; tensor data left as holes")
+    args = ap.parse_args()
+    total = write_checkpoint(args.out, args.size, sparse=args.sparse, seed=args.seed)
+    print(f"wrote {total / 1e9:.2f} GB in 2 shards to {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ METADATA_NAME = ".metadata"
 
 @dataclass
 class DcpWriter:
-    """`add_spans` / `add_bytes` per tensor of a top-level dict entry, `add_object` for plain values, then `finish`."""
+    """`add_spans` / `add_chunks` per tensor of a top-level dict entry, `add_object` for plain values, then `finish`."""
 
     directory: Path
     _fd: int = -1
@@ -63,8 +63,10 @@ class DcpWriter:
         fqn, at, n = self._archive(path, lambda w: w.add_spans(spans, dtype, shape))
         self._tensors[fqn] = (dtype, tuple(shape), at, n)
 
-    def add_bytes(self, path: tuple[str, ...], data: memoryview, dtype: str, shape: tuple[int, ...]) -> None:
-        fqn, at, n = self._archive(path, lambda w: w.add_bytes(data, dtype, shape))
+    def add_chunks(
+        self, path: tuple[str, ...], chunks: Iterable[memoryview], nbytes: int, dtype: str, shape: tuple[int, ...]
+    ) -> None:
+        fqn, at, n = self._archive(path, lambda w: w.add_chunks(chunks, nbytes, dtype, shape))
         self._tensors[fqn] = (dtype, tuple(shape), at, n)
 
     def add_object(self, path: tuple[str, ...], value: float | int | str) -> None:
@@ -111,6 +113,8 @@ class DcpWriter:
             state_dict_metadata=state,
             planner_data=dict(self._paths),
             storage_data=storage,
-            storage_meta=StorageMeta(checkpoint_id=str(self.directory), save_id=None),
+            # no checkpoint_id: this directory is a temporary name until the rename, and
+            # without it the same input converts to the same bytes wherever it is written
+            storage_meta=StorageMeta(checkpoint_id=None, save_id=None),
             version=CURRENT_DCP_VERSION,
         )

@@ -1,7 +1,9 @@
 """Run a plan: write each output file by streaming its tensors, then rename into place.
 
-Memory is bounded by the largest single tensor: each entry is assembled in one buffer
-straight from the source bytes it needs, handed to the streaming writer, and dropped.
+Memory does not grow with the model: whole rows are copied file to file inside the
+kernel, and a tensor that must be cut or gathered (column splits, padding) is built and
+handed to the streaming writer BAND bytes at a time, straight from the source bytes
+those rows need.
 Output goes to a temporary sibling of the target and is renamed only when complete, so
 a crash or a cancel never leaves a half checkpoint under the target name.
 """
@@ -32,6 +34,7 @@ from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
 from .torch_zip import StreamingCheckpointWriter
 
+BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 FILE_MODE = 0o640
 CHECKPOINT_VERSION = 3.0
@@ -70,24 +73,62 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
 
 
 def assemble_from(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader) -> np.ndarray:
+    """The whole target tensor in one buffer (LoRA, verify, tools); the writers take `bands` instead."""
     out = (np.zeros if entry.zero_fill else np.empty)(entry.nbytes, dtype=np.uint8)
-    rows, cols = grid(entry.shape)
-    target = out.reshape(rows, cols, -1) if entry.nbytes else out
-    if entry.pad_rows:
-        target[rows - entry.pad_rows :] = 0
-    for p in entry.pieces:
-        meta = sources[p.source]
-        scols = grid(meta.shape)[1]
-        c0, c1 = p.cols or (0, scols)
-        dest = target[p.at : p.at + p.nrows, p.col_at : p.col_at + c1 - c0]
-        if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
-            reader.read_rows_into(meta, p.rows[0], p.rows[1], memoryview(dest.reshape(-1)))
-            continue
-        with reader.mapped_rows(meta, *p.rows) as view:
-            src = np.frombuffer(view, dtype=np.uint8).reshape(p.nrows, scols, -1)
-            dest[...] = src[:, c0:c1]
-            del src  # the mapping closes on exit and must not be referenced then
+    _fill_rows(entry, sources, reader, 0, grid(entry.shape)[0], out)
     return out
+
+
+def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview]:
+    """The entry's bytes about BAND at a time, in one reused buffer: each view is valid until the next.
+
+    So a writer holds BAND bytes of a tensor it builds, not the tensor: a 72B model's
+    down_proj gathered from TP shards is 484 MB.
+    """
+    if entry.lora:  # B @ A is added on whole blocks
+        yield memoryview(assemble(entry, plan, reader))
+        return
+    rows = grid(entry.shape)[0]
+    row_bytes = entry.nbytes // rows if rows else 0
+    step = max(1, BAND // max(1, row_bytes))
+    buf = np.empty(min(entry.nbytes, step * row_bytes), dtype=np.uint8)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out = buf[: (r1 - r0) * row_bytes]
+        if entry.zero_fill:
+            out[:] = 0
+        _fill_rows(entry, plan.sources, reader, r0, r1, out)
+        yield memoryview(out)
+
+
+def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader, r0: int, r1: int, out) -> None:
+    """Target rows [r0, r1) into `out`, from only the source blocks they need (zeros already there if zero_fill)."""
+    if not out.size:
+        return
+    rows, cols = grid(entry.shape)
+    target = out.reshape(r1 - r0, cols, -1)
+    pad_from = rows - entry.pad_rows
+    if entry.pad_rows and r1 > pad_from:
+        target[max(pad_from, r0) - r0 :] = 0
+    for p in entry.pieces:
+        lo, hi = max(r0, p.at), min(r1, p.at + p.nrows)  # target rows of this piece inside the band
+        if lo >= hi:
+            continue
+        meta = sources[p.source]
+        srows, scols = grid(meta.shape)
+        c0, c1 = p.cols or (0, scols)
+        first = p.rows[0] - p.at  # source row of target row 0
+        dest = target[lo - r0 : hi - r0, p.col_at : p.col_at + c1 - c0]
+        if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
+            reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))
+            continue
+        step = max(1, BAND // max(1, meta.nbytes // srows))  # map at most BAND of the source at a time
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            with reader.mapped_rows(meta, first + a, first + b) as view:
+                src = np.frombuffer(view, dtype=np.uint8).reshape(b - a, scols, -1)
+                dest[a - lo : b - lo] = src[:, c0:c1]
+                del src  # the mapping closes on exit and must not be referenced then
 
 
 def add_lora(out: np.ndarray, entry: Entry, plan: Plan, reader: TensorReader) -> None:
@@ -221,7 +262,7 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
                 if spans is not None:  # copied inside the kernel
                     refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
                 else:
-                    refs[e.key] = w.add_bytes(memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
+                    refs[e.key] = w.add_chunks(bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
                 yield e
             obj[name] = refs
         obj["checkpoint_version"] = CHECKPOINT_VERSION
@@ -238,7 +279,7 @@ def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorRead
             if spans is not None:
                 w.add_spans(spans)
             else:
-                w.add_bytes(memoryview(assemble(e, plan, reader)))
+                w.add_chunks(bands(e, plan, reader), e.nbytes)
             yield e
 
 
@@ -251,7 +292,7 @@ def _write_dcp(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> I
             if spans is not None:
                 w.add_spans(("model", e.key), spans, e.dtype, e.shape)
             else:
-                w.add_bytes(("model", e.key), memoryview(assemble(e, plan, reader)), e.dtype, e.shape)
+                w.add_chunks(("model", e.key), bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
             yield e
         w.add_object(("checkpoint_version",), CHECKPOINT_VERSION)
         w.finish()

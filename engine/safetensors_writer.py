@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from .out_file import OutFile, Span
@@ -34,7 +35,7 @@ def header_bytes(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata:
 
 
 class SafetensorsWriter:
-    """`add_bytes` / `add_spans` once per tensor, in header order, then `close`."""
+    """`add_bytes` / `add_chunks` / `add_spans` once per tensor, in header order, then `close`."""
 
     def __init__(self, path: Path, header: bytes, expected: list[int]) -> None:
         self.path = path
@@ -50,8 +51,14 @@ class SafetensorsWriter:
 
     def add_bytes(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        self._next(len(view))
-        self._out.write(view)
+        self.add_chunks([view], len(view))
+
+    def add_chunks(self, chunks: Iterable[memoryview | bytes], nbytes: int) -> None:
+        """A tensor of `nbytes` given as consecutive pieces of its bytes."""
+        self._next(nbytes)
+        done = sum(self._out.write(chunk) for chunk in chunks)
+        if done != nbytes:
+            raise AssertionError(f"{self.path}: {done} bytes were given for a tensor of {nbytes}")
 
     def add_spans(self, spans: list[Span]) -> None:
         self._next(sum(n for _, _, n in spans))

@@ -26,6 +26,7 @@ import mmap
 import os
 import pickle
 import struct
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from .out_file import OutFile, Span, pread_exact
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)
 _MARK = 0xFFFFFFFF  # "see the zip64 extra field"
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20  # CRC pieces; of source files, mapped (and resident) only while summed
 _CRC_CHUNK = 4 << 20  # small enough that the bytes just read are still in cache for the CRC
 _DESCRIPTOR = 0x08  # general purpose flag bit 3: CRC and sizes follow the data
 
@@ -137,8 +138,7 @@ def pickle_checkpoint(obj: object) -> bytes:
     return buf.getvalue()
 
 
-def _crc(view: memoryview) -> int:
-    crc = 0
+def _crc(view: memoryview, crc: int = 0) -> int:
     for i in range(0, len(view), _CHUNK):
         crc = crc32(view[i : i + _CHUNK], crc)
     return crc
@@ -236,12 +236,12 @@ class StreamingCheckpointWriter:
         self._write(view)
         self._entries.append((full, offset, len(view), crc, flags))
 
-    def _data_record(self, size: int, write: Any, crc_job: Any) -> str:
+    def _data_record(self, size: int, write: Callable[[], int]) -> str:
+        """A storage record whose bytes `write` appends, returning their CRC."""
         key = str(self._next_key)
         self._next_key += 1
         full, offset, flags = self._header(f"data/{key}", size, None)
-        write()
-        crc = crc_job.result()
+        crc = write()
         if size >= ZIP32_LIMIT:
             self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
         else:
@@ -274,15 +274,39 @@ class StreamingCheckpointWriter:
             count16, size32, start32 = count, cd_size, cd_start
         self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count16, count16, size32, start32, 0))
 
+    def _write_chunks(self, chunks: Iterable[memoryview | bytes], size: int) -> int:
+        """Each chunk written while the CRC thread sums it; a chunk is done with before the next is asked for."""
+        crc, done = 0, 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            job = self._pool.submit(_crc, view, crc)
+            self._write(view)
+            crc = job.result()
+            done += len(view)
+        if done != size:
+            raise ValueError(f"{done} bytes were given for a record of {size}")
+        return crc
+
+    def _copy_spans(self, spans: list[Span]) -> int:
+        job = self._pool.submit(_crc_spans, spans)
+        self._copy(spans)
+        return job.result()
+
     # -- public API ----------------------------------------------------------------------
     def add_bytes(self, data: memoryview | bytes, dtype: object, shape: tuple[int, ...]) -> TensorRef:
         """A tensor given as its raw little-endian bytes (C order)."""
-        name = dtype_name(dtype)
         view = memoryview(data).cast("B")
+        return self.add_chunks([view], len(view), dtype, shape)
+
+    def add_chunks(
+        self, chunks: Iterable[memoryview | bytes], nbytes: int, dtype: object, shape: tuple[int, ...]
+    ) -> TensorRef:
+        """A tensor of `nbytes` given as consecutive pieces of its bytes, so it never has to be whole in memory."""
+        name = dtype_name(dtype)
         ref = TensorRef("", name, shape)
-        if len(view) != ref.numel * STORAGES[name][1]:
-            raise ValueError(f"{len(view)} bytes are not a {name} tensor of shape {list(shape)}")
-        ref.key = self._data_record(len(view), lambda: self._write(view), self._pool.submit(_crc, view))
+        if nbytes != ref.numel * STORAGES[name][1]:
+            raise ValueError(f"{nbytes} bytes are not a {name} tensor of shape {list(shape)}")
+        ref.key = self._data_record(nbytes, lambda: self._write_chunks(chunks, nbytes))
         return ref
 
     def add_tensor(self, tensor: Any) -> TensorRef:
@@ -299,7 +323,7 @@ class StreamingCheckpointWriter:
         ref = TensorRef("", name, shape)
         if size != ref.numel * STORAGES[name][1]:
             raise ValueError(f"spans hold {size} bytes, not a {name} tensor of shape {list(shape)}")
-        ref.key = self._data_record(size, lambda: self._copy(spans), self._pool.submit(_crc_spans, spans))
+        ref.key = self._data_record(size, lambda: self._copy_spans(spans))
         return ref
 
     def finish(self, obj: object, *, fsync: bool = True) -> None:
