@@ -73,9 +73,15 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
 
 
 def assemble_from(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader) -> np.ndarray:
-    """The whole target tensor in one buffer (LoRA, verify, tools); the writers take `bands` instead."""
-    out = (np.zeros if entry.zero_fill else np.empty)(entry.nbytes, dtype=np.uint8)
-    _fill_rows(entry, sources, reader, 0, grid(entry.shape)[0], out)
+    """The whole target tensor in one buffer (LoRA, tools); the writers take `bands` instead."""
+    return assemble_rows(entry, sources, reader, 0, grid(entry.shape)[0])
+
+
+def assemble_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader, r0: int, r1: int) -> np.ndarray:
+    """Target rows [r0, r1) in a new buffer (verify reads two checkpoints band by band)."""
+    rows = grid(entry.shape)[0]
+    out = (np.zeros if entry.zero_fill else np.empty)((r1 - r0) * (entry.nbytes // rows if rows else 0), np.uint8)
+    _fill_rows(entry, sources, reader, r0, r1, out)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Each side is a *source view*: an HF directory gives its tensors directly; a Megatron /
 MindSpeed directory gives each canonical tensor as blocks of its rank files (so a TP=2
-checkpoint compares against a TP=1 one or against HF). One full tensor per side is in
-memory at a time.
+checkpoint compares against a TP=1 one or against HF). Tensors are compared a band of
+rows at a time (engine.execute.BAND), so memory does not grow with the largest tensor.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import execute
 from .errors import ConvertError
-from .execute import assemble
+from .execute import assemble_rows
 from .hf_source import ModelInfo, TensorReader, inspect_hf
 from .layout import ParallelConfig
 from .mm_source import open_checkpoint
 from .mm_view import open_view
-from .plan import Entry, Piece, Plan
+from .plan import Entry, Piece, grid
 from .safetensors_header import TensorMeta
 
 if TYPE_CHECKING:
@@ -81,35 +82,47 @@ def _floats(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.view(np.dtype(dtype)).astype(np.float64 if dtype in ("float64", "int64") else np.float32)
 
 
-def _read(side: Side, name: str, reader: TensorReader) -> np.ndarray:
-    shape, dtype, pieces = side.tensors[name]
-    plan = Plan([], side.sources, {})
-    return assemble(Entry(name, shape, dtype, pieces, ""), plan, reader)
+def _bands(a: Side, b: Side, name: str, reader: TensorReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tensor on both sides, the same rows at a time, about BAND bytes of the wider side."""
+    (shape, da, pa), (_, db, pb) = a.tensors[name], b.tensors[name]
+    ea, eb = Entry(name, shape, da, pa, ""), Entry(name, shape, db, pb, "")
+    rows = grid(shape)[0]
+    step = max(1, execute.BAND // max(1, max(ea.nbytes, eb.nbytes) // max(1, rows)))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield assemble_rows(ea, a.sources, reader, r0, r1), assemble_rows(eb, b.sources, reader, r0, r1)
+
+
+def _compare_one(a: Side, b: Side, name: str, reader: TensorReader, atol: float) -> Row:
+    da, db = a.tensors[name][1], b.tensors[name][1]
+    equal, diff, same_nan = da == db, 0.0, True
+    for xa, xb in _bands(a, b, name, reader):
+        if da == db and np.array_equal(xa, xb):
+            continue
+        equal = False
+        fa, fb = _floats(xa, da), _floats(xb, db)
+        with np.errstate(invalid="ignore"):
+            diff = max(diff, float(np.max(np.abs(fa - fb))) if fa.size else 0.0)
+        same_nan = same_nan and bool(np.array_equal(np.isnan(fa), np.isnan(fb)))
+    if equal:
+        return Row(name, "equal", 0.0)
+    note = f"{da} vs {db}" if da != db else ""
+    return Row(name, "close" if same_nan and diff <= atol else "differs", diff, note)
 
 
 def compare(a: Side, b: Side, *, atol: float = 0.0) -> Iterator[Row]:
-    """One row per canonical tensor, in A's order then B's extras."""
+    """One row per canonical tensor, in A's order then B's extras; a band of each side in memory at a time."""
     reader = TensorReader()
     try:
         for name in a.tensors:
             if name not in b.tensors:
                 yield Row(name, "only in A")
                 continue
-            (sa, da, _), (sb, db, _) = a.tensors[name], b.tensors[name]
+            sa, sb = a.tensors[name][0], b.tensors[name][0]
             if sa != sb:
                 yield Row(name, "shape", None, f"{list(sa)} vs {list(sb)}")
                 continue
-            xa, xb = _read(a, name, reader), _read(b, name, reader)
-            if da == db and np.array_equal(xa, xb):
-                yield Row(name, "equal", 0.0)
-                continue
-            fa, fb = _floats(xa, da), _floats(xb, db)
-            with np.errstate(invalid="ignore"):
-                diff = float(np.max(np.abs(fa - fb))) if fa.size else 0.0
-            same_nan = bool(np.array_equal(np.isnan(fa), np.isnan(fb)))
-            note = f"{da} vs {db}" if da != db else ""
-            status = "close" if same_nan and diff <= atol else "differs"
-            yield Row(name, status, diff, note)
+            yield _compare_one(a, b, name, reader, atol)
         for name in b.tensors:
             if name not in a.tensors:
                 yield Row(name, "only in B")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from engine import execute
 from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
 from engine.verify import compare, identical, open_side
@@ -34,16 +35,23 @@ def test_hf_equals_its_megatron_layouts(qwen2vl_dir: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_a_changed_element_is_found(qwen2vl_dir: Path, tmp_path: Path) -> None:
-    changed = tmp_path / "hf"
-    changed.mkdir()
-    for p in qwen2vl_dir.iterdir():
-        (changed / p.name).write_bytes(p.read_bytes())
-    state = load_file(changed / "model.safetensors")
-    key = "model.layers.2.mlp.down_proj.weight"
-    state[key][3, 5] += 1.0
+KEY = "model.layers.2.mlp.down_proj.weight"
+
+
+def _changed_copy(hf: Path, out: Path) -> Path:
+    """hf with one element of KEY changed by 1.0 and a norm stored as float64 (same values)."""
+    out.mkdir()
+    for p in hf.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    state = load_file(out / "model.safetensors")
+    state[KEY][3, 5] += 1.0
     state["visual.blocks.0.norm1.weight"] = state["visual.blocks.0.norm1.weight"].double()
-    save_file(state, changed / "model.safetensors", metadata={"format": "pt"})
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_a_changed_element_is_found(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    changed, key = _changed_copy(qwen2vl_dir, tmp_path / "hf"), KEY
     info = inspect_hf(qwen2vl_dir)
     rows = list(compare(open_side(qwen2vl_dir, info, None, "A"), open_side(changed, info, None, "B")))
     bad = {r.name: r for r in rows if r.status != "equal"}
@@ -72,6 +80,28 @@ def test_engine_compare_ignores_layout(qwen2vl_dir: Path, tmp_path: Path) -> Non
     )
     rows = list(compare(open_side(qwen2vl_dir, info, None, "A"), side))
     assert len(rows) == len(info.tensors) and identical(rows)
+
+
+def test_one_row_bands_compare_the_same(qwen2vl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors are compared band by band: one-row bands give the same rows as the default."""
+    changed = _changed_copy(qwen2vl_dir, tmp_path / "hf")
+    assert hf_to_mm(qwen2vl_dir, tmp_path / "mm", tp=2).returncode == 0
+    info = inspect_hf(qwen2vl_dir)
+    tp2 = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])
+
+    def both() -> tuple[list, list]:
+        a = open_side(qwen2vl_dir, info, None, "A")
+        return list(compare(a, open_side(changed, info, None, "B"))), list(
+            compare(a, open_side(tmp_path / "mm", info, tp2, "B"))
+        )
+
+    default = both()
+    monkeypatch.setattr(execute, "BAND", 1)
+    assert both() == default
+    assert identical(default[1]) and {r.name for r in default[0] if r.status != "equal"} == {
+        KEY,
+        "visual.blocks.0.norm1.weight",
+    }
 
 
 @pytest.mark.oracle
