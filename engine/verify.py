@@ -102,7 +102,9 @@ def _compare_one(a: Side, b: Side, name: str, reader: TensorReader, atol: float)
         equal = False
         fa, fb = _floats(xa, da), _floats(xb, db)
         with np.errstate(invalid="ignore"):
-            diff = max(diff, float(np.max(np.abs(fa - fb))) if fa.size else 0.0)
+            band = float(np.fmax.reduce(np.abs(fa - fb), axis=None)) if fa.size else 0.0  # NaN where both are NaN
+        if not np.isnan(band):
+            diff = max(diff, band)
         same_nan = same_nan and bool(np.array_equal(np.isnan(fa), np.isnan(fb)))
     if equal:
         return Row(name, "equal", 0.0)

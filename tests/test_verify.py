@@ -104,6 +104,35 @@ def test_one_row_bands_compare_the_same(qwen2vl_dir: Path, tmp_path: Path, monke
     }
 
 
+def test_nans_in_the_same_places_are_not_a_difference(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """The max |diff| skips NaNs both sides have; a NaN on one side only differs, whatever the atol."""
+
+    def copy_with(name: str, **changes: float) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        for p in qwen2vl_dir.iterdir():
+            (out / p.name).write_bytes(p.read_bytes())
+        state = load_file(out / "model.safetensors")
+        for where, value in changes.items():
+            r, c = map(int, where.removeprefix("at").split("_"))
+            state[KEY][r, c] = value if where == "at0_0" else state[KEY][r, c] + value
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return out
+
+    info = inspect_hf(qwen2vl_dir)
+    nan = copy_with("nan", at0_0=float("nan"))
+    nan_and_more = copy_with("nan_and_more", at0_0=float("nan"), at3_5=0.5)
+
+    def row(a: Path, b: Path, atol: float):
+        rows = compare(open_side(a, info, None, "A"), open_side(b, info, None, "B"), atol=atol)
+        return next(r for r in rows if r.name == KEY)
+
+    both = row(nan, nan_and_more, 1.0)
+    assert both.status == "close" and both.max_abs_diff == pytest.approx(0.5, abs=0.01)
+    assert row(nan, nan_and_more, 0.1).status == "differs"
+    assert row(qwen2vl_dir, nan, 1e9).status == "differs"
+
+
 @pytest.mark.oracle
 def test_logits_agree_across_formats_and_catch_a_change(qwen2vl_dir: Path, tmp_path: Path) -> None:
     """--logits: transformers on HF against megatron-core on TP2/PP2; a change within --atol still shows in them."""
