@@ -35,7 +35,7 @@ def header_bytes(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata:
 
 
 class SafetensorsWriter:
-    """`add_bytes` / `add_chunks` / `add_spans` once per tensor, in header order, then `close`."""
+    """`add_chunks` / `add_spans` once per tensor, in header order, then `close`."""
 
     def __init__(self, path: Path, header: bytes, expected: list[int]) -> None:
         self.path = path
@@ -48,10 +48,6 @@ class SafetensorsWriter:
         want = self._expected.pop() if self._expected else None
         if want != n:
             raise AssertionError(f"{self.path}: tensor of {n} bytes where the header says {want}")
-
-    def add_bytes(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        self.add_chunks([view], len(view))
 
     def add_chunks(self, chunks: Iterable[memoryview | bytes], nbytes: int) -> None:
         """A tensor of `nbytes` given as consecutive pieces of its bytes."""

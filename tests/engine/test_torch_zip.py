@@ -116,16 +116,21 @@ def test_spans_equal_bytes(tmp_path: Path) -> None:
             row = 6 * 4
             spans = [(fd, 13, 2 * row), (fd, 13 + 2 * row, 2 * row)]
             obj = {"a": w.add_spans(spans, "float32", (4, 6)), "b": w.add_bytes(raw, torch.float32, (4, 6))}
+            obj["c"] = w.add_chunks([raw[:5], raw[5:40], b"", raw[40:]], len(raw), "float32", (4, 6))
             w.finish(obj)
     finally:
         os.close(fd)
     loaded = torch.load(path, weights_only=True)
-    assert torch.equal(loaded["a"], t) and torch.equal(loaded["b"], t)
+    assert torch.equal(loaded["a"], t) and torch.equal(loaded["b"], t) and torch.equal(loaded["c"], t)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC, chunked or copied, is right
 
 
 def test_wrong_byte_count_is_a_bug(tmp_path: Path) -> None:
     with StreamingCheckpointWriter(tmp_path / "x.pt") as w, pytest.raises(ValueError, match="not a float32 tensor"):
         w.add_bytes(b"\0" * 10, "float32", (3,))
+    with StreamingCheckpointWriter(tmp_path / "y.pt") as w, pytest.raises(ValueError, match="8 bytes were given"):
+        w.add_chunks([b"\0" * 8], 12, "float32", (3,))
 
 
 def test_span_crc_mapped_and_read_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
