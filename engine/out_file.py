@@ -36,6 +36,7 @@ def _load_sync_file_range():  # Linux only; elsewhere write-back is left to the 
 
 
 _sync_file_range = _load_sync_file_range()
+_copy_file_range = getattr(os, "copy_file_range", None)  # Linux; elsewhere bytes go through a buffer
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -88,7 +89,7 @@ class OutFile:
             while done < n:
                 want = min(STEP, n - done)
                 try:
-                    k = os.copy_file_range(src, self.fd, want, offset + done)
+                    k = _copy_file_range(src, self.fd, want, offset + done) if _copy_file_range else 0
                 except OSError:  # a filesystem pair the kernel cannot copy between
                     k = 0
                 if k <= 0:
