@@ -221,7 +221,7 @@ class TensorReader:
         """Rows [r0, r1) as a read-only view of the page cache (no copy), unmapped on exit.
 
         For cutting columns: only the bytes a rank keeps are copied out, and the mapping
-        is dropped right after, so resident memory stays at one tensor.
+        is dropped right after; callers map a band of rows at a time (execute.BAND).
         """
         fd, start, want = self.row_span(meta, r0, r1)
         if want == 0:

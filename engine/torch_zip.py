@@ -2,8 +2,9 @@
 
 torch's checkpoint is a zip of stored (uncompressed) records: `<archive>/data/<key>` per
 storage, `<archive>/data.pkl` (the pickled object, referring to storages by key) and a
-few small records. We write each tensor's bytes as its own record the moment it is
-ready, so memory holds one tensor, not the file, and pickle the object last.
+few small records. We write each tensor's bytes as its own record as they are produced
+(whole, in chunks, or copied from other files), so memory never holds the file, and
+pickle the object last.
 
 - Records are 64-byte aligned like torch's own, so `torch.load(..., mmap=True)` works;
   zip64 fields are used past 4 GiB.
