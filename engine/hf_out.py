@@ -127,12 +127,18 @@ def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -
 
 
 def _index_text(files: list[OutputFile], original: Path) -> str:
-    meta: dict[str, object] = {}
+    """The index of the written files; the original's own text when it says the same thing,
+    so a round trip gives back the very bytes whichever tool wrote (and ordered) it."""
+    text, meta = None, {}
     if original.is_file():
         try:
-            meta = dict(json.loads(original.read_text()).get("metadata") or {})
-        except (OSError, ValueError):
-            meta = {}
+            text = original.read_text()
+            meta = dict(json.loads(text).get("metadata") or {})
+        except (OSError, ValueError, AttributeError):
+            text, meta = None, {}
     meta["total_size"] = sum(f.nbytes for f in files)
     weight_map = {e.key: f.path for f in files for e in f.entries}
-    return json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    if text is not None and json.loads(text) == index:  # dict equality: order and spacing aside
+        return text
+    return json.dumps(index, indent=2) + "\n"
