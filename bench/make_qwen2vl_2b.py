@@ -38,7 +38,8 @@ SIZES = {
     },
 }
 LLM = dict(SIZES["2b"])
-VIT = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
+VIT_2B = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
+VIT = dict(VIT_2B)
 
 CONFIG = {
     "architectures": ["Qwen2VLForConditionalGeneration"],
@@ -133,7 +134,7 @@ def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], block: bytes, s
 def write_checkpoint(out: Path, size: str = "2b", *, sparse: bool = False, seed: int = 0) -> int:
     """Write the checkpoint of this size into `out`; its tensor bytes."""
     LLM.update({k: v for k, v in SIZES[size].items() if k != "vit"})
-    VIT.update(SIZES[size].get("vit", {}))
+    VIT.update({**VIT_2B, **SIZES[size].get("vit", {})})  # every size but mid has the 2B's ViT
     CONFIG.update(
         hidden_size=LLM["hidden"], intermediate_size=LLM["inter"], num_attention_heads=LLM["heads"],
         num_hidden_layers=LLM["layers"],
