@@ -85,6 +85,11 @@ def assemble_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorRe
     return out
 
 
+def rows_per_band(row_bytes: int) -> int:
+    """How many rows of `row_bytes` make about BAND bytes (at least one)."""
+    return max(1, BAND // max(1, row_bytes))
+
+
 def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview]:
     """The entry's bytes about BAND at a time, in one reused buffer: each view is valid until the next.
 
@@ -96,7 +101,7 @@ def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview
         return
     rows = grid(entry.shape)[0]
     row_bytes = entry.nbytes // rows if rows else 0
-    step = max(1, BAND // max(1, row_bytes))
+    step = rows_per_band(row_bytes)
     buf = np.empty(min(entry.nbytes, step * row_bytes), dtype=np.uint8)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -128,7 +133,7 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
         if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
             reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))
             continue
-        step = max(1, BAND // max(1, meta.nbytes // srows))  # map at most BAND of the source at a time
+        step = rows_per_band(meta.nbytes // srows)  # map at most BAND of the source at a time
         for a in range(lo, hi, step):
             b = min(hi, a + step)
             with reader.mapped_rows(meta, first + a, first + b) as view:

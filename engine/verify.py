@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import execute
 from .errors import ConvertError
-from .execute import assemble_rows
+from .execute import assemble_rows, rows_per_band
 from .hf_source import ModelInfo, TensorReader, inspect_hf
 from .layout import ParallelConfig
 from .mm_source import open_checkpoint
@@ -87,7 +86,7 @@ def _bands(a: Side, b: Side, name: str, reader: TensorReader) -> Iterator[tuple[
     (shape, da, pa), (_, db, pb) = a.tensors[name], b.tensors[name]
     ea, eb = Entry(name, shape, da, pa, ""), Entry(name, shape, db, pb, "")
     rows = grid(shape)[0]
-    step = max(1, execute.BAND // max(1, max(ea.nbytes, eb.nbytes) // max(1, rows)))
+    step = rows_per_band(max(ea.nbytes, eb.nbytes) // max(1, rows))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         yield assemble_rows(ea, a.sources, reader, r0, r1), assemble_rows(eb, b.sources, reader, r0, r1)

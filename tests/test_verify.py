@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from engine import execute
@@ -38,16 +40,25 @@ def test_hf_equals_its_megatron_layouts(qwen2vl_dir: Path, tmp_path: Path) -> No
 KEY = "model.layers.2.mlp.down_proj.weight"
 
 
-def _changed_copy(hf: Path, out: Path) -> Path:
-    """hf with one element of KEY changed by 1.0 and a norm stored as float64 (same values)."""
+def _edited_copy(hf: Path, out: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of hf whose model.safetensors state went through `edit`."""
     out.mkdir()
     for p in hf.iterdir():
         (out / p.name).write_bytes(p.read_bytes())
     state = load_file(out / "model.safetensors")
-    state[KEY][3, 5] += 1.0
-    state["visual.blocks.0.norm1.weight"] = state["visual.blocks.0.norm1.weight"].double()
+    edit(state)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def _changed_copy(hf: Path, out: Path) -> Path:
+    """hf with one element of KEY changed by 1.0 and a norm stored as float64 (same values)."""
+
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        state[KEY][3, 5] += 1.0
+        state["visual.blocks.0.norm1.weight"] = state["visual.blocks.0.norm1.weight"].double()
+
+    return _edited_copy(hf, out, edit)
 
 
 def test_a_changed_element_is_found(qwen2vl_dir: Path, tmp_path: Path) -> None:
@@ -107,29 +118,24 @@ def test_one_row_bands_compare_the_same(qwen2vl_dir: Path, tmp_path: Path, monke
 def test_nans_in_the_same_places_are_not_a_difference(qwen2vl_dir: Path, tmp_path: Path) -> None:
     """The max |diff| skips NaNs both sides have; a NaN on one side only differs, whatever the atol."""
 
-    def copy_with(name: str, **changes: float) -> Path:
-        out = tmp_path / name
-        out.mkdir()
-        for p in qwen2vl_dir.iterdir():
-            (out / p.name).write_bytes(p.read_bytes())
-        state = load_file(out / "model.safetensors")
-        for where, value in changes.items():
-            r, c = map(int, where.removeprefix("at").split("_"))
-            state[KEY][r, c] = value if where == "at0_0" else state[KEY][r, c] + value
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        return out
+    def nan_at_0_0(state: dict[str, torch.Tensor]) -> None:
+        state[KEY][0, 0] = float("nan")
+
+    def nan_and_more(state: dict[str, torch.Tensor]) -> None:
+        nan_at_0_0(state)
+        state[KEY][3, 5] += 0.5
 
     info = inspect_hf(qwen2vl_dir)
-    nan = copy_with("nan", at0_0=float("nan"))
-    nan_and_more = copy_with("nan_and_more", at0_0=float("nan"), at3_5=0.5)
+    nan = _edited_copy(qwen2vl_dir, tmp_path / "nan", nan_at_0_0)
+    more = _edited_copy(qwen2vl_dir, tmp_path / "nan_and_more", nan_and_more)
 
     def row(a: Path, b: Path, atol: float):
         rows = compare(open_side(a, info, None, "A"), open_side(b, info, None, "B"), atol=atol)
         return next(r for r in rows if r.name == KEY)
 
-    both = row(nan, nan_and_more, 1.0)
+    both = row(nan, more, 1.0)
     assert both.status == "close" and both.max_abs_diff == pytest.approx(0.5, abs=0.01)
-    assert row(nan, nan_and_more, 0.1).status == "differs"
+    assert row(nan, more, 0.1).status == "differs"
     assert row(qwen2vl_dir, nan, 1e9).status == "differs"
 
 
