@@ -10,5 +10,14 @@ class ConvertError(Exception):
     exit_code = 2
 
 
+class WriteError(ConvertError):
+    """The output could not be written (full disk, read-only or unwritable target): one line, exit 1.
+
+    The temporary output was removed; the target is as it was.
+    """
+
+    exit_code = 1
+
+
 class CancelledError(Exception):
     """The caller stopped a running conversion; the temporary output was removed."""

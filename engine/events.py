@@ -40,4 +40,11 @@ class Finished:
     seconds: float
 
 
-Event = Started | FileStarted | Progress | FileDone | Finished
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should read that is not an error (debris of an earlier run was removed)."""
+
+    text: str
+
+
+Event = Notice | Started | FileStarted | Progress | FileDone | Finished

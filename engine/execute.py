@@ -16,36 +16,26 @@ import queue
 import shutil
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from .check import check_plan
 from .dcp_writer import METADATA_NAME, DcpWriter
-from .errors import ConvertError
-from .events import Event, FileDone, FileStarted, Finished, Progress, Started
+from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
 from .hf_source import TensorReader
 from .out_file import Span
 from .plan import Entry, OutputFile, Plan, grid
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
+from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, write_error
 from .torch_zip import StreamingCheckpointWriter
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
-DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 FILE_MODE = 0o640
 CHECKPOINT_VERSION = 3.0
-
-
-def check_target(out_dir: Path, overwrite: bool, field: str = "mm_dir") -> None:
-    """Refuse an existing, non-empty target unless asked to overwrite."""
-    if out_dir.is_file():
-        raise ConvertError(f"{field} {out_dir}: is a file; give a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ConvertError(f"{field} {out_dir}: exists and is not empty; choose a new directory or pass --overwrite")
 
 
 def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span] | None:
@@ -326,46 +316,60 @@ def _mkdirs(root: Path, path: Path) -> None:
         os.chmod(d, DIR_MODE)
 
 
-def execute(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Iterator[Event]:
-    """Write the whole plan into `out_dir`, atomically. Closing the generator cancels cleanly."""
-    out_dir = Path(out_dir).absolute()
-    check_target(out_dir, overwrite)
+def execute(
+    plan: Plan,
+    out_dir: Path | str,
+    *,
+    overwrite: bool = False,
+    field: str = "mm_dir",
+    inputs: Mapping[str, Path] | None = None,
+) -> Iterator[Event]:
+    """Write the whole plan into `out_dir`, atomically. Closing the generator cancels cleanly.
+
+    `inputs` are the directories the job reads ({field: path}, besides every file the plan
+    reads): the target may not be one of them, hold one or lie inside one.
+    """
     problems = check_plan(plan)
     if problems:
         raise AssertionError("plan check failed:\n" + "\n".join(problems))  # a bug, not bad input
-    start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.mmtui-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(mode=DIR_MODE)
-    os.chmod(tmp, DIR_MODE)
-    finished = False
+    read = [("file", Path(p)) for p in sorted(_read_files(plan))]
+    given = list((inputs or {}).items()) + plan.inputs
+    with claim(Path(out_dir), overwrite, field, [*given, *read]) as owned:
+        for note in owned.notes:
+            yield Notice(note)
+        needed = plan.nbytes + sum(len(t.encode()) for t in plan.texts.values())
+        needed += sum(_size(p) for p in plan.copies.values())
+        check_space(needed, owned.target, field, overwrite)
+        start = time.perf_counter()
+        tmp = owned.make_tmp()
+        try:
+            yield from write_files(plan, tmp)
+            for rel, text in plan.texts.items():
+                path = tmp / rel
+                path.write_text(text)
+                os.chmod(path, FILE_MODE)
+            for rel, src in plan.copies.items():
+                shutil.copyfile(src, tmp / rel)
+                os.chmod(tmp / rel, FILE_MODE)
+            _fsync_tree(tmp)
+            owned.commit()
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            raise write_error(e, e.filename or owned.target, needed, owned.target.parent) from None
+    yield Finished(owned.target, plan.nbytes, time.perf_counter() - start)
+
+
+def _read_files(plan: Plan) -> set[str]:
+    files = {str(m.file) for m in plan.sources.values()} | {str(m.file) for m in plan.lora_sources.values()}
+    return files | {str(p) for p in plan.copies.values()}
+
+
+def _size(path: Path) -> int:
     try:
-        yield from write_files(plan, tmp)
-        for rel, text in plan.texts.items():
-            path = tmp / rel
-            path.write_text(text)
-            os.chmod(path, FILE_MODE)
-        for rel, src in plan.copies.items():
-            shutil.copyfile(src, tmp / rel)
-            os.chmod(tmp / rel, FILE_MODE)
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, out_dir)
-        finished = True
-    finally:
-        if not finished:
-            shutil.rmtree(tmp, ignore_errors=True)
-    yield Finished(out_dir, plan.nbytes, time.perf_counter() - start)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.mmtui-old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    _fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _fsync_tree(root: Path) -> None:
@@ -388,8 +392,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False) -> Finished:
+def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False, **kw) -> Finished:
     """Execute without watching progress; return the final event."""
-    (last,) = deque(execute(plan, out_dir, overwrite=overwrite), maxlen=1)
+    (last,) = deque(execute(plan, out_dir, overwrite=overwrite, **kw), maxlen=1)
     assert isinstance(last, Finished)
     return last

@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
 from .errors import ConvertError
-from .execute import check_target
 from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
@@ -23,6 +22,7 @@ from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
+from .target import check_inputs, check_target
 
 
 class _Config(BaseModel):
@@ -257,6 +257,25 @@ class Job(_Config):
         return Path(self.cfg.out_dir)
 
     @property
+    def out_field(self) -> str:
+        return OUT_FIELDS[self.command]
+
+    @property
+    def inputs(self) -> list[tuple[str, Path]]:
+        """(field, directory) of everything the job reads: the target may overlap none of them."""
+        cfg = self.cfg
+        out = [("hf_config.hf_dir", Path(cfg.hf_config.hf_dir))]
+        if isinstance(cfg, HfToMmConfig) and cfg.llm_hf_dir:
+            out.append(("llm_hf_dir", Path(cfg.llm_hf_dir)))
+        if isinstance(cfg, MmToHfConfig):
+            out.append(("mm_dir", Path(cfg.mm_dir)))
+        if isinstance(cfg, ResplitConfig):
+            out.append(("source_dir", Path(cfg.source_dir)))
+        if cfg.lora is not None:
+            out.append(("lora.adapter_dir", Path(cfg.lora.adapter_dir)))
+        return out
+
+    @property
     def overwrite(self) -> bool:
         return self.cfg.overwrite
 
@@ -305,9 +324,16 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
 
     `check_out=False` skips the target check, for a preview made while the user types.
     """
+    info, plan = _prepare(job, check_out)
+    plan.inputs = job.inputs
+    return info, plan
+
+
+def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
     cfg = job.cfg
     if check_out:
-        check_target(job.out_dir, job.overwrite, OUT_FIELDS[job.command])
+        check_inputs(job.out_dir, job.inputs, job.out_field)
+        check_target(job.out_dir, job.overwrite, job.out_field)
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)

@@ -148,6 +148,7 @@ class Plan:
     lora: dict[str, LoraPair] = field(default_factory=dict)  # canonical tensor -> adapter merged into it
     lora_sources: dict[str, TensorMeta] = field(default_factory=dict)  # the adapter tensors its pieces read
     zero_blocks: set[str] = field(default_factory=set)  # sources whose unread parts are zeros by layout
+    inputs: list[tuple[str, Path]] = field(default_factory=list)  # (field, directory) the job reads
 
     @property
     def nbytes(self) -> int:

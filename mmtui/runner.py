@@ -1,17 +1,59 @@
 """Headless execution of a job with a rich progress bar (`mm-convert`, `mmtui --replay`).
 
-Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 1 failure.
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 1 the output
+could not be written (full disk, read-only target), 128+n stopped by signal n (Ctrl-C,
+SIGTERM, SIGHUP; the temporary output is removed, the target is as it was).
 """
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import ConvertError
-from engine.events import FileDone, Finished, Progress, Started
+from engine.events import FileDone, Finished, Notice, Progress, Started
 from engine.execute import execute
 from engine.job import Job, load_job, prepare
+
+
+class Stopped(BaseException):
+    """A termination signal, raised in the main thread so every `finally` on the way out runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a batch scheduler's kill, a closed terminal) clean up as Ctrl-C does."""
+
+    def raise_stopped(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary_line(finished: Finished, files: int) -> str:
+    """One line for a batch log: target, files, bytes, seconds, GB/s, peak memory."""
+    gbps = finished.total_bytes / max(finished.seconds, 1e-9) / 1e9
+    return (
+        f"wrote {finished.out_dir}: {files} files, {finished.total_bytes:,} bytes in {finished.seconds:.1f} s "
+        f"({gbps:.2f} GB/s), peak memory {peak_rss_mb():.0f} MB"
+    )
 
 
 def run_job(job: Job, *, quiet: bool = False) -> Finished:
@@ -32,8 +74,10 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
     )
     with Bar(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task("converting", total=plan.nbytes)
-        for event in execute(plan, job.out_dir, overwrite=job.overwrite):
-            if isinstance(event, Started):
+        for event in execute(plan, job.out_dir, overwrite=job.overwrite, field=job.out_field):
+            if isinstance(event, Notice):
+                print(f"note: {event.text}", file=sys.stderr)
+            elif isinstance(event, Started):
                 bar.update(task, total=event.total_bytes)
             elif isinstance(event, Progress):
                 bar.update(task, completed=event.done_bytes, description=Path(event.path).parent.name)
@@ -48,25 +92,35 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
             f"[green]done[/]: {len(plan.files)} files, {finished.total_bytes / 1e9:.2f} GB in "
             f"{finished.seconds:.1f} s ({gbps:.2f} GB/s) -> {finished.out_dir}"
         )
+    if not sys.stdout.isatty():
+        print(summary_line(finished, len(plan.files)), flush=True)
     return finished
 
 
 def run_job_cli(job: Job, *, prog: str) -> None:
     """Run and exit with the documented status; bad input is one line, not a traceback."""
-    try:
+    with guarded(prog):
         run_job(job, quiet=not sys.stderr.isatty())
+
+
+@contextlib.contextmanager
+def guarded(prog: str) -> Iterator[None]:
+    """The documented exits around anything that may plan or write: one line, never a traceback."""
+    try:
+        with stop_on_signals():
+            yield
     except ConvertError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(f"{prog}: cancelled; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    except Stopped as e:
+        print(f"{prog}: cancelled; nothing was written", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 def replay(path: str, *, prog: str = "mmtui") -> None:
-    try:
+    with guarded(prog):
         job = load_job(path)
-    except ConvertError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
     run_job_cli(job, prog=prog)

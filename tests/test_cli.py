@@ -151,7 +151,7 @@ def test_non_empty_target(qwen2vl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("mine")
-    _bad(hf_to_mm(qwen2vl_dir, out), "exists and is not empty", "--overwrite")
+    _bad(hf_to_mm(qwen2vl_dir, out), "exists and is not empty", "--cfg.overwrite true")
     assert [p.name for p in out.iterdir()] == ["x"]
     r = hf_to_mm(qwen2vl_dir, out, "--cfg.overwrite", "true")
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_existing_target_refused_then_overwritten(qwen2vl_dir: Path, tmp_path: P
     out.mkdir()
     (out / "keep.txt").write_text("x")
     plan = build_plan(inspect_hf(qwen2vl_dir), ParallelConfig(llm_pp_layers=[[4]], vit_pp_layers=[[3]]))
-    with pytest.raises(ConvertError, match="exists and is not empty; choose a new directory or pass --overwrite"):
+    with pytest.raises(ConvertError, match=re.escape("exists and is not empty; choose a new directory or set overwrite (--cfg.overwrite true)")):
         run(plan, out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     run(plan, out, overwrite=True)
