@@ -36,6 +36,17 @@ SIZES = {
         "tied": False,
         "vit": {"depth": 4, "dim": 1024, "heads": 16, "mlp": 4096},
     },
+    # ~290 MB: long enough to be interrupted at chosen moments (tests/test_faults.py), quick to write
+    "small": {
+        "hidden": 1024,
+        "layers": 6,
+        "heads": 8,
+        "kv": 2,
+        "inter": 2816,
+        "vocab": 32000,
+        "tied": False,
+        "vit": {"depth": 2, "dim": 512, "heads": 8, "mlp": 2048},
+    },
 }
 LLM = dict(SIZES["2b"])
 VIT_2B = {"depth": 32, "dim": 1280, "heads": 16, "mlp": 5120, "out": 1536, "patch": 14, "tpatch": 2, "merge": 2}
@@ -172,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B, -7B or -72B shapes, or mid")
+    ap.add_argument("--size", choices=sorted(SIZES), default="2b", help="Qwen2-VL-2B, -7B, -72B shapes; mid; small")
     ap.add_argument("--sparse", action="store_true", help="headers only; tensor data left as holes")
     args = ap.parse_args()
     total = write_checkpoint(args.out, args.size, sparse=args.sparse, seed=args.seed)

@@ -140,6 +140,7 @@ class Claim:
     lock_path: Path
     tmp: Path | None = None
     notes: list[str] = field(default_factory=list)
+    committed: bool = False
 
     def make_tmp(self) -> Path:
         tmp = self.target.parent / f".{self.target.name}{TMP_TAG}{uuid.uuid4().hex[:8]}"
@@ -162,7 +163,7 @@ class Claim:
                         f"checkpoint was not put in its place"
                     ) from None
             elif rename2(tmp, target, RENAME_EXCHANGE):  # old content now under the temporary name
-                self.tmp = None
+                self.tmp, self.committed = None, True
                 _fsync_dir(target.parent)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
@@ -170,7 +171,7 @@ class Claim:
                 old = target.parent / f".{target.name}{TMP_TAG}old-{uuid.uuid4().hex[:8]}"
                 target.rename(old)
                 tmp.rename(target)
-                self.tmp = None
+                self.tmp, self.committed = None, True
                 _fsync_dir(target.parent)
                 shutil.rmtree(old, ignore_errors=True)
                 return
@@ -178,7 +179,7 @@ class Claim:
             if target.exists():
                 raise ConvertError(f"{self.field} {target}: appeared while converting; it was not replaced")
             tmp.rename(target)
-        self.tmp = None
+        self.tmp, self.committed = None, True
         _fsync_dir(target.parent)
 
     def abandon(self) -> None:
@@ -249,6 +250,7 @@ def claim(
     target = resolve_target(Path(out_dir), field)
     check_inputs(target, inputs, field)
     parent = target.parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again unless the run commits
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -269,7 +271,7 @@ def claim(
                 shutil.rmtree(p, ignore_errors=True)
             c.notes.append(
                 f"removed {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} "
-                f"({freed / 1e9:.2f} GB) left by an earlier run to {target} that did not finish"
+                f"({_gb(freed)}) left by an earlier run to {target} that did not finish"
             )
         check_target(target, overwrite, field)
         yield c
@@ -278,6 +280,9 @@ def claim(
         with contextlib.suppress(OSError):
             os.unlink(lock_path)  # while still holding it: a waiting run re-checks the inode
         os.close(fd)
+        for d in made if not c.committed else ():
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if still empty
 
 
 def free_bytes(path: Path) -> int:

@@ -36,6 +36,8 @@ def stop_on_signals() -> Iterator[None]:
         raise Stopped(signum)
 
     old = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C raises from here on, so cleanup runs
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
@@ -47,11 +49,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summary_line(finished: Finished, files: int) -> str:
-    """One line for a batch log: target, files, bytes, seconds, GB/s, peak memory."""
-    gbps = finished.total_bytes / max(finished.seconds, 1e-9) / 1e9
+def summary_line(finished: Finished) -> str:
+    """One line for a batch log: target, files, bytes on disk, seconds, GB/s, peak memory."""
+    sizes = [p.stat().st_size for p in Path(finished.out_dir).rglob("*") if p.is_file()]
+    files, on_disk = len(sizes), sum(sizes)
+    gbps = on_disk / max(finished.seconds, 1e-9) / 1e9
     return (
-        f"wrote {finished.out_dir}: {files} files, {finished.total_bytes:,} bytes in {finished.seconds:.1f} s "
+        f"wrote {finished.out_dir}: {files} files, {on_disk:,} bytes in {finished.seconds:.1f} s "
         f"({gbps:.2f} GB/s), peak memory {peak_rss_mb():.0f} MB"
     )
 
@@ -93,7 +97,7 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
             f"{finished.seconds:.1f} s ({gbps:.2f} GB/s) -> {finished.out_dir}"
         )
     if not sys.stdout.isatty():
-        print(summary_line(finished, len(plan.files)), flush=True)
+        print(summary_line(finished), flush=True)
     return finished
 
 
