@@ -121,3 +121,32 @@ def test_ctrl_c_at_any_moment_is_one_line(qwen2vl_dir: Path, tmp_path: Path, del
     if proc.returncode == 130:
         assert err == "mm-convert: cancelled; nothing was written\n"
         assert list(tmp_path.iterdir()) == []  # not even the parents it would have made
+
+
+def test_a_plan_larger_than_the_free_space_is_refused_before_writing(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root and tmpfs mounts")
+    try:
+        line = _one_line(hf_to_mm(qwen2vl_dir, mnt / "out"))
+        assert line.startswith(f"mm-convert: error: mm_dir {mnt}/out: needs 0.9 MB but its filesystem has 0.3 MB free")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_write_failure_exits_1(
+    qwen2vl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from engine.errors import WriteError
+    from mmtui import runner
+
+    def full(*_a, **_k):
+        raise WriteError(f"{tmp_path}/out/release/mp_rank_00/model_optim_rng.pt: no space left on the device")
+
+    monkeypatch.setattr(runner, "run_job", full)
+    with pytest.raises(SystemExit) as e:
+        runner.run_job_cli(None, prog="mm-convert")  # type: ignore[arg-type]
+    assert e.value.code == 1
+    assert capsys.readouterr().err.count("\n") == 1
