@@ -89,6 +89,7 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     from engine.errors import ConvertError
     from engine.job import Job, prepare
     from engine.layout import layout_problems
+    from engine.target import check_inputs, space_warning
 
     if form.layers is None:
         return Planned(["every stage cell needs a layer count (0 or more)"], set(), None, None, None)
@@ -162,5 +163,14 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     out = Path(form.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not form.overwrite:
         notes.append(f"{out} exists and is not empty: tick overwrite, or Run will refuse it")
+        bad.add("out")
+    try:
+        check_inputs(out, job.inputs, job.out_field)
+    except ConvertError as e:
+        notes.append(f"{e}: Run will refuse it")
+        bad.add("out")
+    full = space_warning(plan.nbytes, out)
+    if full:
+        notes.append(f"will not fit: {full}; Run will refuse it")
         bad.add("out")
     return Planned([], bad, plan, job, cells, notes)

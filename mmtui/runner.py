@@ -8,6 +8,7 @@ SIGTERM, SIGHUP; the temporary output is removed, the target is as it was).
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import signal
 import sys
@@ -18,6 +19,8 @@ from engine.errors import ConvertError
 from engine.events import FileDone, Finished, Notice, Progress, Started
 from engine.execute import execute
 from engine.job import Job, load_job, prepare
+
+_TRAIN_FLAGS = re.compile(r"--lora-r \d+ --lora-alpha \S+(?: --lora-use-rslora)?")
 
 
 class Stopped(BaseException):
@@ -67,6 +70,8 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
     from rich.progress import Progress as Bar
 
     _, plan = prepare(job)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     console = Console(stderr=True)
     finished: Finished | None = None
     columns = (
@@ -97,7 +102,8 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
             f"{finished.seconds:.1f} s ({gbps:.2f} GB/s) -> {finished.out_dir}"
         )
     if not sys.stdout.isatty():
-        print(summary_line(finished), flush=True)
+        flags = next((m.group(0) for n in plan.notes if (m := _TRAIN_FLAGS.search(n))), None)
+        print(summary_line(finished) + (f"; train on with {flags}" if flags else ""), flush=True)
     return finished
 
 

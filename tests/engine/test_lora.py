@@ -372,6 +372,10 @@ def test_lora_commands_on_the_command_line(tiny_llms: dict[str, Path], adapters:
         "--cfg.parallel_config.tp_size", "2",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "mm" / "lora_layout.json").read_text())
+    flags = f"--lora-r {side['lora_r']} --lora-alpha {side['lora_alpha']:g}"
+    assert f"note: LoRA in Megatron layout: R = {side['lora_r']} " in r.stderr
+    assert r.stdout.rstrip().endswith(f" MB; train on with {flags}"), r.stdout
     r = mm_convert(
         "LlamaConverter", "lora_mm_to_hf", "--cfg.save_hf_dir", str(tmp_path / "peft"), "--cfg.hf_config.hf_dir",
         str(hf), "--cfg.lora.adapter_dir", str(tmp_path / "mm"), "--cfg.lora.parallel_config.llm_pp_layers", "[[2,2]]",
