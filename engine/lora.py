@@ -39,6 +39,9 @@ class PeftConfig(BaseModel):
     lora_alpha: float
     use_rslora: bool = False
     target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     use_dora: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
@@ -126,6 +129,7 @@ def read_peft_adapter(adapter_dir: Path | str, info: ModelInfo, field: str = "lo
     if problem:
         raise ConvertError(f"{cfg_path}: {problem}")
     halves: dict[str, dict[str, TensorMeta]] = {}
+    modules: dict[str, str] = {}  # canonical base tensor -> module name as peft sees it
     header = read_header(weights)
     raw_names = {}
     for key, meta in header.items():
@@ -139,8 +143,17 @@ def read_peft_adapter(adapter_dir: Path | str, info: ModelInfo, field: str = "lo
         name = adapter_name(base, m["ab"])
         raw_names[name] = key
         halves.setdefault(base, {})[m["ab"]] = replace(meta, name=name)
+        modules[base] = m["module"]
     pairs = {base: _pair(base, ab, cfg, info, weights, raw_names) for base, ab in halves.items()}
     _check_targets(cfg, pairs, info, cfg_path)
+    unselected = sorted(modules[base] for base in pairs if not peft_selects(cfg, modules[base]))
+    if unselected:
+        more = f" (and {len(unselected) - 1} more)" if len(unselected) > 1 else ""
+        raise ConvertError(
+            f"{weights}: holds lora_A/lora_B for {unselected[0]}{more}, which adapter_config.json does not select "
+            f"(target_modules {cfg.target_modules!r}{_restrictions(cfg)}), so peft would not merge it; "
+            "make the two agree"
+        )
     sources = {m.name: m for ab in halves.values() for m in ab.values()}
     order = sorted(header, key=lambda k: header[k].begin)
     return Adapter(path, cfg, pairs, sources, raw_names, order, read_metadata(weights), cfg_path.read_text())
@@ -172,10 +185,61 @@ def _pair(
     return LoraPair(whole(a), whole(b), cfg.scale)
 
 
+def peft_selects(cfg: PeftConfig, module: str) -> bool:
+    """Whether peft would put an adapter on `module` (its full name in the base model), by peft's own rule
+    (`check_target_module_exists`): exclude_modules, then target_modules as a regex matched against the
+    whole name or a list of names matched as suffixes, narrowed by layers_to_transform / layers_pattern."""
+    excluded = cfg.exclude_modules
+    if isinstance(excluded, str) and re.fullmatch(excluded, module):
+        return False
+    if isinstance(excluded, list) and any(module == x or module.endswith("." + x) for x in excluded):
+        return False
+    targets = cfg.target_modules
+    if targets is None:
+        return True  # peft saves the resolved list; an adapter without one is taken as it is
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return True  # every linear layer but the output layer; the pair checks keep to 2-D weights
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not any(module.endswith("." + t) for t in targets):
+        return False
+    layers = cfg.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    patterns = [cfg.layers_pattern] if isinstance(cfg.layers_pattern, str) else (cfg.layers_pattern or [])
+    found = None
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    for pattern in patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        if found:
+            break
+    if found is None:
+        return False
+    index = int(found["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _restrictions(cfg: PeftConfig) -> str:
+    given = {k: getattr(cfg, k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
+    return "".join(f", {k} {v!r}" for k, v in given.items() if v not in (None, []))
+
+
 def _check_targets(cfg: PeftConfig, pairs: dict[str, LoraPair], info: ModelInfo, where: Path) -> None:
-    """Each module named in target_modules exists in the base (PEFT's suffix rule)."""
+    """target_modules selects something in the base: each listed name (PEFT's suffix rule), or for a regex
+    at least one module (peft raises NoMatchingPeftModuleError otherwise)."""
+    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() != "all-linear":
+        modules = [raw.removesuffix(".weight") for raw in info.raw_names.values() if raw.endswith(".weight")]
+        if not any(re.fullmatch(cfg.target_modules, m) for m in modules):
+            raise ConvertError(
+                f"{where}: target_modules {cfg.target_modules!r} matches no module of the base model in "
+                f"{info.hf_dir} (peft would refuse it: NoMatchingPeftModuleError)"
+            )
+        return
     if not isinstance(cfg.target_modules, list):
-        return  # a regex or "all-linear": nothing to check name by name
+        return
     modules = {name.removesuffix(".weight") for name in info.tensors if name.endswith(".weight")}
     for target in cfg.target_modules:
         if not any(m == target or m.endswith("." + target) for m in modules):
