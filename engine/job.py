@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
+from .disk_layout import infer_layout
 from .errors import ConvertError
 from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
@@ -38,7 +39,7 @@ class LoraConfig(_Config):
     adapter_dir: Path
     """A PEFT adapter (adapter_config.json + adapter_model.safetensors) or a Megatron/MindSpeed LoRA checkpoint."""
     parallel_config: ParallelConfig | None = None
-    """Layout of a Megatron LoRA checkpoint (default: the Megatron base's layout)."""
+    """Layout of a Megatron LoRA checkpoint (default: the Megatron base's layout, else read from the disk)."""
     r: PositiveInt | None = None
     """--lora-r a Megatron LoRA checkpoint was trained with (not needed for one mmtui wrote)."""
     alpha: float | None = None
@@ -108,8 +109,8 @@ class MmToHfConfig(_Config):
     """The Megatron/MindSpeed checkpoint (holds latest_checkpointed_iteration.txt)."""
     hf_config: HfConfig
     """The original Hugging Face directory: config.json, shard names and non-weight files come from it."""
-    parallel_config: ParallelConfig
-    """Layout of mm_dir: TP size and layers per pipeline stage, as it was written."""
+    parallel_config: ParallelConfig | None = None
+    """Layout of mm_dir as it was written; default: read from the disk (rank directories and keys)."""
     max_shard_size: str | None = None
     """Re-shard to files of at most this size (e.g. 5GB) instead of the original's shard files."""
     overwrite: bool = False
@@ -131,8 +132,8 @@ class ResplitConfig(_Config):
     """Output directory for the re-cut checkpoint."""
     hf_config: HfConfig
     """The model's Hugging Face directory (config.json and safetensors headers are read; no weights)."""
-    source_parallel_config: ParallelConfig
-    """Layout of source_dir, as it was written."""
+    source_parallel_config: ParallelConfig | None = None
+    """Layout of source_dir as it was written; default: read from the disk (rank directories and keys)."""
     target_parallel_config: ParallelConfig
     """Layout to write."""
     overwrite: bool = False
@@ -336,8 +337,10 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         check_target(job.out_dir, job.overwrite, job.out_field)
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
-        view = open_view(info, open_checkpoint(cfg.mm_dir), cfg.parallel_config)
-        adapter = _adapter(cfg.lora, info, cfg.parallel_config)
+        ckpt = open_checkpoint(cfg.mm_dir)
+        layout = cfg.parallel_config or infer_layout(info, ckpt)
+        view = open_view(info, ckpt, layout)
+        adapter = _adapter(cfg.lora, info, layout)
         return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
     if isinstance(cfg, MergeLoraConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
@@ -368,9 +371,10 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
-        view = open_view(info, ckpt, cfg.source_parallel_config, "source_dir")
+        layout = cfg.source_parallel_config or infer_layout(info, ckpt, "source_dir")
+        view = open_view(info, ckpt, layout, "source_dir")
         plan = build_plan(info, cfg.target_parallel_config, iteration=ckpt.iteration)
-        return info, retarget(_merged(plan, _adapter(cfg.lora, info, cfg.source_parallel_config)), view)
+        return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
     assert isinstance(cfg, HfToMmConfig)
     info = _inspect(job, cfg.hf_config.hf_dir)
     if cfg.llm_hf_dir:
@@ -388,9 +392,7 @@ def _adapter(lora: LoraConfig | None, info: ModelInfo, base_layout: ParallelConf
         return read_peft_adapter(lora.adapter_dir, info)
     layout = lora.parallel_config or base_layout
     if layout is None:
-        raise ConvertError(
-            f"lora.adapter_dir {lora.adapter_dir}: a Megatron LoRA checkpoint; give its layout in lora.parallel_config"
-        )
+        layout = infer_layout(info, open_checkpoint(lora.adapter_dir, "lora.adapter_dir"), "lora.adapter_dir")
     return open_mm_adapter(
         info, lora.adapter_dir, layout, r=lora.r, alpha=lora.alpha, use_rslora=lora.use_rslora,
         target_modules=lora.target_modules,

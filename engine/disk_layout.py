@@ -1,0 +1,142 @@
+"""The layout of a Megatron checkpoint, read from the disk: nobody should have to restate it.
+
+From metadata only (directory names and the rank files' pickles, no tensor bytes):
+- TP, PP and EP from the rank directory names `mp_rank_TT[_PPP][_EEE]`. A name with two
+  numbers is PP with PP > 1 and EP with PP = 1; the rank files tell which: pipeline
+  stages hold different keys (the embedding only on the first, the output layer only on
+  the last), expert-parallel ranks the same keys.
+- VPP from the chunks `model0..N` of a rank file.
+- Each module's layer count per stage and chunk from the layer numbers of its keys
+  (`text_decoder.decoder.layers.N.`): a stage holding local layers 0..n-1 has n. A gap in
+  a stage's numbers is an empty (noop) layer, MindSpeed-LLM's `--noop-layers`; a noop at
+  the end of a stage leaves no trace, and needs none: the keys and tensors are those of
+  the same layout without it.
+- The vocabulary padding (`make_vocab_size_divisible_by`) from the embedding's rows.
+The result is checked like a layout the user gives (open_view compares every key and shape).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from .errors import ConvertError
+from .hf_source import ModelInfo
+from .layout import ParallelConfig
+from .mm_source import RANK_DIR, MmCheckpoint, read_rank_file
+
+EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
+
+
+def _numbers(name: str) -> tuple[int, ...]:
+    m = RANK_DIR.match(name)
+    assert m is not None
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+def _signature(chunks: dict[str, dict]) -> dict[str, dict[str, tuple[int, ...]]]:
+    return {c: {k: m.shape for k, m in keys.items()} for c, keys in chunks.items()}
+
+
+def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> ParallelConfig:
+    """The layout the checkpoint was written in, or a ConvertError naming the field the disk cannot give."""
+    numbers = {name: _numbers(name) for name in ckpt.ranks}
+    widths = {len(n) for n in numbers.values()}
+    if len(widths) != 1:
+        raise ConvertError(f"{field} {ckpt.root}: rank directories of different forms ({', '.join(sorted(numbers))})")
+    width = widths.pop()
+    tps = sorted({n[0] for n in numbers.values()})
+    read = {}
+
+    def rank_file(name: str) -> dict[str, dict]:
+        if name not in read:
+            read[name] = read_rank_file(ckpt.ranks[name])
+        return read[name]
+
+    if width == 1:
+        pp, ep = 1, 1
+    elif width == 3:
+        pp, ep = len({n[1] for n in numbers.values()}), len({n[2] for n in numbers.values()})
+    else:
+        second = sorted({n[1] for n in numbers.values()})
+        first, other = (f"mp_rank_{tps[0]:02d}_{x:03d}" for x in second[:2])
+        same = _signature(rank_file(first)) == _signature(rank_file(other))
+        pp, ep = (1, len(second)) if same else (len(second), 1)
+    expected = _names(len(tps), pp, ep)
+    if sorted(numbers) != expected:
+        missing = sorted(set(expected) - set(numbers))
+        raise ConvertError(
+            f"{field} {ckpt.root}: the rank directories do not form a TP x PP x EP grid "
+            f"({len(tps)} x {pp} x {ep}): {', '.join(missing[:3])} missing; give parallel_config"
+        )
+    stages = [_stage_name(0, s, 0, pp, ep) for s in range(pp)]
+    files = [rank_file(name) for name in stages]
+    chunk_names = list(files[0])
+    vpp = len(chunk_names)
+    counts: dict[str, list[list[int]]] = {}
+    noops: list[int] = []
+    position = 0
+    for m in info.preset.modules:
+        prefix = re.compile(re.escape(m.layer_prefix) + r"(\d+)\.")
+        cells = [[0] * pp for _ in range(vpp)]
+        for c, chunk in enumerate(chunk_names):
+            for s, f in enumerate(files):
+                local = {int(x[1]) for k in f.get(chunk, {}) if (x := prefix.match(k))}
+                cells[c][s] = max(local) + 1 if local else 0
+                if m.name == "llm":
+                    start = position + sum(cells[c][:s])
+                    noops += [start + i for i in range(cells[c][s]) if i not in local]
+            if m.name == "llm":
+                position += sum(cells[c])
+        counts[m.name] = cells
+    for m in info.preset.modules:
+        total, real = sum(map(sum, counts[m.name])), info.field_int(m.layers)
+        extra = len(noops) if m.name == "llm" else 0
+        if total != real + extra:
+            raise ConvertError(
+                f"{field} {ckpt.root}: its rank files hold {total - extra} {m.title.lower()} layers "
+                f"(per stage {counts[m.name]}) but {info.field_path(m.layers)} = {real} in {info.hf_dir}/config.json; "
+                f"is hf_config.hf_dir the model this checkpoint holds? (or give parallel_config.{m.name}_pp_layers)"
+            )
+    layout = ParallelConfig(
+        tp_size=len(tps), ep_size=ep, noop_layers=noops or None,
+        make_vocab_size_divisible_by=_vocab_step(info, files[0], len(tps)),
+        **{f"{name}_pp_layers": cells for name, cells in counts.items()},
+    )  # fmt: skip
+    return layout
+
+
+def _stage_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
+    name = f"mp_rank_{tp:02d}"
+    if pp_size > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+def _names(tp: int, pp: int, ep: int) -> list[str]:
+    return sorted(_stage_name(t, p, e, pp, ep) for t in range(tp) for p in range(pp) for e in range(ep))
+
+
+def _vocab_step(info: ModelInfo, first_stage: dict[str, dict], tp: int) -> int | None:
+    """Megatron pads every rank's embedding to the same rows: more rows than the vocabulary means padding.
+
+    Several values of make_vocab_size_divisible_by give the same padded size (and so the same layout);
+    the disk keeps only the size. The largest power of two that gives it is taken, as people choose
+    (Megatron's default is 128), else the rows per rank, which always gives it.
+    """
+    rows = defaultdict(int)
+    for chunk in first_stage.values():
+        for key, meta in chunk.items():
+            if key.endswith(EMBEDDING):
+                rows[key] = meta.shape[0]
+    for m in info.preset.modules:
+        if not m.vocab or info.preset.uneven_vocab(m):
+            continue
+        vocab = info.field_int(m.vocab)
+        for n in rows.values():
+            if n * tp > vocab:
+                fits = [d for d in (1 << k for k in range(n.bit_length())) if -(-vocab // (d * tp)) * d == n]
+                return max(fits, default=n)
+    return None
