@@ -1,8 +1,10 @@
 """InternVL 2.5 / 3: InternViT split in whole heads (6 heads over TP 4), the language model from its own preset.
 
-Checks, as for every family: each rank file against a naive reference
-(tests/fixtures/reference_internvl.py), the byte-exact way back, re-split equal to a
-direct conversion, and megatron-core's logits for the language model.
+Checks, as for every family: each rank file against a naive reference written from
+MindSpeed-MM's module code (tests/fixtures/reference_internvl.py: the projector and the
+InternViT q/k norms whole on every rank), the way back from files made by that reference,
+the byte-exact round trip, re-split equal to a direct conversion, and megatron-core's
+logits for the language model.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import torch
 
 from engine.errors import ConvertError
 from engine.hf_source import inspect_hf
+from engine.job import HfConfig, MmToHfConfig
 from engine.layout import ParallelConfig, layout_problems
 from engine.plan import build_plan
+from engine.verify import compare, identical, open_side
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import (
     TOKENS,
+    _convert,
     _hf_to_mm,
     _rank_models,
     assert_resplit_is_direct,
     assert_round_trip,
 )
 from tests.fixtures.reference_internvl import expected_internvl
+from tests.fixtures.reference_layout import stage_cells
 from tests.fixtures.tiny_internvl import build_tiny_internvl, internvl_text_model
 from tests.fixtures.tiny_vlm import load_hf_state
 from tests.test_cli import _bad, _same, mm_convert
@@ -35,6 +41,7 @@ LAYOUTS = {
     "tp4_pp2": (4, [[1, 3]], [[3, 0]]),  # 6 ViT heads: 2, 2, 1, 1; vocabulary 130: 33, 33, 32, 32
     "tp2_vpp": (2, [[1, 1], [1, 1]], [[3, 0], [0, 0]]),
     "tp4_llm_from_stage1": (4, [[0, 1, 3]], [[2, 1, 0]]),
+    "tp2_hetero": (2, [[0, 2, 2]], [[2, 1, 0]]),  # the projector on stage 1, with the word embedding
 }
 
 
@@ -64,7 +71,7 @@ def test_language_model_preset_follows_llm_config(tiny_internvls: dict[str, Path
     assert [m.name for m in info.preset.modules] == ["vit", "llm"]
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp4_pp2", "tp4_llm_from_stage1"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_layout_matches_reference(tiny_internvls: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
     hf = tiny_internvls[variant]
@@ -73,24 +80,119 @@ def test_layout_matches_reference(tiny_internvls: dict[str, Path], tmp_path: Pat
 
 
 def test_whole_heads_at_tp4(tiny_internvls: dict[str, Path]) -> None:
-    """The issue's rule spelled out: 6 heads of 8 over TP 4 are 2, 2, 1, 1 for q, k and v each."""
+    """The rules spelled out: 6 heads of 8 rows over TP 4 are 2, 2, 1, 1 for q, k and v each; the q/k norms
+    (one norm over all 48 columns) and the projector (plain nn.Linear) are whole on every rank."""
     plan = build_plan(inspect_hf(tiny_internvls["internlm2"]), _pc("tp4_pp2"))
-    qkv = "image_encoder.encoder.encoder.layers.0.self_attention.linear_qkv.weight"
+    layer0 = "image_encoder.encoder.encoder.layers.0."
+    qkv = layer0 + "self_attention.linear_qkv.weight"
     stage0 = [f for f in plan.files if f.pp_rank == 0]
     shapes = {key: [next(e.shape for e in f.entries if e.key == key) for f in stage0] for key in (
-        qkv, "image_encoder.encoder.encoder.layers.0.self_attention.q_layernorm.weight",
-        "image_encoder.encoder.encoder.layers.0.self_attention.linear_proj.weight",
+        qkv, layer0 + "self_attention.linear_proj.weight", layer0 + "self_attention.q_layernorm.weight",
+        layer0 + "self_attention.k_layernorm.weight", "image_encoder.projector.norm.weight",
+        "image_encoder.projector.linear_fc1.weight", "image_encoder.projector.linear_fc1.bias",
+        "image_encoder.projector.linear_fc2.weight", "image_encoder.projector.linear_fc2.bias",
     )}  # fmt: skip
     assert list(shapes.values()) == [
         [(48, 48), (48, 48), (24, 48), (24, 48)],
-        [(16,), (16,), (8,), (8,)],
         [(48, 16), (48, 16), (48, 8), (48, 8)],
+        [(48,)] * 4,
+        [(48,)] * 4,
+        [(192,)] * 4,
+        [(64, 192)] * 4,
+        [(64,)] * 4,
+        [(64, 64)] * 4,
+        [(64,)] * 4,
     ]
     third = next(e for e in stage0[2].entries if e.key == qkv)  # rank 2 holds head 4 of q, of k and of v
     assert [(p.rows, p.at) for p in third.pieces] == [((32, 40), 0), ((80, 88), 8), ((128, 136), 16)]
 
 
-@pytest.mark.parametrize("layout", ["tp4_pp2", "tp2_vpp"])
+def _vit_layer(counts: list[list[int]], pp_rank: int, chunk: int, local: int) -> int:
+    """The global ViT layer of a local index (chunk-major stage order), independently of engine/."""
+    return next(start + local for c, s, start, _ in stage_cells(counts) if (c, s) == (chunk, pp_rank))
+
+
+@pytest.mark.parametrize("layout", ["tp2_vpp", "tp4_pp2", "tp2_hetero"])
+def test_projector_and_qk_norms_are_whole_on_every_rank(
+    tiny_internvls: dict[str, Path], tmp_path: Path, layout: str
+) -> None:
+    """Issue 18: MindSpeed-MM fails to load a split projector ("size mismatch for linear_fc1.weight"), and a
+    per-rank q/k norm changes InternViT's output. Every rank holding them holds the HF tensors themselves."""
+    hf = tiny_internvls["internlm2"]  # InternViT-6B-like: with q/k norms
+    tp, _, vit = LAYOUTS[layout]
+    state = load_hf_state(hf)
+    projector = {"norm": "mlp1.0", "linear_fc1": "mlp1.1", "linear_fc2": "mlp1.3"}
+    held: dict[str, list[str]] = {}  # rank -> the projector tensors it holds
+    norms = 0
+    for rank, obj in _load_dir(_hf_to_mm(hf, tmp_path / "mm", _pc(layout))).items():
+        pp_rank = int(rank.split("_")[3])  # every layout here has PP > 1
+        for chunk in (k for k in obj if k.startswith("model")):
+            for key, t in obj[chunk].items():
+                parts = key.split(".")
+                if key.startswith("image_encoder.projector."):
+                    assert torch.equal(t, state[f"{projector[parts[2]]}.{parts[3]}"]), (rank, key)
+                    held.setdefault(rank, []).append(key)
+                elif parts[-2] in ("q_layernorm", "k_layernorm"):
+                    layer = _vit_layer(vit, pp_rank, int(chunk.removeprefix("model") or 0), int(parts[4]))
+                    hf_key = f"vision_model.encoder.layers.{layer}.attn.{parts[-2][0]}_norm.weight"
+                    assert torch.equal(t, state[hf_key]), (rank, key)
+                    norms += 1
+    assert len(held) == tp and all(len(keys) == 6 for keys in held.values())  # on every TP rank of one stage
+    assert norms == 2 * 3 * tp  # q and k of three layers, on every TP rank
+
+
+def _save_rank_files(out: Path, ranks: dict[str, dict]) -> Path:
+    """Rank files as MindSpeed-MM writes them (torch.save of the dict), from the reference."""
+    for rank, obj in ranks.items():
+        (out / "release" / rank).mkdir(parents=True)
+        torch.save(obj, out / "release" / rank / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["tp4_pp2", "tp2_hetero", "tp2_vpp"])
+@pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
+def test_way_back_from_the_reference_layout(
+    tiny_internvls: dict[str, Path], tmp_path: Path, variant: str, layout: str
+) -> None:
+    """Rank files made by the reference (not by hf_to_mm) convert back to the original tensors."""
+    hf = tiny_internvls[variant]
+    mm = _save_rank_files(tmp_path / "mm", _expected(hf, layout))
+    cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf),
+                       parallel_config=_pc(layout))  # fmt: skip
+    got, want = load_hf_state(_convert(hf, "mm_to_hf", cfg)), load_hf_state(hf)
+    assert sorted(got) == sorted(want)
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+
+def test_a_split_projector_is_refused_on_the_way_back(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
+    """Files cut with the projector split (as mmtui wrote them before issue 18) are one clear line, not misread."""
+    hf = tiny_internvls["internlm2"]
+    ranks = _expected(hf, "tp2_hetero")
+    key = "image_encoder.projector.linear_fc1.weight"
+    ranks["mp_rank_01_001"]["model"][key] = ranks["mp_rank_01_001"]["model"][key][32:].clone()
+    mm = _save_rank_files(tmp_path / "mm", ranks)
+    cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf),
+                       parallel_config=_pc("tp2_hetero"))  # fmt: skip
+    with pytest.raises(ConvertError) as e:
+        _convert(hf, "mm_to_hf", cfg)
+    assert str(e.value) == (
+        f"{mm}/release/mp_rank_01_001/model_optim_rng.pt [model]: {key} has shape [32, 192] on disk, "
+        "the layout expects [64, 192]"
+    )
+    assert not (tmp_path / "back").exists()
+
+
+def test_verify_finds_hf_equal_to_the_reference_layout(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_internvls["internlm2"]
+    mm = _save_rank_files(tmp_path / "mm", _expected(hf, "tp2_hetero"))
+    info = inspect_hf(hf)
+    rows = list(compare(open_side(hf, None, None, "hf"), open_side(mm, info, _pc("tp2_hetero"), "mm")))
+    assert len(rows) == len(load_hf_state(hf)) and identical(rows)
+
+
+@pytest.mark.parametrize("layout", ["tp4_pp2", "tp2_vpp", "tp2_hetero"])
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_way_back_is_byte_identical(tiny_internvls: dict[str, Path], tmp_path: Path, variant: str, layout: str) -> None:
     assert_round_trip(tiny_internvls[variant], tmp_path, _pc(layout))
@@ -98,6 +200,7 @@ def test_way_back_is_byte_identical(tiny_internvls: dict[str, Path], tmp_path: P
 
 def test_resplit_equals_direct_conversion(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
     assert_resplit_is_direct(tiny_internvls["qwen2"], tmp_path, _pc("tp4_pp2"), _pc("tp2_vpp"))
+    assert_resplit_is_direct(tiny_internvls["internlm2"], tmp_path / "qk", _pc("tp2_hetero"), _pc("tp4_pp2"))
 
 
 def test_layout_problems_name_the_heads(tiny_internvls: dict[str, Path]) -> None:

@@ -21,8 +21,10 @@ from engine.job import (
     ResplitConfig,
 )
 from engine.layout import ParallelConfig
+from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import TOKENS, _arch, _convert, _hf_to_mm, _rank_models
 from tests.engine.test_way_back import _same_tree
+from tests.fixtures.reference_internvl import expected_internvl, expected_internvl_lora, megatron_name
 from tests.fixtures.tiny_lora import build_peft_adapter, reference_merge
 from tests.fixtures.tiny_vlm import legacy_name, load_hf_state
 from tests.test_cli import _bad, _nothing_written, mm_convert
@@ -432,3 +434,93 @@ def test_an_adapter_on_a_tied_output_layer_is_refused(tiny_llms: dict[str, Path]
     with pytest.raises(ConvertError, match=r"changes lm_head\.weight, which this output does not write as itself"):
         _convert(hf, "hf_to_mm", cfg)
     assert not (tmp_path / "mm").exists()
+
+
+# ---- InternVL: the projector is a plain nn.Linear, so its adapter is whole on every rank (issue 18) ----------
+
+INTERNVL_TARGETS = ["qkv", "proj", "fc1", "fc2", "mlp1.1", "mlp1.3", "wqkv", "wo", "w2"]
+INTERNVL_TP2_HETERO = ParallelConfig(tp_size=2, llm_pp_layers=[[0, 2, 2]], vit_pp_layers=[[2, 1, 0]])
+
+
+def _internvl_adapter(hf: Path, out: Path, r: int = 4, alpha: float = 8.0) -> dict[str, torch.Tensor]:
+    """A PEFT adapter for a hand-written InternVL (transformers cannot build one), as peft saves it: one lora_A
+    [r, in] and lora_B [out, r] per targeted nn.Linear, named base_model.model.<module>.lora_A.weight."""
+    state = load_hf_state(hf)
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for key, w in state.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and any(module.endswith("." + t) or module == t for t in INTERNVL_TARGETS):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = 0.1 * torch.randn(r, w.shape[1], generator=gen)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = 0.1 * torch.randn(w.shape[0], r, generator=gen)
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": INTERNVL_TARGETS, "bias": "none"}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return tensors
+
+
+def _internvl_megatron_name(module: str) -> str:
+    """PEFT module path -> the Megatron weight (InternViT and projector from the reference, InternLM2 by hand)."""
+    vit = megatron_name(module + ".weight")
+    if vit:
+        return vit
+    layer, rest = module.removeprefix("language_model.model.layers.").split(".", 1)
+    name = {"attention.wqkv": "self_attention.linear_qkv", "attention.wo": "self_attention.linear_proj",
+            "feed_forward.w2": "mlp.linear_fc2"}[rest]  # fmt: skip
+    return f"text_decoder.decoder.layers.{layer}.{name}.weight"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [INTERNVL_TP2_HETERO, ParallelConfig(tp_size=4, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])],
+    ids=["tp2_hetero", "tp4_pp2"],
+)
+def test_internvl_adapter_layout_matches_reference(tiny_internvls: dict[str, Path], tmp_path: Path, layout) -> None:
+    """Beside the projector lora_A and lora_B are whole on every rank; beside InternViT's and InternLM2's
+    parallel layers they are cut like the layer; and the way back gives the PEFT files byte for byte."""
+    hf = tiny_internvls["internlm2"]
+    peft = _internvl_adapter(hf, tmp_path / "adapter")
+    mm = _lora_to_mm(hf, tmp_path / "adapter", tmp_path / "mm", layout)
+    side = json.loads((mm / "lora_layout.json").read_text())
+    assert (side["lora_r"], side["lora_alpha"], side["blocks_per_target"]) == (4, 8, 1)  # one source per target
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in peft}
+    want = expected_internvl_lora(
+        peft, {m: _internvl_megatron_name(m) for m in modules}, vit_heads=6, tp=layout.tp_size,
+        llm_pp_layers=layout.llm_pp_layers, vit_pp_layers=layout.vit_pp_layers,
+    )  # fmt: skip
+    _assert_same(_load_dir(mm), want)
+    fc1_a = "image_encoder.projector.linear_fc1.lora_A.default.weight"
+    holders = [r for r, obj in want.items() if fc1_a in obj["model"]]
+    assert len(holders) == layout.tp_size
+    assert all(torch.equal(want[r]["model"][fc1_a], peft["base_model.model.mlp1.1.lora_A.weight"]) for r in holders)
+    back = _lora_to_peft(hf, mm, tmp_path / "back", layout)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (back / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes(), name
+
+
+def test_internvl_merged_on_the_way_equals_reference(tiny_internvls: dict[str, Path], tmp_path: Path) -> None:
+    """hf_to_mm with the adapter writes the reference layout of the reference merge: the merged projector
+    whole on every rank; and merging the Megatron adapter back into HF gives the reference merge."""
+    hf = tiny_internvls["internlm2"]
+    _internvl_adapter(hf, tmp_path / "adapter")
+    merged = reference_merge(load_hf_state(hf), tmp_path / "adapter")
+    lora = LoraConfig(adapter_dir=tmp_path / "adapter")
+    layout = INTERNVL_TP2_HETERO
+    mm = _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf),
+                                               parallel_config=layout, lora=lora))  # fmt: skip
+    cfg = json.loads((hf / "config.json").read_text())
+    want = expected_internvl(
+        merged, llm="internlm2", heads=cfg["llm_config"]["num_attention_heads"],
+        kv_heads=cfg["llm_config"]["num_key_value_heads"], vit_heads=6, tied=False, tp=2,
+        llm_pp_layers=layout.llm_pp_layers, vit_pp_layers=layout.vit_pp_layers,
+    )  # fmt: skip
+    _assert_same(_load_dir(mm), want)
+    adapter_mm = _lora_to_mm(hf, tmp_path / "adapter", tmp_path / "adapter_mm", layout)
+    lora_mm = LoraConfig(adapter_dir=adapter_mm, parallel_config=layout)
+    out = _convert(hf, "merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "merged", hf_config=HfConfig(hf_dir=hf),
+                                                     lora=lora_mm))  # fmt: skip
+    got = load_hf_state(out)
+    assert sorted(got) == sorted(merged)
+    assert all(torch.equal(got[k], merged[k]) for k in merged)
+    assert not torch.equal(got["mlp1.1.weight"], load_hf_state(hf)["mlp1.1.weight"])
