@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .disk_layout import infer_layout
 from .errors import ConvertError
 from .execute import assemble_rows, rows_per_band
 from .hf_source import ModelInfo, TensorReader, inspect_hf
@@ -53,19 +54,21 @@ def hf_side(info: ModelInfo, label: str) -> Side:
     return Side(label, dict(info.tensors), tensors)
 
 
-def mm_side(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, label: str) -> Side:
-    view = open_view(info, open_checkpoint(mm_dir, label), layout, label)
+def mm_side(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, label: str) -> Side:
+    """A Megatron checkpoint in `layout`, or in the layout read from the disk when None."""
+    ckpt = open_checkpoint(mm_dir, label)
+    view = open_view(info, ckpt, layout or infer_layout(info, ckpt, label), label)
     tensors = {name: (info.tensors[name].shape, view.dtypes[name], blocks) for name, blocks in view.blocks.items()}
     return Side(label, dict(view.sources), tensors)
 
 
 def open_side(path: Path, info: ModelInfo | None, layout: ParallelConfig | None, label: str) -> Side:
-    """An HF directory (config.json + safetensors) or a Megatron one (needs `info` and `layout`)."""
+    """An HF directory (config.json + safetensors) or a Megatron one (needs `info`; `layout` or the disk's)."""
     if (path / "latest_checkpointed_iteration.txt").is_file():
-        if info is None or layout is None:
+        if info is None:
             raise ConvertError(
-                f"{label} {path}: a Megatron checkpoint; give its layout (tp / llm_pp_layers / vit_pp_layers) "
-                "and an HF directory for its config (--hf-dir, or the other side)"
+                f"{label} {path}: a Megatron checkpoint; give an HF directory for its config (--hf-dir, or the "
+                "other side)"
             )
         return mm_side(info, path, layout, label)
     if info is not None and path.resolve() == info.hf_dir.resolve():

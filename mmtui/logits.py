@@ -101,10 +101,16 @@ def gpt_arch(info: ModelInfo, vocab_rows: int) -> GPTArch:
     )
 
 
-def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig, tokens: list[int]) -> torch.Tensor:
-    """Logits of a Megatron checkpoint's language model for `tokens`, shape [tokens, vocab] (padding cut off)."""
+def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, tokens: list[int]) -> torch.Tensor:
+    """Logits of a Megatron checkpoint's language model for `tokens`, shape [tokens, vocab] (padding cut off);
+    `layout` None means the layout on disk."""
     _require("megatron.core")
     import torch
+
+    from engine.disk_layout import infer_layout
+    from engine.mm_source import open_checkpoint
+
+    layout = layout or infer_layout(info, open_checkpoint(mm_dir))
 
     from engine.execute import run
     from engine.job import HfConfig, Job, ResplitConfig, prepare

@@ -15,7 +15,7 @@ from engine import execute
 from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
 from engine.verify import compare, identical, open_side
-from tests.test_cli import BIN, _bad, hf_to_mm
+from tests.test_cli import BIN, _bad, hf_to_mm, mm_convert
 
 TP2 = ["--b-tp", "2", "--b-llm-pp-layers", "[[1,3]]", "--b-vit-pp-layers", "[[3,0]]"]
 
@@ -76,10 +76,31 @@ def test_a_changed_element_is_found(qwen2vl_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "down_proj" in r.stdout and "different" in r.stdout
 
 
-def test_megatron_side_needs_a_layout(qwen2vl_dir: Path, tmp_path: Path) -> None:
-    assert hf_to_mm(qwen2vl_dir, tmp_path / "mm", tp=2).returncode == 0
-    _bad(verify(str(qwen2vl_dir), str(tmp_path / "mm")), "B", "give its layout")
-    _bad(verify(str(qwen2vl_dir), str(tmp_path / "mm"), "--b-llm-pp-layers", "[[4]]", "--b-vit-pp-layers", "[[3]]"),
+def test_megatron_side_reads_its_layout_from_the_disk(qwen2vl_dir: Path, tiny_llms: dict[str, Path], tmp_path: Path):
+    """No layout flags: the same report as with them, for TP2/PP2, VPP, a hetero split and EP."""
+    cases = {
+        "tp2pp2": (qwen2vl_dir, ["--cfg.parallel_config.tp_size", "2"], ["[[1,3]]", "[[3,0]]"], []),
+        "vpp": (qwen2vl_dir, [], ["[[1,1],[1,1]]", "[[3,0],[0,0]]"], []),
+        "hetero": (qwen2vl_dir, [], ["[[0,1,3]]", "[[2,1,0]]"], []),
+    }
+    for name, (hf, extra, (llm, vit), _) in cases.items():
+        layout = ["--cfg.parallel_config.llm_pp_layers", llm, "--cfg.parallel_config.vit_pp_layers", vit]
+        assert hf_to_mm(hf, tmp_path / name, *extra, layout=layout).returncode == 0
+        read = verify(str(hf), str(tmp_path / name), "--all")
+        tp = extra[1] if extra else "1"
+        given = verify(str(hf), str(tmp_path / name), "--all", "--b-tp", tp, "--b-llm-pp-layers", llm,
+                       "--b-vit-pp-layers", vit)  # fmt: skip
+        assert read.returncode == given.returncode == 0, read.stderr + given.stderr
+        assert read.stdout == given.stdout
+    mix = tiny_llms["mixtral"]
+    r = mm_convert("MixtralConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "ep"), "--cfg.hf_config.hf_dir",
+                   str(mix), "--cfg.parallel_config.llm_pp_layers", "[[1,3]]", "--cfg.parallel_config.ep_size", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    read = verify(str(mix), str(tmp_path / "ep"), "--all")
+    given = verify(str(mix), str(tmp_path / "ep"), "--all", "--b-ep", "2", "--b-llm-pp-layers", "[[1,3]]")
+    assert read.returncode == given.returncode == 0 and read.stdout == given.stdout
+    # a layout that is given is still checked against the disk
+    _bad(verify(str(qwen2vl_dir), str(tmp_path / "tp2pp2"), "--b-llm-pp-layers", "[[4]]", "--b-vit-pp-layers", "[[3]]"),
          "rank directories on disk")  # fmt: skip
 
 
