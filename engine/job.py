@@ -333,7 +333,7 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
 def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
     cfg = job.cfg
     if check_out:
-        check_inputs(job.out_dir, job.inputs, job.out_field)
+        check_inputs(job.out_dir, job.inputs, job.out_field, job.overwrite)
         check_target(job.out_dir, job.overwrite, job.out_field)
     if isinstance(cfg, MmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)

@@ -109,9 +109,10 @@ def _non_empty(path: Path) -> bool:
         return any(True for _ in it)
 
 
-def check_inputs(out_dir: Path, inputs: Iterable[tuple[str, Path]], field: str) -> None:
-    """A target may not be an input, hold one, or lie inside one: an overwrite would delete it, and files
-    written inside an input would change what is read. Refused always, whatever `overwrite` says."""
+def check_inputs(out_dir: Path, inputs: Iterable[tuple[str, Path]], field: str, overwrite: bool = True) -> None:
+    """A target may not be an input or hold one (an overwrite would delete it, a write would change what is
+    read), nor, with `overwrite`, lie inside one. Without `overwrite` a new directory inside an input replaces
+    nothing and is read by nothing: MindSpeed-LLM's documented way back writes `<hf_dir>/mg2hf`."""
     target = Path(os.path.realpath(out_dir))
     for name, path in inputs:
         src = Path(os.path.realpath(path))
@@ -119,7 +120,7 @@ def check_inputs(out_dir: Path, inputs: Iterable[tuple[str, Path]], field: str) 
             how = "is"
         elif src.is_relative_to(target):
             how = "contains"
-        elif target.is_relative_to(src):
+        elif target.is_relative_to(src) and overwrite:
             how = "lies inside"
         else:
             continue
@@ -248,7 +249,7 @@ def claim(
     On leaving, the lock file is removed and the temporary directory too unless committed.
     """
     target = resolve_target(Path(out_dir), field)
-    check_inputs(target, inputs, field)
+    check_inputs(target, inputs, field, overwrite)
     parent = target.parent
     made = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again unless the run commits
     try:

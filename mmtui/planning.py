@@ -165,7 +165,7 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         notes.append(f"{out} exists and is not empty: tick overwrite, or Run will refuse it")
         bad.add("out")
     try:
-        check_inputs(out, job.inputs, job.out_field)
+        check_inputs(out, job.inputs, job.out_field, job.overwrite)
     except ConvertError as e:
         notes.append(f"{e}: Run will refuse it")
         bad.add("out")

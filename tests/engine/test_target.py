@@ -60,6 +60,16 @@ def test_overwrite_never_deletes_the_hf_dir(qwen2vl_dir: Path, tmp_path: Path, w
     assert not (hf / "mm").exists()
 
 
+def test_a_new_directory_inside_an_input_is_allowed_without_overwrite(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Nothing is replaced or read there (MindSpeed-LLM's way back writes <hf_dir>/mg2hf); with overwrite it is
+    refused, above."""
+    hf = _hf_copy(qwen2vl_dir, tmp_path / "hf")
+    before = _files(hf)
+    _convert(_to_mm(hf, hf / "mg"))
+    assert sorted(p.name for p in (hf / "mg").iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
+    assert {k: v for k, v in _files(hf).items() if not k.startswith("mg/")} == before
+
+
 def test_every_input_counts(qwen2vl_dir: Path, tmp_path: Path) -> None:
     hf = _hf_copy(qwen2vl_dir, tmp_path / "hf")
     mm = tmp_path / "mm"
