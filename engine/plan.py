@@ -414,6 +414,12 @@ def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, in
     )
 
 
+def is_tied(info: ModelInfo) -> bool:
+    """Whether the model's output layer is its embedding, as config.json says."""
+    tie = info.preset.tie
+    return bool(tie and info.fields.get(tie.field))
+
+
 def build_plan(
     info: ModelInfo,
     layout: ParallelConfig,
@@ -429,7 +435,7 @@ def build_plan(
     targets, claimed = _targets(info, sources, modules)
     _check_layers(info, targets)
     dropped: dict[str, str] = {}
-    tied = bool(info.fields.get(preset.tie.field)) if preset.tie else False
+    tied = is_tied(info)
     if preset.tie and tied:
         for name in preset.tie.drop:
             if name in sources:
@@ -558,7 +564,7 @@ def module_weights(info: ModelInfo) -> list[ModuleWeights]:
     """
     preset = info.preset
     targets, _ = _targets(info, dict(info.tensors), list(preset.modules))
-    tied = bool(preset.tie and info.fields.get(preset.tie.field))
+    tied = is_tied(info)
     out = []
     for m in preset.modules:
         layers = [0] * info.field_int(m.layers)
