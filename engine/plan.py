@@ -108,6 +108,7 @@ class OutputFile:
     chunks: list[list[Entry]]  # one list per VPP chunk
     kind: str = "torch"  # "torch" (a Megatron rank file), "safetensors", or "dcp" (torch.distributed.checkpoint)
     metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
+    head: dict[str, object] = field(default_factory=dict)  # a rank file's entries before the model (args, iteration)
 
     @property
     def chunk_names(self) -> list[str]:
@@ -371,6 +372,11 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
     return targets, claimed
 
 
+def model_targets(info: ModelInfo) -> list[_Target]:
+    """Every target tensor of the model, with its layer, expert and sources (metadata only)."""
+    return _targets(info, dict(info.tensors), list(info.preset.modules))[0]
+
+
 def _fill(name: str, layer: int | None, expert: int | None = None) -> str:
     if layer is not None:
         name = name.replace("*", str(layer))
@@ -426,8 +432,15 @@ def build_plan(
     *,
     save_vit_only: bool = False,
     iteration: str = "release",
+    megatron_args: bool = False,
 ) -> Plan:
-    """HF model (metadata) + layout -> Plan. Reads no tensor data."""
+    """HF model (metadata) + layout -> Plan. Reads no tensor data.
+
+    `iteration` names the directory (`release` or `iter_0000001`); a numbered one, or
+    `megatron_args`, also puts `iteration` (and Megatron-LM's `args`) in every rank file.
+    """
+    from .megatron_args import rank_head
+
     validate_layout(layout, info)
     preset = info.preset
     sources = info.tensors
@@ -507,6 +520,9 @@ def build_plan(
             if pp > 1
             else "tied embeddings: no output_layer is written with PP = 1"
         )
+    head = rank_head(info, layout, iteration, megatron_args)
+    for f in files:
+        f.head = head
     plan = Plan(files, dict(sources), dropped, iteration, notes)
     plan.texts[TRACKER_NAME] = plan.tracker_text
     return plan
