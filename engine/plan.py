@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConvertError
-from .hf_source import ModelInfo
+from .hf_source import ModelInfo, lookup
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
@@ -420,10 +420,36 @@ def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, in
     )
 
 
-def is_tied(info: ModelInfo) -> bool:
-    """Whether the model's output layer is its embedding, as config.json says."""
+def _tie_values(info: ModelInfo) -> list[tuple[str, object]]:
+    """(config.json path, value) of the tie field, for each path that is set."""
     tie = info.preset.tie
-    return bool(tie and info.fields.get(tie.field))
+    if tie is None:
+        return []
+    return [(p, v) for p in info.preset.fields[tie.field] if (v := lookup(info.config, p)) is not None]
+
+
+def is_tied(info: ModelInfo) -> bool:
+    """Whether the output layer is the embedding, read as transformers reads config.json: true when
+    any of the field's paths says so (Qwen2-VL's top-level key or its text_config's), and when none
+    is set, the config class's default (the preset's [defaults] value)."""
+    tie = info.preset.tie
+    if tie is None:
+        return False
+    given = _tie_values(info)
+    return any(bool(v) for _, v in given) if given else bool(info.fields.get(tie.field))
+
+
+def tie_said(info: ModelInfo) -> str:
+    """What config.json says about tying, for messages: the values set, or the default taken."""
+    tie = info.preset.tie
+    assert tie is not None
+    given = _tie_values(info)
+    if given:
+        return " and ".join(f"{p} is {str(bool(v)).lower()}" for p, v in given) + " in config.json"
+    paths = " or ".join(info.preset.fields[tie.field])
+    default = str(bool(info.fields.get(tie.field))).lower()
+    whose = f"{tie.config_class}'s" if tie.config_class else "the"
+    return f"config.json has no {paths} ({whose} default: {default})"
 
 
 def build_plan(
@@ -449,19 +475,26 @@ def build_plan(
     _check_layers(info, targets)
     dropped: dict[str, str] = {}
     tied = is_tied(info)
+    notes = []
     if preset.tie and tied:
         for name in preset.tie.drop:
             if name in sources:
                 dropped[name] = f"{preset.tie.field} is true: the output layer is the embedding"
                 targets = [t for t in targets if name not in {s.name for s in t.sources}]
+                notes.append(
+                    f"{tie_said(info)}, but the weights also hold {info.raw_names.get(name, name)}: it is not "
+                    "written (tied, the output layer is the embedding, as transformers loads it)"
+                )
         claimed |= set(preset.tie.drop) & set(sources)
     elif preset.tie:
         lm_module = preset.module_of_target(preset.tie.target)
         has_out = any(t.key == preset.tie.target for t in targets)
         if lm_module in modules and not has_out:
+            out = preset.tie.drop[0] if preset.tie.drop else "output layer"
             raise ConvertError(
-                f"{info.hf_dir}: {preset.tie.field} is false in config.json but the weights have no "
-                f"{preset.tie.drop[0] if preset.tie.drop else 'output layer'}; set it true if the model ties them"
+                f"{info.hf_dir}: {tie_said(info)}, so the output layer is its own tensor, but the weights have no "
+                f"{info.raw_names.get(out, out)}, as a tied model's; set {info.preset.fields[preset.tie.field][0]} "
+                "true in config.json if the model ties them"
             )
     unplaced = sorted(set(sources) - claimed)
     if unplaced:
@@ -513,7 +546,6 @@ def build_plan(
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
-    notes = []
     if preset.tie and tied:
         notes.append(
             "tied embeddings: output_layer.weight is written on the last LLM stage"
