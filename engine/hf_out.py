@@ -17,8 +17,9 @@ from .errors import ConvertError
 from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
 from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
-from .plan import Entry, OutputFile, Piece, Plan, is_tied
+from .plan import Entry, OutputFile, Piece, Plan
 from .safetensors_header import read_metadata
+from .tie import is_tied
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")

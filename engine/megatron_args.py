@@ -23,7 +23,8 @@ from pydantic import BeforeValidator, NonNegativeInt
 from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
-from .plan import is_tied, model_targets
+from .plan import model_targets
+from .tie import is_tied
 from .torch_zip import torch_global
 
 CHECKPOINT_VERSION = 3.0  # what Megatron-LM and MindSpeed write (execute.py writes the same)

@@ -16,8 +16,9 @@ from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
-from .plan import Piece, Plan, build_plan, grid, is_tied
+from .plan import Piece, Plan, build_plan, grid
 from .safetensors_header import TensorMeta
+from .tie import is_tied
 
 REPLICA = "a copy of data read from another rank (TP replica or tied output layer)"
 

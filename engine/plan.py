@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConvertError
-from .hf_source import ModelInfo, lookup
+from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
+from .tie import is_tied, tie_said
 
 if TYPE_CHECKING:
     from .lora import LoraPair
@@ -420,38 +421,6 @@ def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, in
     )
 
 
-def _tie_values(info: ModelInfo) -> list[tuple[str, object]]:
-    """(config.json path, value) of the tie field, for each path that is set."""
-    tie = info.preset.tie
-    if tie is None:
-        return []
-    return [(p, v) for p in info.preset.fields[tie.field] if (v := lookup(info.config, p)) is not None]
-
-
-def is_tied(info: ModelInfo) -> bool:
-    """Whether the output layer is the embedding, read as transformers reads config.json: true when
-    any of the field's paths says so (Qwen2-VL's top-level key or its text_config's), and when none
-    is set, the config class's default (the preset's [defaults] value)."""
-    tie = info.preset.tie
-    if tie is None:
-        return False
-    given = _tie_values(info)
-    return any(bool(v) for _, v in given) if given else bool(info.fields.get(tie.field))
-
-
-def tie_said(info: ModelInfo) -> str:
-    """What config.json says about tying, for messages: the values set, or the default taken."""
-    tie = info.preset.tie
-    assert tie is not None
-    given = _tie_values(info)
-    if given:
-        return " and ".join(f"{p} is {str(bool(v)).lower()}" for p, v in given) + " in config.json"
-    paths = " or ".join(info.preset.fields[tie.field])
-    default = str(bool(info.fields.get(tie.field))).lower()
-    whose = f"{tie.config_class}'s" if tie.config_class else "the"
-    return f"config.json has no {paths} ({whose} default: {default})"
-
-
 def build_plan(
     info: ModelInfo,
     layout: ParallelConfig,
@@ -465,7 +434,7 @@ def build_plan(
     `iteration` names the directory (`release` or `iter_0000001`); a numbered one, or
     `megatron_args`, also puts `iteration` (and Megatron-LM's `args`) in every rank file.
     """
-    from .megatron_args import rank_head
+    from .megatron_args import rank_head  # it reads this module's targets, so not imported at the top
 
     validate_layout(layout, info)
     preset = info.preset

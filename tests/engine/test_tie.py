@@ -15,8 +15,9 @@ from engine.execute import run
 from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.plan import build_plan, is_tied
+from engine.plan import build_plan
 from engine.preset import builtin_presets
+from engine.tie import is_tied
 
 PP2 = ParallelConfig(llm_pp_layers=[[2, 2]])
 
