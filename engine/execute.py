@@ -256,7 +256,7 @@ def _merged_streams(
 def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
     """A rank file: {"model" or "model0".., "checkpoint_version"}, each tensor streamed into the zip."""
     with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
-        obj: dict[str, object] = {}
+        obj: dict[str, object] = dict(f.head)  # what the plan puts first: args, iteration
         for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
             refs = {}
             for e in chunk:

@@ -19,6 +19,7 @@ from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
 from .plan import Entry, OutputFile, Piece, Plan
 from .safetensors_header import read_metadata
+from .tie import is_tied
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
@@ -59,7 +60,7 @@ def build_mm_to_hf_plan(
     With `adapter`, its LoRA is merged into the weights it targets.
     """
     preset = info.preset
-    tied = bool(preset.tie and info.fields.get(preset.tie.field))
+    tied = is_tied(info)
     order = sorted(info.tensors.values(), key=lambda m: (info.files.index(m.file), m.begin))
     entries: list[tuple[str, Entry]] = []  # (original file name, entry)
     for meta in order:
@@ -109,7 +110,7 @@ def build_mm_to_hf_plan(
     if not single or (original_index.is_file() and max_shard_size is None):
         texts[INDEX_NAME] = _index_text(files, original_index)
     copies = non_weight_files(info.hf_dir)
-    notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}"]
+    notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}", *view.notes]
     if tied and any(e.transform.startswith("tied") for _, e in entries):
         notes.append("tied embeddings: the output layer is written from the embedding")
     plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)

@@ -19,6 +19,7 @@ from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
 from .lora import Adapter, attach, read_peft_adapter
 from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
+from .megatron_args import Iteration, iteration_dir
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
@@ -82,6 +83,12 @@ class HfToMmConfig(_Config):
     """Accepted for compatibility; mmtui never runs code from a checkpoint."""
     lora: LoraConfig | None = None
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
+    iteration: Iteration = None
+    """Write iter_NNNNNNN/ (tracker N, `iteration` N in every rank file), as MindSpeed-LLM does (it writes 1);
+    unset: release/."""
+    save_megatron_args: bool = False
+    """Put Megatron-LM's `args` (an argparse.Namespace: layout and model shape) and `iteration` (0 for release)
+    in every rank file, for its tools/checkpoint and --use-checkpoint-args (language models)."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -140,6 +147,10 @@ class ResplitConfig(_Config):
     """Replace an existing, non-empty target_dir."""
     lora: LoraConfig | None = None
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
+    iteration: Iteration = None
+    """Write iter_NNNNNNN/ (or release/); unset: the source's iteration directory, carried into the rank files."""
+    save_megatron_args: bool = False
+    """Put Megatron-LM's `args` (for the target layout) and `iteration` in every rank file (language models)."""
 
     @property
     def out_dir(self) -> Path:
@@ -373,14 +384,18 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
         layout = cfg.source_parallel_config or infer_layout(info, ckpt, "source_dir")
         view = open_view(info, ckpt, layout, "source_dir")
-        plan = build_plan(info, cfg.target_parallel_config, iteration=ckpt.iteration)
+        iteration = iteration_dir(cfg.iteration, ckpt.iteration)
+        plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
         return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
     assert isinstance(cfg, HfToMmConfig)
     info = _inspect(job, cfg.hf_config.hf_dir)
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
-    plan = build_plan(info, cfg.parallel_config, save_vit_only=cfg.save_vit_only)
+    plan = build_plan(
+        info, cfg.parallel_config, save_vit_only=cfg.save_vit_only, iteration=iteration_dir(cfg.iteration),
+        megatron_args=cfg.save_megatron_args,
+    )  # fmt: skip
     return info, _merged(plan, _adapter(cfg.lora, info, None))
 
 

@@ -18,6 +18,7 @@ from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
 from .plan import Piece, Plan, build_plan, grid
 from .safetensors_header import TensorMeta
+from .tie import is_tied
 
 REPLICA = "a copy of data read from another rank (TP replica or tied output layer)"
 
@@ -33,6 +34,7 @@ class MmView:
     padding: dict[str, int]  # rank-file tensor -> its last rows that are vocabulary padding
     zero_blocks: set[str] = field(default_factory=set)  # rank-file tensors whose unread parts are zeros by layout
     row_index: dict[str, tuple] = field(default_factory=dict)  # name -> block search index (_blocks_near)
+    notes: list[str] = field(default_factory=list)  # worth a line to the user (carried into the plan)
 
 
 def _layout_text(layout: ParallelConfig) -> str:
@@ -62,6 +64,11 @@ def open_view(
     kept: dict[str, bool] = {}
     padding: dict[str, int] = {}
     zero_blocks: set[str] = set()
+    # MindSpeed-MM writes a tied model with PP > 1 without the output layer on the last stage;
+    # it is the embedding's data, which the first stage holds, so it may be absent.
+    tie = info.preset.tie
+    optional = tie.target if tie and layout.pp_size > 1 and is_tied(info) else None
+    without_output: list[str] = []
     for rank, f in expected.items():
         path = ckpt.ranks[rank]
         on_disk = read_rank_file(path, prefix=f.dir_name + "/")
@@ -81,6 +88,9 @@ def open_view(
                 )
             for e in entries:
                 meta = found.get(e.key)
+                if meta is None and e.key == optional:
+                    without_output.append(rank)
+                    continue
                 if meta is None:
                     raise ConvertError(
                         f"{path} [{chunk_name}]: {e.key} is missing; the layout ({_layout_text(layout)}) "
@@ -119,7 +129,14 @@ def open_view(
         dtypes[name] = kinds.pop()
     dropped = {name: REPLICA for name, used in kept.items() if not used}
     ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
-    return MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding, zero_blocks)
+    view = MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding, zero_blocks)
+    if without_output:
+        view.notes.append(
+            f"tied embeddings: {len(without_output)} last-stage rank file(s) hold no {optional} "
+            f"({without_output[0]}{', ...' if len(without_output) > 1 else ''}, as MindSpeed-MM writes them); "
+            "it is read from the embedding, the same data"
+        )
+    return view
 
 
 def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, TensorMeta]) -> tuple[Piece, ...]:
@@ -198,6 +215,7 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.sources = dict(view.sources)
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
+    plan.notes.extend(view.notes)
     return plan
 
 

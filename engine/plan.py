@@ -20,6 +20,7 @@ from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
+from .tie import is_tied, tie_said
 
 if TYPE_CHECKING:
     from .lora import LoraPair
@@ -108,6 +109,7 @@ class OutputFile:
     chunks: list[list[Entry]]  # one list per VPP chunk
     kind: str = "torch"  # "torch" (a Megatron rank file), "safetensors", or "dcp" (torch.distributed.checkpoint)
     metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
+    head: dict[str, object] = field(default_factory=dict)  # a rank file's entries before the model (args, iteration)
 
     @property
     def chunk_names(self) -> list[str]:
@@ -372,6 +374,11 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
     return targets, claimed
 
 
+def model_targets(info: ModelInfo) -> list[_Target]:
+    """Every target tensor of the model, with its layer, expert and sources (metadata only)."""
+    return _targets(info, dict(info.tensors), list(info.preset.modules))[0]
+
+
 def _fill(name: str, layer: int | None, expert: int | None = None) -> str:
     if layer is not None:
         name = name.replace("*", str(layer))
@@ -421,8 +428,15 @@ def build_plan(
     *,
     save_vit_only: bool = False,
     iteration: str = "release",
+    megatron_args: bool = False,
 ) -> Plan:
-    """HF model (metadata) + layout -> Plan. Reads no tensor data."""
+    """HF model (metadata) + layout -> Plan. Reads no tensor data.
+
+    `iteration` names the directory (`release` or `iter_0000001`); a numbered one, or
+    `megatron_args`, also puts `iteration` (and Megatron-LM's `args`) in every rank file.
+    """
+    from .megatron_args import rank_head  # it reads this module's targets, so not imported at the top
+
     validate_layout(layout, info)
     preset = info.preset
     sources = info.tensors
@@ -430,20 +444,27 @@ def build_plan(
     targets, claimed = _targets(info, sources, modules)
     _check_layers(info, targets)
     dropped: dict[str, str] = {}
-    tied = bool(info.fields.get(preset.tie.field)) if preset.tie else False
+    tied = is_tied(info)
+    notes = []
     if preset.tie and tied:
         for name in preset.tie.drop:
             if name in sources:
                 dropped[name] = f"{preset.tie.field} is true: the output layer is the embedding"
                 targets = [t for t in targets if name not in {s.name for s in t.sources}]
+                notes.append(
+                    f"{tie_said(info)}, but the weights also hold {info.raw_names.get(name, name)}: it is not "
+                    "written (tied, the output layer is the embedding, as transformers loads it)"
+                )
         claimed |= set(preset.tie.drop) & set(sources)
     elif preset.tie:
         lm_module = preset.module_of_target(preset.tie.target)
         has_out = any(t.key == preset.tie.target for t in targets)
         if lm_module in modules and not has_out:
+            out = preset.tie.drop[0] if preset.tie.drop else "output layer"
             raise ConvertError(
-                f"{info.hf_dir}: {preset.tie.field} is false in config.json but the weights have no "
-                f"{preset.tie.drop[0] if preset.tie.drop else 'output layer'}; set it true if the model ties them"
+                f"{info.hf_dir}: {tie_said(info)}, so the output layer is its own tensor, but the weights have no "
+                f"{info.raw_names.get(out, out)}, as a tied model's; set {info.preset.fields[preset.tie.field][0]} "
+                "true in config.json if the model ties them"
             )
     unplaced = sorted(set(sources) - claimed)
     if unplaced:
@@ -495,13 +516,15 @@ def build_plan(
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
-    notes = []
     if preset.tie and tied:
         notes.append(
             "tied embeddings: output_layer.weight is written on the last LLM stage"
             if pp > 1
             else "tied embeddings: no output_layer is written with PP = 1"
         )
+    head = rank_head(info, layout, iteration, megatron_args)
+    for f in files:
+        f.head = head
     plan = Plan(files, dict(sources), dropped, iteration, notes)
     plan.texts[TRACKER_NAME] = plan.tracker_text
     return plan
@@ -559,7 +582,7 @@ def module_weights(info: ModelInfo) -> list[ModuleWeights]:
     """
     preset = info.preset
     targets, _ = _targets(info, dict(info.tensors), list(preset.modules))
-    tied = bool(preset.tie and info.fields.get(preset.tie.field))
+    tied = is_tied(info)
     out = []
     for m in preset.modules:
         layers = [0] * info.field_int(m.layers)

@@ -108,12 +108,18 @@ class Module(_Strict):
 
 
 class Tie(_Strict):
-    """When `field` is true the output layer is the embedding (written only with PP > 1)."""
+    """When `field` is true the output layer is the embedding (written only with PP > 1).
+
+    As transformers reads it: true when any of the field's config.json paths says true
+    (Qwen2-VL's top-level key or its text_config's), else the preset's [defaults] value,
+    which is `config_class`'s own default.
+    """
 
     field: str
     source: str  # HF name of the embedding
     target: str  # target name of the output layer
     drop: list[str] = []  # HF names ignored when tied (some checkpoints still carry lm_head)
+    config_class: str = ""  # the transformers config class whose default applies when config.json omits it
 
 
 class LanguageModel(_Strict):
@@ -259,8 +265,9 @@ def _nested(llm: Preset, lm: LanguageModel) -> dict:
         for mp in llm.mappings
     ]
     tie = llm.tie and Tie(
-        field=llm.tie.field, source=hf + llm.tie.source, target=mm + llm.tie.target, drop=[hf + d for d in llm.tie.drop]
-    )
+        field=llm.tie.field, source=hf + llm.tie.source, target=mm + llm.tie.target,
+        drop=[hf + d for d in llm.tie.drop], config_class=llm.tie.config_class,
+    )  # fmt: skip
     return {
         "fields": {k: [lm.config_prefix + p for p in paths] for k, paths in llm.fields.items()},
         "aliases": {hf + a: hf + c for a, c in llm.aliases.items()},

@@ -75,6 +75,11 @@ class _Global:
         raise TypeError(f"{self.module}.{self.name} is only a name to pickle")
 
 
+def torch_global(name: str) -> _Global:
+    """`torch.<name>` (a dtype such as torch.bfloat16, as in Megatron's args.params_dtype), pickled by name."""
+    return _Global("torch", name)
+
+
 _REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
 _ORDERED_DICT = collections.OrderedDict
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.check import check_plan
+from engine.errors import ConvertError
 from engine.execute import run
 from engine.hf_source import INDEX_NAME
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
@@ -135,3 +136,94 @@ def test_reshard_by_size(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert sorted(got) == sorted(original)
     assert all(torch.equal(got[k], original[k]) for k in original)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+
+
+# ---- the peer's tied output (issue 18.5) ------------------------------------------------------------
+
+OUTPUT = "text_decoder.output_layer.weight"
+
+
+def _without(mm: Path, key: str) -> list[str]:
+    """Rewrite every rank file holding `key` without it, with torch.save (as another tool writes them)."""
+    touched = []
+    for path in sorted(mm.rglob("model_optim_rng.pt")):
+        state = torch.load(path, weights_only=True)
+        chunks = [c for c in state if c.startswith("model") and key in state[c]]
+        for c in chunks:
+            del state[c][key]
+        if chunks:
+            torch.save(state, path)
+            touched.append(path.parent.name)
+    return touched
+
+
+def _hf_tensors(hf: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("layout", "last_stage"),
+    [("tp2pp2", ["mp_rank_00_001", "mp_rank_01_001"]), ("vpp", ["mp_rank_00_001", "mp_rank_01_001"]),
+     ("pp3_tp1", ["mp_rank_00_002"])],
+)  # fmt: skip
+def test_a_tied_model_without_output_layer_on_the_last_stage_is_read(
+    tiny_dirs: dict[str, Path], tmp_path: Path, layout: str, last_stage: list[str]
+) -> None:
+    """MindSpeed-MM writes a tied model with PP > 1 without the output layer; it is the embedding's data."""
+    hf = tiny_dirs["qwen2_vl_tied"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
+    assert _without(mm, OUTPUT) == last_stage  # our own hf_to_mm writes it there
+    cfg = MmToHfConfig(
+        save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc(layout)
+    )
+    _, plan = prepare(Job(converter=_converter(hf), command="mm_to_hf", cfg=cfg))
+    said = [n for n in plan.notes if OUTPUT in n]
+    assert said == [
+        f"tied embeddings: {len(last_stage)} last-stage rank file(s) hold no {OUTPUT} ({last_stage[0]}"
+        f"{', ...' if len(last_stage) > 1 else ''}, as MindSpeed-MM writes them); it is read from the embedding, "
+        "the same data"
+    ]
+    assert check_plan(plan) == []
+    run(plan, tmp_path / "back")
+    original, back = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) and back[k].dtype == original[k].dtype for k in original)
+
+    # the re-cut reads it the same way, and writes the output layer where Megatron expects it
+    resplit = ResplitConfig(
+        source_dir=mm, target_dir=tmp_path / "b", hf_config=HfConfig(hf_dir=hf),
+        source_parallel_config=_pc(layout), target_parallel_config=_pc("tp2pp2"),
+    )  # fmt: skip
+    _, plan = prepare(Job(converter=_converter(hf), command="resplit", cfg=resplit))
+    assert [n for n in plan.notes if OUTPUT in n] == said
+    run(plan, tmp_path / "b")
+    _same_tree(_hf_to_mm(hf, tmp_path / "direct", "tp2pp2"), tmp_path / "b")
+
+
+def test_an_untied_model_without_output_layer_is_still_refused(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    hf = tiny_dirs["qwen2_vl"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", "tp2pp2")
+    assert _without(mm, OUTPUT) == ["mp_rank_00_001", "mp_rank_01_001"]
+    cfg = MmToHfConfig(
+        save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp2pp2")
+    )
+    with pytest.raises(
+        ConvertError, match=rf"mp_rank_00_001/model_optim_rng.pt \[model\]: {OUTPUT} is missing; the layout"
+    ):
+        prepare(Job(converter=_converter(hf), command="mm_to_hf", cfg=cfg))
+
+
+def test_a_tied_model_without_its_embedding_is_refused(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The output layer may be absent only because the embedding holds the same data."""
+    hf = tiny_dirs["qwen2_vl_tied"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", "tp2pp2")
+    _without(mm, OUTPUT)
+    _without(mm, "text_decoder.embedding.word_embeddings.weight")
+    cfg = MmToHfConfig(
+        save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp2pp2")
+    )
+    with pytest.raises(ConvertError, match=r"text_decoder.embedding.word_embeddings.weight is missing"):
+        prepare(Job(converter=_converter(hf), command="mm_to_hf", cfg=cfg))
