@@ -30,11 +30,15 @@ class _Config(BaseModel):
 
 
 class HfConfig(_Config):
+    """A Hugging Face model directory."""
+
     hf_dir: Path
     """Hugging Face model directory (config.json and *.safetensors)."""
 
 
 class LoraConfig(_Config):
+    """A LoRA adapter: PEFT, or a Megatron/MindSpeed LoRA checkpoint with its layout."""
+
     adapter_dir: Path
     """A PEFT adapter (adapter_config.json + adapter_model.safetensors) or a Megatron/MindSpeed LoRA checkpoint."""
     parallel_config: ParallelConfig | None = None
@@ -54,7 +58,7 @@ class LoraConfig(_Config):
 
 
 class CommonModelConfig(_Config):
-    """Seed-tool fields; only llm_hf_dir changes what is written, the rest come from config.json."""
+    """Model options; only llm_hf_dir changes what is written, the rest come from config.json."""
 
     llm_hf_dir: Path | None = None
     """Take the language-model weights from this second HF directory."""

@@ -18,11 +18,21 @@ from typing import NoReturn
 CUTOFF = 0.75
 
 
+def _leaf(flag: str) -> str:
+    return flag.lstrip("-").rsplit(".", 1)[-1]
+
+
+def _near_leaf(word: str, choice: str) -> bool:
+    """The last parts are alike too: a long shared prefix alone (`--cfg.lora.parallel_config.`) is no match."""
+    a, b = _leaf(word), _leaf(choice)
+    return b.startswith(a) or difflib.SequenceMatcher(None, a, b).ratio() >= 0.6
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """The one choice nearest to `word`, or None when none is near (`--a.b` is not near `--a.b.c`'s parent)."""
     choices = [c for c in dict.fromkeys(choices) if not word.startswith(c + ".")]
-    found = difflib.get_close_matches(word, choices, n=1, cutoff=CUTOFF)
-    return found[0] if found else None
+    found = difflib.get_close_matches(word, choices, n=len(choices), cutoff=CUTOFF)
+    return next((c for c in found if _near_leaf(word, c)), None)
 
 
 def flags_of(parser: argparse.ArgumentParser) -> list[str]:

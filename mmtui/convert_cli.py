@@ -276,16 +276,6 @@ def command_parser(converter: str, command: str, prog: str = "mm-convert"):
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     flags: list[str] = []
 
-    class Parser(jsonargparse.ArgumentParser):
-        def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
-            if not self.exit_on_error:  # an internal attempt jsonargparse catches itself
-                super().error(message, ex)
-            fail(prog, with_hint(one_line(message), flags))
-
-        def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
-            """--print_config: the job file as `mm-convert --config` and `mmtui --replay` read it."""
-            return f"converter: {converter}\ncommand: {command}\n" + super().dump(cfg, *args, **kwargs)
-
     class Help(jsonargparse.DefaultHelpFormatter):
         def _get_type_str(self, action: Any) -> str | None:
             hint = getattr(action, "_typehint", None) or action.type
@@ -295,9 +285,36 @@ def command_parser(converter: str, command: str, prog: str = "mm-convert"):
                 return super()._get_type_str(action)
             return readable(hint, action.option_strings[0] if action.option_strings else "")
 
+        def _get_help_string(self, action: Any) -> str:
+            flag = action.option_strings[0] if action.option_strings else ""
+            if (action.help or "").startswith("Show the help for "):
+                return f"list the fields of {flag.removesuffix('.help')} and exit"
+            if action.help == "Path to a configuration file.":  # the per-object --cfg.x CONFIG
+                return "its fields as YAML or JSON, or a file of them"
+            return super()._get_help_string(action)
+
         def _expand_help(self, action: Any) -> str:
             text = super()._expand_help(action)
             return re.sub(r"default: (True|False)\b", lambda m: f"default: {m[1].lower()}", text)
+
+    class Parser(jsonargparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            """Also for the parsers jsonargparse makes itself (`--cfg.lora.help` builds one)."""
+            kwargs.setdefault("formatter_class", Help)
+            kwargs.setdefault("prog", f"mm-convert {converter} {command}")
+            kwargs["allow_abbrev"] = False
+            if (text := kwargs.get("description") or "").startswith("Help for "):
+                kwargs["description"] = f"The fields of {text.split()[2].split('=')[0].removesuffix('.help')}."
+            super().__init__(*args, **kwargs)
+
+        def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+            if not self.exit_on_error:  # an internal attempt jsonargparse catches itself
+                super().error(message, ex)
+            fail(prog, with_hint(one_line(message), flags))
+
+        def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+            """--print_config: the job file as `mm-convert --config` and `mmtui --replay` read it."""
+            return f"converter: {converter}\ncommand: {command}\n" + super().dump(cfg, *args, **kwargs)
 
     def run(cfg: Any) -> None:
         """Only its signature is read: one `cfg` of the command's schema."""
@@ -306,19 +323,13 @@ def command_parser(converter: str, command: str, prog: str = "mm-convert"):
     parser = Parser(
         prog=f"mm-convert {converter} {command}",
         description=f"{COMMAND_HELP[command]}. Every field can also come from --config JOB; later options win.",
-        allow_abbrev=False,
         env_prefix=f"MM_CONVERT_{converter}__{command}_",  # the names the seed tool's nested parsers gave
-        formatter_class=Help,
     )
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile, metavar="JOB", help=CONFIG_HELP)
     parser.add_function_arguments(run, as_group=False, sub_configs=True)
     for action in parser._actions:
-        if action.help == "Path to a configuration file.":  # the per-object --cfg.x CONFIG
-            action.help = "its fields as YAML or JSON, or a file of them"
-        elif isinstance(action, jsonargparse._actions._ActionPrintConfig):
+        if isinstance(action, jsonargparse._actions._ActionPrintConfig):
             action.help = PRINT_CONFIG_HELP
-        elif isinstance(action.help, str) and action.help.startswith("Show the help for "):
-            action.help = f"list the fields of {action.option_strings[0].removesuffix('.help')} and exit"
     flags += [*flags_of(parser), *schema_flags(COMMANDS[command])]
     parser.job_flags = flags
     return parser
