@@ -32,11 +32,15 @@ class _Config(BaseModel):
 
 
 class HfConfig(_Config):
+    """A Hugging Face model directory."""
+
     hf_dir: Path
     """Hugging Face model directory (config.json and *.safetensors)."""
 
 
 class LoraConfig(_Config):
+    """A LoRA adapter: PEFT, or a Megatron/MindSpeed LoRA checkpoint with its layout."""
+
     adapter_dir: Path
     """A PEFT adapter (adapter_config.json + adapter_model.safetensors) or a Megatron/MindSpeed LoRA checkpoint."""
     parallel_config: ParallelConfig | None = None
@@ -56,7 +60,7 @@ class LoraConfig(_Config):
 
 
 class CommonModelConfig(_Config):
-    """Seed-tool fields; only llm_hf_dir changes what is written, the rest come from config.json."""
+    """Model options; only llm_hf_dir changes what is written, the rest come from config.json."""
 
     llm_hf_dir: Path | None = None
     """Take the language-model weights from this second HF directory."""
@@ -74,7 +78,7 @@ class HfToMmConfig(_Config):
     llm_hf_config: HfConfig | None = None
     """Take the language-model weights from this second HF directory (same as common_model_config.llm_hf_dir)."""
     common_model_config: CommonModelConfig = CommonModelConfig()
-    """Fields of the seed tool's command line."""
+    """Model options; only llm_hf_dir is read (the rest of a model's shape comes from its config.json)."""
     save_vit_only: bool = False
     """Write only the vision encoder and projector."""
     overwrite: bool = False
@@ -428,8 +432,12 @@ def _first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertErr
     return ConvertError(f"{where}: {loc}{shown}: {msg}")
 
 
-def load_job(path: Path | str) -> Job:
-    """Read a job from TOML (or YAML): one schema for both."""
+def read_job_file(path: Path | str) -> dict[str, Any]:
+    """A job file's data, unchecked: `converter` and `command` at the top, the fields under `cfg`.
+
+    TOML as the wizard saves it, YAML as `mm-convert --print_config` prints it, and the seed
+    tool's nested YAML (`Qwen2VLConverter: {hf_to_mm: {cfg: ...}}`) read as the same.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -441,6 +449,19 @@ def load_job(path: Path | str) -> Job:
         raise ConvertError(
             f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'} ({e})"
         ) from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected converter, command and cfg, got {type(data).__name__} {data!r:.40}")
+    outer = {k: v for k, v in data.items() if k != "subcommand"}
+    if "converter" not in data and len(outer) == 1 and isinstance(inner := next(iter(outer.values())), dict):
+        commands = [(k, v) for k, v in inner.items() if k in COMMANDS and isinstance(v, dict)]
+        if len(commands) == 1:
+            return {"converter": next(iter(outer)), "command": commands[0][0], "cfg": commands[0][1].get("cfg")}
+    return data
+
+
+def load_job(path: Path | str) -> Job:
+    """Read a job from TOML (or YAML): one schema for both."""
+    data = read_job_file(path)
     if isinstance(data, dict) and isinstance(data.get("cfg"), dict) and data.get("command") in COMMANDS:
         try:  # the command's own schema first, so the error names the field as written
             data = {**data, "cfg": COMMANDS[data["command"]].model_validate(data["cfg"])}

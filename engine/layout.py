@@ -20,7 +20,7 @@ ChunksOrFlat = list[list[NonNegativeInt]] | list[NonNegativeInt]
 
 
 class ParallelConfig(BaseModel):
-    """`parallel_config` of a job (the seed tool's field names)."""
+    """A checkpoint's layout: TP / EP size and layers per pipeline stage, per module and VPP chunk."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""`mmtui [HF_DIR] | --demo | --replay job.toml | verify A B | suggest HF_DIR --pp N`.
+"""`mmtui [HF_DIR] | --demo | --replay JOB [--cfg.FIELD VALUE ...] | verify A B | suggest HF_DIR --pp N`.
 
 Torch and the engine are imported lazily so the first screen appears fast.
 """
@@ -8,17 +8,41 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_args import StrictParser, fail
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmtui", description="Workbench for Megatron / MindSpeed checkpoint conversion.")
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = StrictParser(prog="mmtui", description="Workbench for Megatron / MindSpeed checkpoint conversion.")
     p.add_argument("hf_dir", nargs="?", help="a Hugging Face model directory to open")
-    p.add_argument("--replay", metavar="JOB", help="run a saved job (TOML or YAML) headless and exit")
+    p.add_argument(
+        "--replay",
+        metavar="JOB",
+        help="run a job file (TOML or YAML) headless and exit, as `mm-convert --config JOB` does; "
+        "mm-convert's options may follow it (--cfg.overwrite true, --print_config, ...)",
+    )
     p.add_argument("--demo", action="store_true", help="open a tiny generated Qwen2-VL checkpoint")
     p.epilog = (
         "Also: mmtui verify A B [...] compares two checkpoints (mmtui verify -h); "
         "mmtui suggest HF_DIR --pp N suggests a balanced pipeline split (mmtui suggest -h)."
     )
     return p.parse_args(argv)
+
+
+def _replay(argv: list[str]) -> list[str] | None:
+    """`--replay JOB ...` (the job and mm-convert's options after it), or None."""
+    for i, a in enumerate(argv):
+        if a == "--replay":
+            if i + 1 >= len(argv):
+                fail("mmtui", "argument --replay: expected one argument (a job file)")
+            head, job, rest = argv[:i], argv[i + 1], argv[i + 2 :]
+        elif a.startswith("--replay="):
+            head, job, rest = argv[:i], a.partition("=")[2], argv[i + 1 :]
+        else:
+            continue
+        if head:
+            fail("mmtui", f"--replay runs a job file alone; {' '.join(head)} does not go with it")
+        return ["--config", job, *rest]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,12 +57,13 @@ def main(argv: list[str] | None = None) -> None:
 
         suggest(argv[1:])
         return
-    args = parse_args(argv)
-    if args.replay:
-        from .runner import replay
+    replay = _replay(argv)
+    if replay is not None:
+        from .convert_cli import main as convert
 
-        replay(args.replay)
+        convert(replay, prog="mmtui")
         return
+    args = parse_args(argv)
     from .app import run_app
 
     run_app(hf_dir=args.hf_dir, demo=args.demo)

@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import StrictParser
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = StrictParser(
         prog="mmtui suggest",
         description="Suggest per-stage layer counts that minimise the most expensive pipeline stage.",
     )

@@ -11,41 +11,67 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import StrictParser
+from .readable import readable
+
+# the flags verify took first, kept working unlisted: old spelling -> ParallelConfig field
+OLD_FLAGS = {
+    "tp": "tp_size",
+    "llm-pp-layers": "llm_pp_layers",
+    "vit-pp-layers": "vit_pp_layers",
+    "ep": "ep_size",
+    "noop-layers": "noop_layers",
+    "vocab-divisible-by": "make_vocab_size_divisible_by",
+}
+
 
 def _layout(args: argparse.Namespace, side: str):
+    """Side A's or B's layout from `--a.FIELD VALUE` (mm-convert's parallel_config fields), or None."""
+    from pydantic import ValidationError
+
+    from engine.errors import ConvertError
     from engine.layout import ParallelConfig
 
-    llm, vit = getattr(args, f"{side}_llm_pp_layers"), getattr(args, f"{side}_vit_pp_layers")
-    if llm is None and vit is None:
+    given = {f: _value(v) for f in ParallelConfig.model_fields if (v := getattr(args, f"{side}__{f}")) is not None}
+    if not given:
         return None
-    noop = getattr(args, f"{side}_noop_layers")
-    return ParallelConfig(
-        tp_size=getattr(args, f"{side}_tp"),
-        ep_size=getattr(args, f"{side}_ep"),
-        llm_pp_layers=json.loads(llm or "[]"),
-        vit_pp_layers=json.loads(vit) if vit is not None else None,
-        noop_layers=json.loads(noop) if noop is not None else None,
-        make_vocab_size_divisible_by=getattr(args, f"{side}_vocab_divisible_by"),
-    )
+    try:
+        return ParallelConfig(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        shown = f" = {given[field]!r}" if field in given else ""
+        raise ConvertError(f"--{side}.{field}{shown}: {err['msg']}") from None
+
+
+def _value(raw: str) -> object:
+    """`2`, `[[1,3]]`: JSON as on mm-convert's command line; anything else is left for the schema to refuse."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from engine.layout import ParallelConfig
+
+    p = StrictParser(
         prog="mmtui verify",
-        description="Compare two checkpoints tensor by tensor in canonical naming (HF or Megatron/MindSpeed).",
+        description="Compare two checkpoints tensor by tensor in canonical naming (HF or Megatron/MindSpeed). "
+        "A Megatron side's layout takes mm-convert's parallel_config fields: --b.tp_size 2 --b.llm_pp_layers "
+        "[[1,3]] is --cfg.parallel_config.tp_size 2 --cfg.parallel_config.llm_pp_layers [[1,3]].",
     )
     p.add_argument("a", type=Path, help="an HF directory or a Megatron checkpoint directory")
     p.add_argument("b", type=Path, help="the other checkpoint")
     p.add_argument("--hf-dir", type=Path, help="HF directory for config.json when neither side is HF")
     for side in ("a", "b"):
-        p.add_argument(f"--{side}-tp", type=int, default=1, help=f"TP size of {side.upper()} when it is Megatron")
-        p.add_argument(f"--{side}-llm-pp-layers", metavar="JSON", help=f"e.g. [[1,3]]: {side.upper()}'s LLM layers")
-        p.add_argument(f"--{side}-vit-pp-layers", metavar="JSON", help=f"e.g. [[3,0]]: {side.upper()}'s ViT layers")
-        p.add_argument(f"--{side}-ep", type=int, default=1, help=f"expert-parallel size of {side.upper()} (MoE)")
-        p.add_argument(f"--{side}-noop-layers", metavar="JSON", help=f"e.g. [0,5]: {side.upper()}'s empty layers")
-        p.add_argument(
-            f"--{side}-vocab-divisible-by", type=int, metavar="N", help=f"{side.upper()}'s make_vocab_size_divisible_by"
-        )
+        group = p.add_argument_group(f"layout of {side.upper()} when it is Megatron (mm-convert's parallel_config)")
+        for name, field in ParallelConfig.model_fields.items():
+            default = "" if field.default is None or field.is_required() else f" (default: {field.default})"
+            text = readable(field.rebuild_annotation()) + default
+            group.add_argument(f"--{side}.{name}", dest=f"{side}__{name}", metavar="VALUE", help=text)
+        for old, name in OLD_FLAGS.items():
+            p.add_argument(f"--{side}-{old}", dest=f"{side}__{name}", help=argparse.SUPPRESS)
     p.add_argument("--atol", type=float, default=0.0, help="accept differences up to this absolute value")
     p.add_argument("--all", action="store_true", help="list equal tensors too")
     p.add_argument(
@@ -79,7 +105,6 @@ def _logits_diff(args: argparse.Namespace, info) -> tuple[float, str]:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    from pydantic import ValidationError
     from rich.console import Console
     from rich.table import Table
 
@@ -97,9 +122,6 @@ def main(argv: list[str]) -> None:
         b = open_side(args.b, info, _layout(args, "b"), "B")
     except ConvertError as e:
         print(f"mmtui verify: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (ValidationError, json.JSONDecodeError) as e:
-        print(f"mmtui verify: error: layout: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     rows = list(compare(a, b, atol=args.atol))
     table = Table("tensor", "result", "max |A-B|", "note", box=None)
