@@ -53,10 +53,19 @@ def open_view(
     missing = sorted(set(expected) - set(ckpt.ranks))
     extra = sorted(set(ckpt.ranks) - set(expected))
     if missing or extra:
-        what = f"{ckpt.root / ckpt.iteration / missing[0]} is missing" if missing else f"{extra[0]} is not part of it"
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+        if len(ckpt.ranks) == len(expected):
+            what = (f"rank directories differ from the layout's: on disk {shown(sorted(ckpt.ranks))}, "
+                    f"the layout names {shown(sorted(expected))}")  # fmt: skip
+        else:
+            what = (f"{len(ckpt.ranks)} rank directories on disk ({shown(sorted(ckpt.ranks))}), the layout "
+                    f"names {len(expected)} ({shown(sorted(expected))})")  # fmt: skip
+            what += f": {shown(missing)} {'is' if len(missing) == 1 else 'are'} missing" if missing else ""
         raise ConvertError(
-            f"{field} {ckpt.root}: {len(ckpt.ranks)} rank directories on disk, the layout "
-            f"({_layout_text(layout)}) has {len(expected)}: {what}"
+            f"{field} {ckpt.root}: {what}; the layout ({_layout_text(layout)}) is not the one it was written in "
+            "(leave the layout out to read it from the disk)"
         )
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}

@@ -112,7 +112,6 @@ def test_readable(hint: object, words: str) -> None:
     assert readable(hint) == words
 
 
-@pytest.mark.xfail(strict=True, reason="engine/mm_view.py open_view's wording (the lead's file)")
 def test_a_layout_of_other_rank_names_says_so(qwen2vl_dir: Path, tmp_path: Path) -> None:
     """Written TP1 x PP4, read back as TP2 x PP2: four directories both, but not the same four."""
     pp4 = ["--cfg.parallel_config.llm_pp_layers", "[[1,1,1,1]]", "--cfg.parallel_config.vit_pp_layers", "[[3,0,0,0]]"]

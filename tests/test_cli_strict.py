@@ -124,7 +124,6 @@ def test_replay_overwrite(qwen2vl_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "mine").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="engine/execute.py check_target still says 'pass --overwrite' (the lead's file)")
 def test_the_non_empty_target_hint_names_the_real_flag(qwen2vl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -132,4 +131,4 @@ def test_the_non_empty_target_hint_names_the_real_flag(qwen2vl_dir: Path, tmp_pa
     r = mm_convert(
         "Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(out), "--cfg.hf_config.hf_dir", str(qwen2vl_dir), *LAYOUT
     )
-    _bad(r, f"mm_dir {out}: exists and is not empty; choose a new directory or pass --cfg.overwrite true")
+    _bad(r, f"mm_dir {out}: exists and is not empty; choose a new directory or set overwrite (--cfg.overwrite true)")

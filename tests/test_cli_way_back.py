@@ -130,7 +130,7 @@ def test_resplit_from_the_command_line_and_replay(qwen2vl_dir: Path, mm_tp2pp2: 
 @pytest.mark.parametrize(
     ("tp", "layout", "needles"),
     [
-        (1, LAYOUT_A, ["4 rank directories on disk", "has 2", "mp_rank_01_000 is not part of it"]),
+        (1, LAYOUT_A, ["4 rank directories on disk (mp_rank_00_000, mp_rank_00_001, mp_rank_01_000, mp_rank_01_001)", "the layout names 2 (mp_rank_00_000, mp_rank_00_001)"]),
         (2, ["--cfg.parallel_config.llm_pp_layers", "[[2,2]]", "--cfg.parallel_config.vit_pp_layers", "[[3,0]]"],
          ["mp_rank_00_000", "text_decoder.decoder.layers.1.", "missing", "llm_pp_layers=[[2, 2]]"]),
         (2, ["--cfg.parallel_config.llm_pp_layers", "[[1,1],[1,1]]", "--cfg.parallel_config.vit_pp_layers",
