@@ -423,7 +423,7 @@ def _merged(plan: Plan, adapter: Adapter | None) -> Plan:
     return attach(plan, adapter) if adapter else plan
 
 
-def _first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
+def first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
     err = e.errors()[0]
     loc = prefix + ".".join(str(p) for p in err["loc"])
     value = err.get("input")
@@ -466,11 +466,11 @@ def load_job(path: Path | str) -> Job:
         try:  # the command's own schema first, so the error names the field as written
             data = {**data, "cfg": COMMANDS[data["command"]].model_validate(data["cfg"])}
         except ValidationError as e:
-            raise _first_error(e, str(path), "cfg.") from None
+            raise first_error(e, str(path), "cfg.") from None
     try:
         return Job.model_validate(data)
     except ValidationError as e:
-        raise _first_error(e, str(path)) from None
+        raise first_error(e, str(path)) from None
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

@@ -18,6 +18,6 @@ def _cancelled_before_work(signum: int, _frame: object) -> None:
 
 
 _prog = os.path.basename(sys.argv[0])
-_converting = _prog == "mm-convert" or (_prog == "mmtui" and "--replay" in sys.argv)
+_converting = _prog in ("mm-convert", "convert-ckpt") or (_prog == "mmtui" and "--replay" in sys.argv)
 if _converting and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _cancelled_before_work)

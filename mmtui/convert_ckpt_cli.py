@@ -1,0 +1,287 @@
+"""`convert-ckpt`: MindSpeed-LLM's `convert_ckpt.py` / `convert_ckpt_v2.py` command lines, verbatim.
+
+Both spellings are taken: v1's as its documentation gives them (`--model-type GPT
+--use-mcore-models --tokenizer-model ...`) and v2's (`--hf-cfg-dir`, `--mtp-num-layers`,
+...). The flags build the same job `mm-convert` runs (`--print-job` shows it as a job
+file for `mm-convert --config`), written in MindSpeed-LLM's own layout: `iter_0000001/`,
+the tracker holding `1`, and Megatron's `args` and `iteration` in every rank file.
+
+Megatron -> HF follows v1 when `--save-dir` holds a config.json (the original HF
+directory: the model goes to `<save-dir>/mg2hf/`), v2 otherwise (`--save-dir` itself,
+config.json from `--hf-cfg-dir`). The Megatron side's layout is read from the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "convert-ckpt"
+
+# --model-type-hf -> our converter: every family we have, under MindSpeed-LLM's names (v1 and v2) and the obvious ones
+FAMILIES = {
+    "llama2": "LlamaConverter",
+    "llama3": "LlamaConverter",
+    "llama": "LlamaConverter",
+    "mistral": "MistralConverter",
+    "magistral": "MistralConverter",
+    "mixtral": "MixtralConverter",
+    "qwen25": "Qwen2Converter",
+    "qwen2": "Qwen2Converter",
+    "qwen3": "Qwen3Converter",
+    "qwen3-moe": "Qwen3MoeConverter",
+    "internlm2": "InternLM2Converter",
+}
+
+# flags that mean nothing here: the model's structure comes from config.json, and nothing is queued or loaded whole
+IGNORED_VALUE = [
+    "--loader", "--saver", "--tokenizer-model", "--vocab-file", "--max-queue-size", "--ckpt-cfg-path",
+    "--megatron-path", "--true-vocab-size", "--num-layers", "--first-k-dense-replace", "--hidden-size",
+    "--input-tp-rank", "--input-pp-rank", "--mamba-state-dim", "--mamba-num-groups", "--mamba-head-dim",
+]  # fmt: skip
+IGNORED_SWITCH = [
+    "--use-mcore-models", "--no-checking", "--load-checkpoint-loosely", "--save-layer-by-layer", "--add-qkv-bias",
+    "--add-dense-bias", "--add-output-layer-bias", "--embed-layernorm", "--post-norm", "--w-pack", "--load-from-legacy",
+    "--save-to-legacy", "--load-hf-from-config",
+]  # fmt: skip
+# flags with a meaning we do not convert yet: refused in one line rather than ignored
+UNSUPPORTED_SWITCH = {
+    "--moe-grouped-gemm": "grouped-GEMM expert weights",
+    "--moe-tp-extend-ep": "experts spread over the TP group",
+    "--mla-mm-split": "MLA (DeepSeek) models",
+}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flag = message.removeprefix("unrecognized arguments: ").split()[0]
+            known = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            message = f"{flag} is not a flag of MindSpeed-LLM's convert_ckpt that mmtui takes{hint}"
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="MindSpeed-LLM's convert_ckpt.py / convert_ckpt_v2.py flags, run by mmtui's streaming engine.",
+    )
+    p.add_argument("--model-type", default="GPT", help="v1: GPT (BERT is not converted)")
+    p.add_argument("--load-model-type", choices=["hf", "mg"], help="what --load-dir holds")
+    p.add_argument("--save-model-type", choices=["hf", "mg"], help="what to write to --save-dir")
+    p.add_argument("--load-dir", type=Path, required=True, help="the checkpoint to read")
+    p.add_argument("--save-dir", type=Path, required=True, help="where to write (v1 Megatron -> HF: the HF dir)")
+    p.add_argument("--model-type-hf", default=None, help=f"the family: {', '.join(FAMILIES)}")
+    p.add_argument("--hf-cfg-dir", type=Path, help="v2: the HF directory whose config.json describes the model")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-expert-parallel-size", type=int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="1 or the TP size")
+    p.add_argument("--num-layer-list", help="layers per pipeline stage, e.g. 8,8,8,8")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="layers per VPP chunk and stage")
+    p.add_argument("--noop-layers", help="empty layer positions, e.g. 0,31")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
+    p.add_argument("--params-dtype", choices=list(DTYPES), help="weights' dtype (default: as the source)")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    p.add_argument("--mtp-num-layers", type=int, default=0)
+    p.add_argument("--schedules-method", default=None)
+    p.add_argument("--ckpt-format", default="torch")
+    p.add_argument("--spec", nargs="*", default=None)
+    p.add_argument("--lora-load", type=Path, help="a Megatron LoRA checkpoint to merge (with --save-lora-to-hf: save)")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-target-modules", nargs="+", default=[])
+    p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA adapter alone, as PEFT")
+    p.add_argument("--overwrite", action="store_true", help="mmtui: replace a non-empty --save-dir")
+    p.add_argument("--print-job", action="store_true", help="mmtui: print the equivalent mm-convert job and exit")
+    for flag in IGNORED_VALUE:
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    for flag in [*IGNORED_SWITCH, *UNSUPPORTED_SWITCH]:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 8,8,8,8")
+
+
+def _converter(args: argparse.Namespace, hf_dir: Path) -> str:
+    from engine.hf_source import detect_preset, read_config
+
+    if args.model_type_hf is not None:
+        if args.model_type_hf not in FAMILIES:
+            fail(f"--model-type-hf {args.model_type_hf!r}: not a family mmtui converts; one of {', '.join(FAMILIES)}")
+        return FAMILIES[args.model_type_hf]
+    return detect_preset(read_config(hf_dir), hf_dir / "config.json").converter
+
+
+def _layout(args: argparse.Namespace, layers: int) -> dict[str, Any]:
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    noops = _ints("--noop-layers", args.noop_layers) if args.noop_layers else []
+    total = layers + len(noops)
+    if args.num_layer_list:
+        if args.num_layers_per_virtual_pipeline_stage:
+            fail("--num-layer-list and --num-layers-per-virtual-pipeline-stage: give one (MindSpeed-LLM takes one)")
+        stages = _ints("--num-layer-list", args.num_layer_list)
+        if len(stages) != pp:
+            fail(f"--num-layer-list {args.num_layer_list}: {len(stages)} stages, --target-pipeline-parallel-size {pp}")
+        chunks = [stages]
+    elif args.num_layers_per_virtual_pipeline_stage:
+        per = args.num_layers_per_virtual_pipeline_stage
+        if per < 1 or total % (per * pp):
+            fail(f"--num-layers-per-virtual-pipeline-stage {per}: {total} layers are not chunks of {per} x {pp} stages")
+        chunks = [[per] * pp for _ in range(total // (per * pp))]
+    else:
+        if total % pp:
+            fail(f"--target-pipeline-parallel-size {pp}: {total} layers do not divide; give --num-layer-list")
+        chunks = [[total // pp] * pp]
+    out: dict[str, Any] = {"tp_size": tp, "ep_size": args.target_expert_parallel_size, "llm_pp_layers": chunks}
+    if noops:
+        out["noop_layers"] = noops
+    if args.make_vocab_size_divisible_by and args.make_vocab_size_divisible_by > 1:
+        out["make_vocab_size_divisible_by"] = args.make_vocab_size_divisible_by
+    return out
+
+
+def _check_supported(args: argparse.Namespace) -> None:
+    if args.model_type != "GPT":
+        fail(f"--model-type {args.model_type}: only GPT models are converted")
+    for flag, what in UNSUPPORTED_SWITCH.items():
+        if getattr(args, flag.removeprefix("--").replace("-", "_")):
+            fail(f"{flag}: {what} are not converted yet")
+    etp = args.expert_tensor_parallel_size
+    if etp is not None and etp != args.target_tensor_parallel_size:
+        fail(f"--expert-tensor-parallel-size {etp}: an expert TP other than the TP size is not converted yet")
+    if args.mtp_num_layers:
+        fail(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are not converted yet")
+    if args.transformer_impl != "local":
+        fail("--transformer-impl transformer_engine: Transformer Engine names are not written yet; use local")
+    if args.schedules_method:
+        fail(f"--schedules-method {args.schedules_method}: not converted yet")
+    if args.ckpt_format != "torch":
+        fail(f"--ckpt-format {args.ckpt_format}: only torch (legacy rank files) is converted yet")
+
+
+def _layers(preset: Any, hf_dir: Path) -> int:
+    from engine.hf_source import read_config, resolve_fields
+
+    llm = next(m for m in preset.modules if m.name == "llm")
+    return int(resolve_fields(preset, read_config(hf_dir), hf_dir / "config.json")[llm.layers])
+
+
+def _check_dtype(args: argparse.Namespace, hf_dir: Path) -> None:
+    """Casting is not done yet: a --params-dtype that is the model's own is fine, another is refused."""
+    from engine.hf_source import read_config
+
+    if args.params_dtype is None:
+        return
+    config = read_config(hf_dir)
+    own = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("torch_dtype")
+    if DTYPES[args.params_dtype] != own:
+        fail(
+            f"--params-dtype {args.params_dtype}: casting the weights (config.json says {own}) is not done yet; "
+            "leave it out to keep their dtype"
+        )
+
+
+def build_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The job as mm-convert's data: {converter, command, cfg}."""
+    from engine.preset import preset_for_converter
+
+    _check_supported(args)
+    load = args.load_model_type or ("mg" if (args.load_dir / "latest_checkpointed_iteration.txt").is_file() else "hf")
+    save = args.save_model_type or ("hf" if load == "mg" else "mg")
+    cfg: dict[str, Any] = {}
+    if load == "hf" and save == "mg":
+        hf_dir = args.load_dir
+        converter = _converter(args, hf_dir)
+        preset = preset_for_converter(converter)
+        layers = _layers(preset, hf_dir)
+        command = "hf_to_mm"
+        cfg = {
+            "mm_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
+            "parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
+        }  # fmt: skip
+        if args.lora_load:
+            cfg["lora"] = {"adapter_dir": str(args.lora_load)}
+    elif load == "mg" and save == "hf":
+        if (args.save_dir / "config.json").is_file():  # v1: --save-dir is the original HF directory
+            hf_dir, out = args.save_dir, args.save_dir / "mg2hf"
+        elif args.hf_cfg_dir is not None:  # v2
+            hf_dir, out = args.hf_cfg_dir, args.save_dir
+        else:
+            fail(
+                f"--save-dir {args.save_dir}: holds no config.json; give the model's HF directory as --save-dir "
+                "(v1: written to <save-dir>/mg2hf) or as --hf-cfg-dir (v2)"
+            )
+        converter = _converter(args, hf_dir)
+        if args.lora_load and args.save_lora_to_hf:
+            command, cfg = "lora_mm_to_hf", {"save_hf_dir": str(out), "hf_config": {"hf_dir": str(hf_dir)}}
+        else:
+            command = "mm_to_hf"
+            cfg = {"save_hf_dir": str(out), "mm_dir": str(args.load_dir), "hf_config": {"hf_dir": str(hf_dir)}}
+        if args.lora_load:
+            lora: dict[str, Any] = {"adapter_dir": str(args.lora_load)}
+            lora |= {"r": args.lora_r} if args.lora_r else {}
+            lora |= {"alpha": args.lora_alpha} if args.lora_alpha is not None else {}
+            lora |= {"target_modules": list(args.lora_target_modules)} if args.lora_target_modules else {}
+            cfg["lora"] = lora
+    elif load == "mg" and save == "mg":
+        if args.hf_cfg_dir is None:
+            fail("--load-model-type mg --save-model-type mg: give --hf-cfg-dir (the model's HF directory: config.json)")
+        hf_dir = args.hf_cfg_dir
+        converter = _converter(args, hf_dir)
+        preset = preset_for_converter(converter)
+        layers = _layers(preset, hf_dir)
+        command = "resplit"
+        cfg = {
+            "source_dir": str(args.load_dir), "target_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
+            "target_parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
+        }  # fmt: skip
+    else:
+        fail("--load-model-type hf --save-model-type hf: nothing to convert (one side must be mg)")
+    _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]))
+    if args.overwrite:
+        cfg["overwrite"] = True
+    return {"converter": converter, "command": command, "cfg": cfg}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pydantic import ValidationError
+
+    from engine.job import Job, first_error, job_to_dict
+
+    from .runner import guarded, run_job_cli
+
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    with guarded(PROG):
+        data = build_job(args)
+        try:
+            job = Job.model_validate(data)
+        except ValidationError as e:  # a flag value the job schema refuses
+            raise first_error(e, PROG) from None
+    if args.print_job:
+        import yaml
+
+        print(yaml.safe_dump(job_to_dict(job), sort_keys=False), end="")
+        return
+    run_job_cli(job, prog=PROG)
+
+
+if __name__ == "__main__":
+    main()
