@@ -84,15 +84,18 @@ def itemsize(dtype: str) -> int:
     return _itemsize(dtype)
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    parts, done = [], 0
+def _pread(fd: int, n: int, offset: int) -> bytearray:
+    """Up to n bytes at offset, in one buffer (a header may be 100 MB: no second copy)."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
     while done < n:
-        chunk = os.pread(fd, min(n - done, 64 << 20), offset + done)
-        if not chunk:
+        k = os.preadv(fd, [view[done:]], offset + done)
+        if k <= 0:
             break
-        parts.append(chunk)
-        done += len(chunk)
-    return b"".join(parts)
+        done += k
+    view.release()
+    del buf[done:]
+    return buf
 
 
 def _load_header(path: Path) -> tuple[dict, int, int]:
