@@ -537,3 +537,65 @@ def test_a_default_factory_is_never_called(tmp_path: Path) -> None:
     with pytest.raises(ConvertError) as exc:
         read_rank_file(path)
     _one_line(exc, "refusing to unpickle posix.getcwd", "nothing was executed")
+
+
+# ---------------------------------------------------------------------------------------
+# the command line: exit 2, one line on stderr, nothing written
+
+TP1_LAYOUT = ["--cfg.parallel_config.llm_pp_layers", "[[4]]", "--cfg.parallel_config.vit_pp_layers", "[[3]]"]
+
+
+def test_cli_bad_config_values(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    from tests.test_cli import _bad, hf_to_mm
+
+    hf = _with_config(qwen2vl_dir, tmp_path / "hf", lambda c: c.__setitem__("num_hidden_layers", "four"))
+    _bad(hf_to_mm(hf, tmp_path / "out", layout=TP1_LAYOUT), "num_hidden_layers = 'four'; expected a whole number")
+    (hf / "config.json").write_text('{"model_type": "qwen2_vl", "x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    _bad(hf_to_mm(hf, tmp_path / "out", layout=TP1_LAYOUT), "config.json nests brackets too deeply")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_cli_overlapping_offsets_and_a_reshaped_embedding(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    from tests.test_cli import _bad, hf_to_mm
+
+    hf = _rewrite(qwen2vl_dir, tmp_path / "hf", _reshaped("model.embed_tokens.weight", (256, 32)))
+    _bad(hf_to_mm(hf, tmp_path / "out", layout=TP1_LAYOUT), "model.embed_tokens.weight has shape [256, 32]",
+         "vocab_size = 128 and hidden_size = 64")  # fmt: skip
+    path = hf / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + hlen])
+    name = next(k for k in header if k != "__metadata__" and header[k]["data_offsets"][0] > 0)
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin - 4, end - 4]  # shifted into its neighbour
+    text = json.dumps(header).encode().ljust(hlen)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data[8 + hlen :]))
+    _bad(hf_to_mm(hf, tmp_path / "out", layout=TP1_LAYOUT), f"tensor {name!r} data_offsets", "overlaps the bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_cli_hostile_rank_files(qwen2vl_dir: Path, mm_tp1: Path, tmp_path: Path) -> None:
+    from tests.test_cli import _bad, mm_convert
+
+    def mm_to_hf() -> object:
+        return mm_convert(
+            "Qwen2VLConverter", "mm_to_hf", "--cfg.save_hf_dir", str(tmp_path / "back"), "--cfg.mm_dir",
+            str(tmp_path / "mm"), "--cfg.hf_config.hf_dir", str(qwen2vl_dir), *TP1_LAYOUT,
+        )  # fmt: skip
+
+    mm = tmp_path / "mm"
+    shutil.copytree(mm_tp1, mm)
+    rank = mm / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    good = rank.read_bytes()
+    obj = torch.load(rank, weights_only=True)
+    torch.save({**obj, "model": {**obj["model"], 7: torch.zeros(2)}}, rank)
+    _bad(mm_to_hf(), str(rank), "[model] has the key 7 (int); state-dict keys are strings")
+    torch.save({**obj, "model": {**obj["model"], "extra": torch.zeros(2, dtype=torch.complex64)}}, rank)
+    _bad(mm_to_hf(), str(rank), "is a torch.ComplexFloatStorage; supported storage types")
+    _fifo(rank)
+    _bad(mm_to_hf(), f"{rank}: is a FIFO (named pipe); only regular files are read")
+    rank.unlink()
+    rank.write_bytes(good)
+    _dev_zero(mm / "latest_checkpointed_iteration.txt")
+    _bad(mm_to_hf(), "latest_checkpointed_iteration.txt: is a character device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mm"]
