@@ -29,7 +29,7 @@ from .torch_zip import STORAGES
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
-MAX_PICKLE_BYTES = 256_000_000  # data.pkl: tensors are records of their own, the rest is small
+MAX_PICKLE_BYTES = 64_000_000  # data.pkl: tensors are records of their own; 100k tensors pickle to ~20 MB
 
 # torch storage class name -> dtype name: the writer's table read backwards
 _STORAGE_DTYPES = {cls: dtype for dtype, (cls, _) in STORAGES.items()}
