@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import mmap
 import os
 from collections.abc import Iterator
@@ -19,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
 from .preset import Preset, builtin_presets, with_language_model
+from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, read_header
+from .strict_json import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +56,9 @@ class ModelInfo:
         return next((p for p in paths if lookup(self.config, p) is not None), paths[0])
 
 
+JSON_LIMIT = 100_000_000  # bytes of config.json or an index; real ones are well under 10 MB
+
+
 def _config_path(hf_dir: Path) -> Path:
     if not hf_dir.exists():
         raise ConvertError(
@@ -64,17 +68,14 @@ def _config_path(hf_dir: Path) -> Path:
     if not hf_dir.is_dir():
         raise ConvertError(f"hf_dir {hf_dir}: not a directory (expected a Hugging Face model directory)")
     path = hf_dir / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(f"{path}: missing (a Hugging Face model directory holds config.json)")
     return path
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
     path = _config_path(hf_dir)
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    cfg = parse_json(read_regular(path, JSON_LIMIT, "config.json"), path, "config.json")
     if not isinstance(cfg, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     return cfg
@@ -104,37 +105,55 @@ def lookup(config: dict[str, Any], dotted: str) -> Any:
 
 
 def resolve_fields(preset: Preset, config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Each logical field's value from its first config path that is set (else its default), checked."""
     out: dict[str, Any] = {}
     for name, paths in preset.fields.items():
-        value = next((v for v in (lookup(config, p) for p in paths) if v is not None), None)
-        if value is None:
+        path = next((p for p in paths if lookup(config, p) is not None), None)
+        if path is None:
             if name not in preset.defaults:
                 raise ConvertError(
                     f"{where}: none of {', '.join(paths)} is set (needed for {name}); is this a complete config.json?"
                 )
             value = preset.defaults[name]
+        else:
+            value = lookup(config, path)
+        flag = (preset.tie is not None and name == preset.tie.field) or isinstance(preset.defaults.get(name), bool)
+        if flag and type(value) is not bool:
+            raise ConvertError(f"{where}: {path} = {value!r}; expected true or false")
+        if not flag and (type(value) is not int or value < 1):  # not 4.5, "4", [4] or True: a count
+            raise ConvertError(f"{where}: {path} = {value!r}; expected a whole number > 0 (it is a count)")
         out[name] = value
     return out
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside the model directory: not absolute, no '..', not empty."""
+    if not isinstance(name, str) or not name or name.startswith("/"):
+        return False
+    return ".." not in Path(name).parts
 
 
 def weight_files(hf_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read, and the index's weight_map when sharded."""
     index = hf_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
-            raise ConvertError(f"{index}: not a valid index (expected a JSON object with a weight_map)") from None
+    if index.exists():
+        data = parse_json(read_regular(index, JSON_LIMIT, "an index"), index, "index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{index}: not a valid index (expected a JSON object with a weight_map object)")
+        for key, name in weight_map.items():
+            if not _plain_name(name):
+                raise ConvertError(
+                    f"{index}: weight_map[{key!r}] = {name!r}; expected the name of a .safetensors file in {hf_dir}"
+                )
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not (hf_dir / name).is_file():
+            if not (hf_dir / name).exists():
                 key = next(k for k, v in weight_map.items() if v == name)
                 raise ConvertError(f"{index}: names {name} (for {key!r}) but {hf_dir / name} is missing")
         return [hf_dir / n for n in names], weight_map
     single = hf_dir / SINGLE_NAME
-    if single.is_file():
+    if single.exists():
         return [single], None
     found = sorted(hf_dir.glob("*.safetensors"))
     if found:
@@ -193,15 +212,22 @@ class TensorReader:
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = open_regular(path)
         return fd
 
     def row_span(self, meta: TensorMeta, r0: int, r1: int) -> tuple[int, int, int]:
-        """(file descriptor, offset, length) of rows [r0, r1): rows are contiguous bytes."""
+        """(file descriptor, offset, length) of rows [r0, r1): rows are contiguous bytes.
+
+        Every read of source bytes (kernel copies, bands, mapped rows, verify) starts here, so
+        this is where a rank file's record is checked against its CRC-32 (once, engine/record_check.py).
+        """
+        fd = self.fd(meta.file)
+        if meta.record is not None:
+            meta.record.ensure(fd)
         if not meta.shape:
-            return self.fd(meta.file), meta.begin, meta.nbytes
+            return fd, meta.begin, meta.nbytes
         row_bytes = meta.nbytes // meta.shape[0] if meta.shape[0] else 0
-        return self.fd(meta.file), meta.begin + r0 * row_bytes, (r1 - r0) * row_bytes
+        return fd, meta.begin + r0 * row_bytes, (r1 - r0) * row_bytes
 
     def read_rows_into(self, meta: TensorMeta, r0: int, r1: int, out: memoryview) -> None:
         """Copy rows [r0, r1) of `meta` (dim 0) into the writable buffer `out`."""

@@ -20,6 +20,7 @@ from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
 from .safetensors_header import TensorMeta, itemsize
+from .shape_check import check_shapes
 from .tie import is_tied, tie_said
 
 if TYPE_CHECKING:
@@ -443,6 +444,7 @@ def build_plan(
     modules = [m for m in preset.modules if not save_vit_only or m.name == "vit"]
     targets, claimed = _targets(info, sources, modules)
     _check_layers(info, targets)
+    check_shapes(info, targets)
     dropped: dict[str, str] = {}
     tied = is_tied(info)
     notes = []

@@ -6,13 +6,18 @@ dtype / shape / data_offsets, then raw bytes. The header alone is enough to plan
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConvertError
+from .regular_file import open_regular
+from .strict_json import parse_json
+
+if TYPE_CHECKING:
+    from .record_check import Record
 
 # safetensors dtype string -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -28,12 +33,20 @@ DTYPES: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
 }
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's own limit (MAX_HEADER_SIZE)
+# Tensors one file may name. Real shards hold thousands at most; the bound keeps an absurd
+# header (a 95 MB one with 1.6 M junk entries) from being parsed at all: it is counted first.
+MAX_TENSORS = 1 << 18
+_MAX_VALUES = 16 * MAX_TENSORS  # JSON values (bounded by commas): a tensor's entry has about 6
 
 
 @dataclass(frozen=True, slots=True)
 class TensorMeta:
-    """Where one tensor's bytes live. `begin` is an absolute file offset."""
+    """Where one tensor's bytes live. `begin` is an absolute file offset.
+
+    `record` is the zip record of a Megatron rank file the bytes lie in (its CRC-32 is
+    checked before the first read, engine/record_check.py); None for safetensors.
+    """
 
     name: str
     dtype: str  # torch dtype name, e.g. "bfloat16"
@@ -41,6 +54,7 @@ class TensorMeta:
     file: Path
     begin: int
     nbytes: int
+    record: Record | None = None
 
     @property
     def itemsize(self) -> int:
@@ -70,61 +84,156 @@ def itemsize(dtype: str) -> int:
     return _itemsize(dtype)
 
 
+def _pread(fd: int, n: int, offset: int) -> bytearray:
+    """Up to n bytes at offset, in one buffer (a header may be 100 MB: no second copy)."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        k = os.preadv(fd, [view[done:]], offset + done)
+        if k <= 0:
+            break
+        done += k
+    view.release()
+    del buf[done:]
+    return buf
+
+
 def _load_header(path: Path) -> tuple[dict, int, int]:
     """(header JSON, first data byte, file size)."""
+    fd = open_regular(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise ConvertError(f"{path}: truncated safetensors header (file is {size} bytes)")
-            (hlen,) = struct.unpack("<Q", raw_len)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise ConvertError(
-                    f"{path}: truncated safetensors header (header claims {hlen} bytes, file has {size})"
-                )
-            header_bytes = f.read(hlen)
+        size = os.fstat(fd).st_size
+        raw_len = _pread(fd, 8, 0)
+        if len(raw_len) < 8:
+            raise ConvertError(f"{path}: truncated safetensors header (file is {size} bytes)")
+        (hlen,) = struct.unpack("<Q", raw_len)
+        if hlen > MAX_HEADER_BYTES:
+            raise ConvertError(
+                f"{path}: safetensors header of {hlen} bytes is larger than the "
+                f"{MAX_HEADER_BYTES // 1_000_000} MB limit (the safetensors library's own)"
+            )
+        if 8 + hlen > size:
+            raise ConvertError(f"{path}: truncated safetensors header (header claims {hlen} bytes, file has {size})")
+        header_bytes = _pread(fd, hlen, 8)
     except OSError as e:
         raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConvertError(
-            f"{path}: safetensors header is not valid JSON (truncated or not a safetensors file)"
-        ) from None
+    finally:
+        os.close(fd)
+    if len(header_bytes) < hlen:
+        raise ConvertError(f"{path}: truncated safetensors header (the file shrank while it was read)")
+    _count_first(path, header_bytes)
+    header = parse_json(header_bytes, path, "safetensors header")
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + hlen, size
 
 
+def _count_first(path: Path, header: bytes) -> None:
+    """Refuse a header that would build millions of objects, before parsing it (a C-speed count)."""
+    objects, values = header.count(b"{"), header.count(b",")
+    if objects > MAX_TENSORS + 2 or values > _MAX_VALUES:
+        raise ConvertError(
+            f"{path}: safetensors header of {len(header)} bytes holds about {max(objects, values // 6)} "
+            f"entries; a file may name at most {MAX_TENSORS} tensors"
+        )
+
+
 def read_metadata(path: Path) -> dict[str, str] | None:
     """The header's free-form `__metadata__` (e.g. {"format": "pt"}), kept on the way back."""
-    meta = _load_header(path)[0].get("__metadata__")
-    return dict(meta) if isinstance(meta, dict) else None
+    return _metadata(path, _load_header(path)[0])
+
+
+def _metadata(path: Path, header: dict) -> dict[str, str] | None:
+    meta = header.get("__metadata__")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ConvertError(f"{path}: __metadata__ is {_short(meta)}; expected an object of strings to strings")
+    return dict(meta)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(x: object) -> bool:
+    return type(x) is int and x >= 0  # not bool, not 256.7, not "4"
+
+
+def _entry(path: Path, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(safetensors dtype, shape, begin, end) of one header entry, each checked."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ConvertError(
+            f"{path}: header entry for tensor {name!r} is {_short(info)}; expected an object with "
+            "dtype, shape and data_offsets"
+        )
+    st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if st_dtype not in DTYPES:
+        raise ConvertError(f"{path}: tensor {name!r} has dtype {st_dtype}; supported: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ConvertError(f"{path}: tensor {name!r} has shape {_short(shape)}; dims are whole numbers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)) or (
+        offsets[0] > offsets[1]
+    ):
+        raise ConvertError(
+            f"{path}: tensor {name!r} has data_offsets {_short(offsets)}; expected [begin, end], "
+            "whole numbers with 0 <= begin <= end"
+        )
+    begin, end = offsets
+    want = _numel(tuple(shape)) * DTYPES[st_dtype][1]
+    if end - begin != want:
+        raise ConvertError(
+            f"{path}: tensor {name!r} is {st_dtype} {shape}, {want} bytes, but its data_offsets "
+            f"[{begin}, {end}] hold {end - begin}"
+        )
+    return st_dtype, tuple(shape), begin, end
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' byte ranges, in data order, cover the data exactly: no gap, no overlap, nothing after.
+
+    The safetensors library refuses anything else (Metadata::validate): the ranges sorted by
+    offset must each start where the previous ended, and the last must end at the file's end.
+    """
+    at, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = f"after tensor {prev!r}" if prev is not None else "at the start of the data"
+            if begin > at:
+                problem = f"leaves bytes {at}..{begin} {what} to no tensor"
+            else:
+                problem = f"overlaps the bytes {begin}..{at} of tensor {prev!r}"
+            raise ConvertError(
+                f"{path}: tensor {name!r} data_offsets [{begin}, {end}] {problem}; the offsets must cover "
+                "the data in order, with no gaps or overlaps"
+            )
+        at, prev = end, name
+    if at != data_len:
+        if at > data_len:
+            raise ConvertError(
+                f"{path}: tensor {prev!r} ends at data byte {at} but the file holds {data_len} bytes of data "
+                "(truncated file?)"
+            )
+        raise ConvertError(
+            f"{path}: {data_len - at} bytes after the last tensor belong to no tensor; the offsets must "
+            "cover the data to the end of the file"
+        )
 
 
 def read_header(path: Path) -> dict[str, TensorMeta]:
     """Parse one file's header; raise ConvertError on anything malformed."""
     header, data_start, size = _load_header(path)
+    _metadata(path, header)
     out: dict[str, TensorMeta] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            st_dtype = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConvertError(f"{path}: malformed header entry for tensor {name!r}") from None
-        if st_dtype not in DTYPES:
-            raise ConvertError(f"{path}: tensor {name!r} has dtype {st_dtype}; supported: {', '.join(DTYPES)}")
-        torch_name, isz = DTYPES[st_dtype]
-        if end - begin != _numel(shape) * isz or data_start + end > size:
-            raise ConvertError(
-                f"{path}: tensor {name!r} data {begin}..{end} does not fit shape {list(shape)} "
-                f"or the file size {size} (truncated file?)"
-            )
-        out[name] = TensorMeta(name, torch_name, shape, path, data_start + begin, end - begin)
+        st_dtype, shape, begin, end = _entry(path, name, info)
+        spans.append((begin, end, name))
+        out[name] = TensorMeta(name, DTYPES[st_dtype][0], shape, path, data_start + begin, end - begin)
+    _check_tiling(path, spans, size - data_start)
     return out
 
 

@@ -70,8 +70,6 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
     from rich.progress import Progress as Bar
 
     _, plan = prepare(job)
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
     console = Console(stderr=True)
     finished: Finished | None = None
     columns = (
@@ -95,6 +93,8 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
             elif isinstance(event, Finished):
                 finished = event
     assert finished is not None
+    for note in plan.notes:  # after success only: a failed run says one line
+        print(f"note: {note}", file=sys.stderr)
     if not quiet:
         gbps = finished.total_bytes / max(finished.seconds, 1e-9) / 1e9
         console.print(

@@ -1,0 +1,50 @@
+"""Every byte read from a rank file is checked against its zip record's CRC-32 first.
+
+A torch checkpoint stores each storage as a zip record with a CRC-32 in the central
+directory. A flipped bit on disk or in a copy would otherwise go straight into the
+output. The check is made once per record, on its first use (so the bytes are then hot in
+the page cache for the copy that follows), whatever reads it: kernel copies, bands,
+mapped rows, verify. Each `Record` is shared by every TensorMeta that lies in it, so all
+readers of one plan, on any thread, see one check.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConvertError
+from .torch_zip import crc_spans
+
+
+@dataclass(eq=False)
+class Record:
+    """One stored zip record of a rank file: its data's place and the CRC-32 the archive declares."""
+
+    file: Path
+    name: str  # e.g. "model_optim_rng/data/3"
+    start: int  # absolute offset of its first data byte
+    size: int
+    crc: int
+    checked: bool = False
+    _error: str | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ensure(self, fd: int) -> None:
+        """Raise ConvertError unless the record's bytes (read through `fd`) match its CRC-32; once."""
+        if self.checked:
+            return
+        with self._lock:
+            if self._error is None and not self.checked:
+                actual = crc_spans([(fd, self.start, self.size)]) if self.size else 0
+                if actual == self.crc:
+                    self.checked = True
+                else:
+                    self._error = (
+                        f"{self.file}: record {self.name} is damaged: its {self.size} bytes have CRC-32 "
+                        f"{actual:08x}, the archive says {self.crc:08x}; the file changed after it was "
+                        "written (copy it again from a good source)"
+                    )
+            if self._error is not None:
+                raise ConvertError(self._error)
