@@ -26,6 +26,7 @@ from textual.widgets import (
     Header,
     Input,
     Label,
+    RichLog,
     Select,
     Static,
     TabbedContent,
@@ -109,6 +110,7 @@ class WorkbenchScreen(Screen[None]):
         self._cancel = False
         self._auto_out = ""
         self._generation = 0  # bumped per edit; a planning result of an older edit is dropped
+        self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -165,7 +167,7 @@ class WorkbenchScreen(Screen[None]):
         self.query_one("#preview", DataTable).add_columns("output file", "tensors", "params", "bytes", "share")
         self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
         if self.hf_dir:
-            self.inspect(self.hf_dir)
+            self.open_model(self.hf_dir)
         else:
             self.action_open()
 
@@ -177,8 +179,13 @@ class WorkbenchScreen(Screen[None]):
         return self.query_one(f"#{name}", Input).value.strip()
 
     # -- inspect ----------------------------------------------------------------------
+    def open_model(self, hf_dir: Path) -> None:
+        """Inspect hf_dir in a worker; only the model opened last is shown, whichever answers first."""
+        self._opened += 1
+        self._inspect(hf_dir, self._opened)
+
     @work(thread=True, exclusive=True, group="inspect")
-    def inspect(self, hf_dir: Path) -> None:
+    def _inspect(self, hf_dir: Path, opened: int) -> None:
         from engine.errors import ConvertError
         from engine.hf_source import inspect_hf
         from engine.summary import summarize
@@ -187,16 +194,21 @@ class WorkbenchScreen(Screen[None]):
             info = inspect_hf(hf_dir)
             summary = summarize(info)
         except ConvertError as e:
-            self.app.call_from_thread(self._inspect_failed, str(e))
+            self.app.call_from_thread(self._inspect_failed, str(e), opened)
             return
-        self.app.call_from_thread(self._inspected, info, summary)
+        self.app.call_from_thread(self._inspected, info, summary, opened)
 
-    def _inspect_failed(self, message: str) -> None:
+    def _inspect_failed(self, message: str, opened: int) -> None:
+        if opened != self._opened:
+            return
         self.info = None
         self.query_one("#summary", Static).update(f"[red]{message}[/red]")
-        self._show(Planned([message], {"hf_dir"}, None, None, None))
+        self._generation += 1
+        self._show(Planned([message], {"hf_dir"}, None, None, None), self._generation)
 
-    async def _inspected(self, info: ModelInfo, summary: Any) -> None:
+    async def _inspected(self, info: ModelInfo, summary: Any, opened: int) -> None:
+        if opened != self._opened:
+            return  # another model was asked for since
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
         self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
@@ -233,38 +245,42 @@ class WorkbenchScreen(Screen[None]):
             return {m.name: [[0] * pp for _ in range(vpp)] for m in self.info.preset.modules}
 
     async def _rebuild_grid(self, layers: dict[str, list[list[int]]]) -> None:
+        """Put a new layout in the grid. Everything is set before the first await, so the handlers that
+        run while the cells are rebuilt see the new layout, the new PP and VPP, and plan for them."""
         assert self.info is not None
         modules = [(m.name, SHORT.get(m.name, m.name)) for m in self.info.preset.modules]
-        self._generation += 1  # results planned for the old grid no longer apply
-        old = self.query_one("#grid", StageGrid)
-        await old.remove()
-        await self.query_one("#layout", TabPane).mount(StageGrid(modules, layers, id="grid"), before="#flags")
+        rebuilt = self.query_one("#grid", StageGrid).set_layout(modules, layers)
         pp, vpp = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
         self.query_one("#pp", Input).value = str(pp)
         self.query_one("#vpp", Input).value = str(vpp)
         self.replan()
+        await rebuilt
+
+    def _stages_problem(self) -> str | None:
+        pp, vpp = self._value("pp"), self._value("vpp")
+        if pp.isdigit() and vpp.isdigit() and 0 < int(pp) <= 64 and 0 < int(vpp) <= 16:
+            return None
+        return f"PP {pp!r}, VPP {vpp!r}: PP is 1..64 and VPP 1..16"
 
     @on(Input.Changed, "#pp, #vpp")
     async def _stages_changed(self) -> None:
         if self.info is None:
             return
-        pp, vpp = self._value("pp"), self._value("vpp")
         grid = self.query_one("#grid", StageGrid)
-        if not (pp.isdigit() and vpp.isdigit() and 0 < int(pp) <= 64 and 0 < int(vpp) <= 16):
-            self._show(Planned(["PP is 1..64 and VPP 1..16"], {"pp", "vpp"}, None, None, None))
-            return
-        if grid.modules and (int(pp), int(vpp)) != (grid.pp, grid.vpp):
-            await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+        if self._stages_problem() is None and (int(self._value("pp")), int(self._value("vpp"))) != (grid.pp, grid.vpp):
+            await self._rebuild_grid(self._suggested(int(self._value("pp")), int(self._value("vpp"))))
+        else:  # a bad value, or back to the grid's own shape: plan what the fields say now
+            self.replan()
 
     async def action_suggest(self) -> None:
         if self.info is None:
             self.notify("Open a model first", severity="error")
             return
-        pp, vpp = self._value("pp"), self._value("vpp")
-        if not (pp.isdigit() and vpp.isdigit() and int(pp) > 0 and int(vpp) > 0):
-            self.notify("PP and VPP must be positive numbers", severity="error")
+        problem = self._stages_problem()
+        if problem is not None:
+            self.notify(problem, severity="error")
             return
-        await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+        await self._rebuild_grid(self._suggested(int(self._value("pp")), int(self._value("vpp"))))
         self.notify("balanced split applied: the largest stage is as small as the cost model allows")
 
     @on(Button.Pressed, "#suggest")
@@ -298,7 +314,7 @@ class WorkbenchScreen(Screen[None]):
 
     @on(Input.Submitted, "#hf_dir")
     def _new_dir(self, event: Input.Submitted) -> None:
-        self.inspect(Path(event.value).expanduser())
+        self.open_model(Path(event.value).expanduser())
 
     def _form(self) -> Form:
         return Form(
@@ -321,10 +337,16 @@ class WorkbenchScreen(Screen[None]):
         )
 
     def replan(self) -> None:
+        """Validate and plan what the fields say now. Every edit comes here, so what is shown (problems,
+        marks, costs, preview) is always about the current fields: older results are dropped."""
         if self.info is None:
             return
-        self.plan = None
+        self.plan = self.job = None
         self._generation += 1
+        problem = self._stages_problem()
+        if problem is not None:
+            self._show(Planned([problem], {"pp", "vpp"}, None, None, None), self._generation)
+            return
         self._plan(self.info, self._form(), self._generation)
 
     @work(thread=True, exclusive=True, group="plan")
@@ -334,10 +356,8 @@ class WorkbenchScreen(Screen[None]):
         result = plan_form(info, form)
         self.app.call_from_thread(self._show, result, generation)
 
-    def _show(self, result: Planned, generation: int | None = None) -> None:
-        if generation is None:
-            self._generation += 1
-        elif generation != self._generation:
+    def _show(self, result: Planned, generation: int) -> None:
+        if generation != self._generation:
             return  # the user has edited since; a newer result is on its way
         box = self.query_one("#problems", Static)
         box.set_class(not result.problems, "ok")
@@ -424,20 +444,20 @@ class WorkbenchScreen(Screen[None]):
         panel = self.query_one(RunPanel)
         panel.reset([(f.label, f.nbytes) for f in self.plan.files])
         panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
-        self.convert(self.plan, self.job)
+        self.convert(self.plan, self.job, panel)
 
     def action_cancel(self) -> None:
         self._cancel = True
 
     @work(thread=True, exclusive=True, group="run")
-    def convert(self, plan: Plan, job: Job) -> None:
+    def convert(self, plan: Plan, job: Job, panel: RunPanel) -> None:
+        """Relay the engine's events to the panel (widgets are touched only on the UI thread)."""
         import resource
 
         from engine.errors import ConvertError
         from engine.events import FileDone, FileStarted, Finished, Progress
         from engine.execute import execute
 
-        panel = self.query_one(RunPanel)
         call = self.app.call_from_thread
         last = 0.0
         try:
@@ -474,15 +494,15 @@ class WorkbenchScreen(Screen[None]):
             self.notify("Run a conversion first", severity="error")
             return
         self.action_tab("run")
-        self.query_one(RunPanel).query_one("#log").write("verifying: reading both sides tensor by tensor…")
-        self._verify(self.info, self.finished_job)
+        panel = self.query_one(RunPanel)
+        panel.query_one("#log", RichLog).write("verifying: reading both sides tensor by tensor…")
+        self._verify(self.info, self.finished_job, panel)
 
     @work(thread=True, exclusive=True, group="verify")
-    def _verify(self, info: ModelInfo, job: Job) -> None:
+    def _verify(self, info: ModelInfo, job: Job, panel: RunPanel) -> None:
         from engine.errors import ConvertError
         from engine.verify import verify_job
 
-        panel = self.query_one(RunPanel)
         try:
             ok, summary = verify_job(info, job)
         except ConvertError as e:
@@ -525,7 +545,7 @@ class WorkbenchScreen(Screen[None]):
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#hf_dir", Input).value = str(path)
-                self.inspect(path)
+                self.open_model(path)
 
         self.app.push_screen(PickDirScreen(root), chosen)
 
