@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from textual.widgets import DataTable, Input, Static
 
 from mmtui.app import make_app
-from mmtui.widgets.stage_grid import StageGrid, cell_id
+from mmtui.widgets.stage_grid import StageGrid
 from tests.tui.test_workbench import settle
 
 
@@ -37,3 +40,42 @@ async def test_switching_models_back_and_forth_does_not_crash(qwen2vl_dir: Path,
         assert _problems(screen).startswith("layout OK"), _problems(screen)
         assert screen.query_one("#preview", DataTable).row_count == 1
         assert app.return_code is None and app.is_running
+
+
+def test_a_crash_exits_non_zero_and_keeps_the_traceback(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """`mmtui DIR` where a bug raises in a worker: exit status 1, stderr names a log file, the file holds the
+    traceback with the bug's own message. (A headless Textual driver stands in for the terminal.)"""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys, engine.summary\n"
+        "def summarize(info):\n"
+        "    raise RuntimeError('a bug in summarize')\n"
+        "engine.summary.summarize = summarize\n"
+        "from mmtui.__main__ import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    env = {
+        **os.environ,
+        "TEXTUAL_DRIVER": "textual.drivers.headless_driver:HeadlessDriver",
+        "TMPDIR": str(tmp_path),
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    done = subprocess.run([sys.executable, str(script), str(qwen2vl_dir)], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmtui stopped on an unexpected error (a bug, please report it): the traceback is in ")
+    log = Path(last.rsplit(" ", 1)[1])
+    assert log.parent == tmp_path and log.name.startswith("mmtui-crash-") and log.suffix == ".log"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: a bug in summarize" in text
+
+
+async def test_a_clean_quit_exits_zero(qwen2vl_dir: Path) -> None:
+    from mmtui.app import exit_code
+
+    app = make_app(qwen2vl_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        app.screen.query_one("#preview", DataTable).focus()
+        await pilot.press("q")
+    assert exit_code(app) == 0 and not app.crashed and app.crash_log is None
