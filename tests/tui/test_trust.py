@@ -79,3 +79,36 @@ async def test_a_clean_quit_exits_zero(qwen2vl_dir: Path) -> None:
         app.screen.query_one("#preview", DataTable).focus()
         await pilot.press("q")
     assert exit_code(app) == 0 and not app.crashed and app.crash_log is None
+
+
+async def test_clearing_and_retyping_pp_or_vpp_leaves_no_stale_error(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Clear PP (then VPP) and type the same value again: the error goes, the cost bars come back, Run runs."""
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        layers = screen.query_one(StageGrid).read()
+        assert _problems(screen) == "layout OK"
+        for field, value in (("pp", "2"), ("vpp", "1"), ("pp", "2")):
+            screen.query_one(f"#{field}", Input).focus()
+            await pilot.press("end", "backspace")
+            await settle(pilot, app)
+            pp, vpp = ("", "1") if field == "pp" else ("2", "")
+            assert _problems(screen).endswith("PP is 1..64 and VPP 1..16")
+            assert _problems(screen) == f"PP {pp!r}, VPP {vpp!r}: PP is 1..64 and VPP 1..16"
+            assert screen.query_one(f"#{field}", Input).has_class("-invalid")
+            assert screen.plan is None and screen.query_one("#preview", DataTable).row_count == 0
+            await pilot.press(value)
+            await settle(pilot, app)
+            assert _problems(screen) == "layout OK", field
+            assert not screen.query_one(f"#{field}", Input).has_class("-invalid")
+            assert screen.query_one(StageGrid).read() == layers
+            costs = [str(screen.query_one(f"#cost-0-{s}", Static).render()) for s in range(2)]
+            assert all("█" in c for c in costs), costs
+            assert screen.query_one("#preview", DataTable).row_count == 2  # TP 1, PP 2
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
