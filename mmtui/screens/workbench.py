@@ -111,6 +111,8 @@ class WorkbenchScreen(Screen[None]):
         self._auto_out = ""
         self._generation = 0  # bumped per edit; a planning result of an older edit is dropped
         self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
+        self._planning = False  # a planning worker is running
+        self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -184,7 +186,7 @@ class WorkbenchScreen(Screen[None]):
         self._opened += 1
         self._inspect(hf_dir, self._opened)
 
-    @work(thread=True, exclusive=True, group="inspect")
+    @work(thread=True, group="inspect")  # not exclusive: an older one's answer is dropped by `_opened`
     def _inspect(self, hf_dir: Path, opened: int) -> None:
         from engine.errors import ConvertError
         from engine.hf_source import inspect_hf
@@ -347,14 +349,30 @@ class WorkbenchScreen(Screen[None]):
         if problem is not None:
             self._show(Planned([problem], {"pp", "vpp"}, None, None, None), self._generation)
             return
-        self._plan(self.info, self._form(), self._generation)
+        self._next_plan = (self.info, self._form(), self._generation)  # the fields, read here on the UI thread
+        if not self._planning:
+            self._start_plan()
 
-    @work(thread=True, exclusive=True, group="plan")
+    def _start_plan(self) -> None:
+        """One planner at a time: edits made while it works wait, and only the newest of them is planned
+        next (a thread cannot be stopped, so starting one per keystroke would only pile them up)."""
+        assert self._next_plan is not None
+        job, self._next_plan = self._next_plan, None
+        self._planning = True
+        self._plan(*job)
+
+    @work(thread=True, group="plan")
     def _plan(self, info: ModelInfo, form: Form, generation: int) -> None:
         from ..planning import plan_form
 
         result = plan_form(info, form)
-        self.app.call_from_thread(self._show, result, generation)
+        self.app.call_from_thread(self._planned, result, generation)
+
+    def _planned(self, result: Planned, generation: int) -> None:
+        self._planning = False
+        self._show(result, generation)  # dropped if the fields changed since
+        if self._next_plan is not None:
+            self._start_plan()
 
     def _show(self, result: Planned, generation: int) -> None:
         if generation != self._generation:

@@ -10,12 +10,23 @@ from pathlib import Path
 from textual.widgets import DataTable, Input, Static
 
 from mmtui.app import make_app
-from mmtui.widgets.stage_grid import StageGrid
+from mmtui.widgets.stage_grid import StageGrid, cell_id
 from tests.tui.test_workbench import settle
 
 
 def _problems(screen) -> str:
     return str(screen.query_one("#problems", Static).render())
+
+
+def _screen_lines(app) -> list[str]:
+    """The screen as a person sees it, one string per terminal row."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
+def _shown(app, widget) -> str:
+    """The text on screen where `widget` is."""
+    r = widget.region
+    return "\n".join(line[r.x : r.right] for line in _screen_lines(app)[r.y : r.bottom])
 
 
 async def test_switching_models_back_and_forth_does_not_crash(qwen2vl_dir: Path, tiny_llms: dict[str, Path]) -> None:
@@ -112,3 +123,30 @@ async def test_clearing_and_retyping_pp_or_vpp_leaves_no_stale_error(qwen2vl_dir
         await pilot.press("ctrl+r")
         await settle(pilot, app)
         assert "done" in str(screen.query_one("#status", Static).render())
+
+
+async def test_a_focused_or_invalid_layer_cell_shows_its_number(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """The cells are one row high: a focus or error border would cover the number (`▊▔▔▔▔▔▔▎`)."""
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        cell = screen.query_one(f"#{cell_id('llm', 0, 0)}", Input)
+        cell.focus()
+        await pilot.press("end", "backspace", "3")  # the sum is now wrong: invalid and focused
+        await settle(pilot, app)
+        assert "sums to" in _problems(screen) and cell.has_class("-invalid") and cell.has_focus
+        assert cell.region.height == 1 and _shown(app, cell).strip() == "3"
+        other = screen.query_one(f"#{cell_id('llm', 0, 1)}", Input)
+        assert other.has_class("-invalid") and _shown(app, other).strip() == other.value
+        other.focus()
+        await settle(pilot, app)
+        assert _shown(app, other).strip() == other.value and _shown(app, cell).strip() == "3"
+        assert not any(c in "\n".join(_screen_lines(app)) for c in "▔▁▊▎")
+        for name in ("tp", "pp", "vpp"):  # the fields above the grid, focused
+            screen.query_one(f"#{name}", Input).focus()
+            await settle(pilot, app)
+            assert _shown(app, screen.query_one(f"#{name}", Input)).strip() == screen.query_one(f"#{name}").value

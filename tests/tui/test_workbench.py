@@ -21,11 +21,16 @@ from mmtui.widgets.stage_grid import StageGrid, cell_id
 
 
 async def settle(pilot, app) -> None:
-    """Let handlers, the grid rebuild and the planning worker finish (twice: one can start another)."""
-    for _ in range(2):
+    """Let handlers, the grid rebuild and the planning workers finish (a finished plan can start the next)."""
+    from textual.worker import WorkerState
+
+    for _ in range(20):
         await pilot.pause()
         await app.workers.wait_for_complete()
         await pilot.pause()
+        if not any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
+            return
+    raise AssertionError(f"workers still running: {list(app.workers)}")
 
 
 def _load(out: Path) -> dict[str, dict[str, torch.Tensor]]:
