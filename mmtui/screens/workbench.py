@@ -483,7 +483,7 @@ class WorkbenchScreen(Screen[None]):
             for ev in events:
                 if self._cancel:
                     events.close()
-                    call(panel.fail, "cancelled; nothing was written")
+                    call(panel.abort, "cancelled; nothing was written")
                     return
                 if isinstance(ev, FileStarted):
                     call(panel.file_started, ev.index, ev.path)
@@ -505,7 +505,8 @@ class WorkbenchScreen(Screen[None]):
                     )
                     self.finished_job = job
         except ConvertError as e:
-            call(panel.fail, str(e))
+            call(panel.abort, str(e))
+        call(self.replan)  # the output dir may be there now: say so before the next Run
 
     def action_verify(self) -> None:
         if self.finished_job is None or self.info is None:

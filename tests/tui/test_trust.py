@@ -150,3 +150,72 @@ async def test_a_focused_or_invalid_layer_cell_shows_its_number(qwen2vl_dir: Pat
             screen.query_one(f"#{name}", Input).focus()
             await settle(pilot, app)
             assert _shown(app, screen.query_one(f"#{name}", Input)).strip() == screen.query_one(f"#{name}").value
+
+
+def _cell_texts(table: DataTable, column: int) -> list[str]:
+    return [str(table.get_row_at(i)[column]) for i in range(table.row_count)]
+
+
+async def test_the_run_tab_after_a_refused_rerun(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Run twice into the same directory: the second run is refused, and nothing on the Run tab still shows
+    the first run's bytes as if they were this run's; the problems line says why, before a third try."""
+    from textual.widgets import ProgressBar
+
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+        assert "exists and is not empty: tick overwrite, or Run will refuse it" in _problems(screen)
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        status = str(screen.query_one("#status", Static).render())
+        assert "exists and is not empty" in status and "done" not in status
+        total = str(screen.query_one("#rate", Static).render()).rsplit(" of ", 1)[1]
+        assert str(screen.query_one("#rate", Static).render()) == f"stopped after 0.0 kB of {total}"
+        assert screen.query_one("#bar", ProgressBar).progress == 0
+        assert _cell_texts(screen.query_one("#ranks", DataTable), 2) == ["·"]
+        assert str(screen.query_one("#current", Static).render()) == ""
+
+
+async def test_the_run_tab_after_a_cancel(qwen2vl_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Cancel (escape) while the second of two files is written: no 'writing ...' left, the file written
+    before is marked discarded (nothing is kept), the one not started keeps its dot."""
+    import time
+
+    import engine.execute
+    from engine.events import FileDone, FileStarted, Progress, Started
+
+    def slow_execute(plan, out, **_):  # writes file 0, then file 1 until it is closed
+        yield Started(300, 3)
+        yield FileStarted(0, "a.pt", 100)
+        yield Progress(100, 300, "a.pt", "k")
+        yield FileDone(0, "a.pt")
+        yield FileStarted(1, "b.pt", 100)
+        for i in range(1000):
+            time.sleep(0.01)
+            yield Progress(100 + i % 50, 300, "b.pt", "k")
+
+    monkeypatch.setattr(engine.execute, "execute", slow_execute)
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "3"
+        await settle(pilot, app)
+        await pilot.press("ctrl+r")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if str(screen.query_one("#current", Static).render()) == "writing b.pt":
+                break
+        assert str(screen.query_one("#current", Static).render()) == "writing b.pt"
+        await pilot.press("escape")
+        await settle(pilot, app)
+        assert str(screen.query_one("#status", Static).render()) == "cancelled; nothing was written"
+        assert str(screen.query_one("#current", Static).render()) == ""
+        assert str(screen.query_one("#rate", Static).render()).startswith("stopped after ")
+        assert _cell_texts(screen.query_one("#ranks", DataTable), 2) == ["discarded", "discarded", "·"]
+        assert not (tmp_path / "out").exists()
