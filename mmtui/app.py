@@ -20,7 +20,7 @@ from .screens.workbench import WorkbenchScreen
 class MmtuiApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "mmtui"
-    SUB_TITLE = "HF -> Megatron / MindSpeed"
+    SUB_TITLE = "Hugging Face ↔ Megatron / MindSpeed checkpoints"  # the screen's own names its direction
     BINDINGS = [
         Binding("q", "request_quit", "Quit"),
         Binding("ctrl+q", "request_quit", "Quit", show=False, priority=True),  # Textual's own quits unasked

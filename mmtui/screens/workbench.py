@@ -166,6 +166,7 @@ class WorkbenchScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
+        self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
         self.query_one("#preview", DataTable).add_columns("output file", "tensors", "params", "bytes", "share")
         self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
         if self.hf_dir:
@@ -308,8 +309,10 @@ class WorkbenchScreen(Screen[None]):
 
     @on(Select.Changed, "#direction")
     def _direction_changed(self) -> None:
-        for _, d in DIRECTIONS:
+        for label, d in DIRECTIONS:
             self.set_class(d == self.direction, f"dir-{d}")
+            if d == self.direction:
+                self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
         self.replan()

@@ -219,3 +219,46 @@ async def test_the_run_tab_after_a_cancel(qwen2vl_dir: Path, tmp_path: Path, mon
         assert str(screen.query_one("#rate", Static).render()).startswith("stopped after ")
         assert _cell_texts(screen.query_one("#ranks", DataTable), 2) == ["discarded", "discarded", "·"]
         assert not (tmp_path / "out").exists()
+
+
+async def test_the_title_follows_the_direction(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    from textual.widgets import Select
+
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        assert "mmtui — HF → Megatron / MindSpeed" in _screen_lines(app)[0]
+        for direction, label in (("mm_to_hf", "Megatron → HF"), ("resplit", "Re-split Megatron")):
+            app.screen.query_one("#direction", Select).value = direction
+            await settle(pilot, app)
+            title = _screen_lines(app)[0]
+            assert f"mmtui — {label}" in title and "HF → Megatron" not in title and "HF -> Megatron" not in title
+
+
+async def test_the_cost_column_keeps_its_header(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """An empty cell leaves no costs to show; the column's header stays, and the bars come back."""
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        grid = screen.query_one(StageGrid)
+
+        def head() -> list[str]:
+            return _shown(app, grid).splitlines()[1].strip("│ ").split()
+
+        assert head() == ["stage", "ViT", "LLM", "cost"]
+        cell = screen.query_one(f"#{cell_id('llm', 0, 1)}", Input)
+        original = cell.value
+        cell.focus()
+        await pilot.press("end", "backspace")
+        await settle(pilot, app)
+        assert _problems(screen) == "every stage cell needs a layer count (0 or more)"
+        assert head() == ["stage", "ViT", "LLM", "cost"]
+        assert "█" not in _shown(app, grid)
+        await pilot.press(*original)
+        await settle(pilot, app)
+        assert head() == ["stage", "ViT", "LLM", "cost"] and "█" in _shown(app, grid)
+        assert _problems(screen) == "layout OK"
