@@ -21,7 +21,6 @@ from textual.screen import Screen
 from textual.widgets import (
     Button,
     Checkbox,
-    DataTable,
     Footer,
     Header,
     Input,
@@ -35,6 +34,7 @@ from textual.widgets import (
 
 from ..planning import Form, Planned
 from ..widgets.format import count, size
+from ..widgets.preview import PlanPreview
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
 from .help import TextScreen, help_screen
@@ -156,9 +156,7 @@ class WorkbenchScreen(Screen[None]):
                 yield StageGrid([], {"llm": [[0]]}, id="grid")
                 yield Static("", id="flags")
             with TabPane("Preview [F4]", id="preview-tab"):
-                yield Input(id="filter", placeholder="filter: part of a file name or tensor key")
-                yield DataTable(id="preview", cursor_type="row", zebra_stripes=True)
-                yield DataTable(id="tensors", cursor_type="row")
+                yield PlanPreview(id="plan-preview")
             with TabPane("Run [F5]", id="run"):
                 yield RunPanel(id="runpanel")
         yield Static("", id="problems")
@@ -167,8 +165,6 @@ class WorkbenchScreen(Screen[None]):
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
         self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
-        self.query_one("#preview", DataTable).add_columns("output file", "tensors", "params", "bytes", "share")
-        self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
         if self.hf_dir:
             self.open_model(self.hf_dir)
         else:
@@ -397,46 +393,7 @@ class WorkbenchScreen(Screen[None]):
         self.query_one("#flags", Static).update(
             " ".join(f"{m}_pp_layers {json.dumps(v, separators=(',', ':'))}" for m, v in (layers or {}).items())
         )
-        self._fill_preview()
-
-    # -- preview ------------------------------------------------------------------------
-    @on(Input.Changed, "#filter")
-    def _filter_changed(self) -> None:
-        self._fill_preview()
-
-    def _fill_preview(self) -> None:
-        table = self.query_one("#preview", DataTable)
-        table.clear()
-        self.query_one("#tensors", DataTable).remove_class("shown")
-        if self.plan is None:
-            return
-        needle = self._value("filter").lower()
-        biggest = max((f.nbytes for f in self.plan.files), default=1) or 1
-        rows = []
-        for i, f in enumerate(self.plan.files):
-            name = f.label
-            if needle and needle not in name.lower() and not any(needle in e.key.lower() for e in f.entries):
-                continue
-            share = f"{100 * f.nbytes / biggest:5.1f}%"
-            rows.append((name, str(len(f.entries)), count(f.numel), size(f.nbytes), share, str(i)))
-        for *cells, key in rows:
-            table.add_row(*cells, key=key)
-
-    @on(DataTable.RowSelected, "#preview")
-    def _show_tensors(self, event: DataTable.RowSelected) -> None:
-        if self.plan is None or event.row_key.value is None:
-            return
-        f = self.plan.files[int(event.row_key.value)]
-        needle = self._value("filter").lower()
-        table = self.query_one("#tensors", DataTable)
-        table.clear()
-        for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
-            for e in chunk:
-                if needle and needle not in e.key.lower() and needle not in f.label.lower():
-                    continue
-                key = e.key if len(f.chunks) == 1 else f"{name}: {e.key}"
-                table.add_row(key, str(list(e.shape)), e.dtype, size(e.nbytes), ", ".join(e.sources), e.transform)
-        table.add_class("shown")
+        self.query_one(PlanPreview).show(self.plan)
 
     # -- run ----------------------------------------------------------------------------
     def action_tab(self, tab: str) -> None:

@@ -262,3 +262,45 @@ async def test_the_cost_column_keeps_its_header(qwen2vl_dir: Path, tmp_path: Pat
         await settle(pilot, app)
         assert head() == ["stage", "ViT", "LLM", "cost"] and "█" in _shown(app, grid)
         assert _problems(screen) == "layout OK"
+
+
+async def test_the_preview_names_its_file_shows_sources_and_filters_by_either_name(
+    qwen2vl_dir: Path, tmp_path: Path
+) -> None:
+    """PP 2. `lm_h` (the HF name) finds the last stage's output layer; the tensor list is titled with its
+    file; the highlighted tensor's source and transform are shown in full; a filter matching nothing
+    says so."""
+    from safetensors import safe_open
+
+    with safe_open(qwen2vl_dir / "model.safetensors", "pt") as f:  # the source names as the HF file has them
+        assert "lm_head.weight" in set(f.keys())
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        await pilot.press("f4")
+        preview = screen.query_one("#preview", DataTable)
+        assert "2 output files · enter lists a file's tensors" in _shown(app, preview).splitlines()[0]
+        screen.query_one("#filter", Input).value = "lm_h"
+        await settle(pilot, app)
+        assert _cell_texts(preview, 0) == ["mp_rank_00_001"]
+        assert "1 of 2 files match 'lm_h'" in _shown(app, preview).splitlines()[0]
+        preview.focus()
+        preview.move_cursor(row=0)
+        await pilot.press("enter")
+        await settle(pilot, app)
+        tensors = screen.query_one("#tensors", DataTable)
+        assert _cell_texts(tensors, 0) == ["text_decoder.output_layer.weight"]
+        assert "release/mp_rank_00_001/model_optim_rng.pt: 1 of " in _shown(app, tensors).splitlines()[0]
+        detail = _shown(app, screen.query_one("#tensor-detail", Static))
+        assert detail.split() == [
+            "text_decoder.output_layer.weight", "[128,", "64]", "float32", "32.8", "kB", "·", "from", "lm_head.weight",
+            "·", "copy",
+        ]  # fmt: skip
+
+        screen.query_one("#filter", Input).value = "no_such_tensor"
+        await settle(pilot, app)
+        assert preview.row_count == 0 and not tensors.display
+        assert "no match: no file or tensor name holds 'no_such_tensor'" in _shown(app, preview).splitlines()[0]

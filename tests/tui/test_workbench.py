@@ -293,8 +293,12 @@ async def test_merge_an_adapter_and_preview_what_changes(tiny_llms: dict[str, Pa
         await pilot.press("enter")
         await pilot.pause()
         tensors = screen.query_one("#tensors", DataTable)
-        rows = [tensors.get_row_at(i) for i in range(tensors.row_count)]
-        changed = {r[0] for r in rows if "LoRA" in str(r[5])}
+        changed = set()
+        for i in range(tensors.row_count):  # the highlighted tensor's transform shows below the list
+            tensors.move_cursor(row=i)
+            await pilot.pause()
+            if "LoRA" in str(screen.query_one("#tensor-detail", Static).render()):
+                changed.add(tensors.get_row_at(i)[0])
         assert changed and all(k.endswith(("q_proj.weight", "down_proj.weight")) for k in changed)
         await pilot.press("ctrl+r")
         await settle(pilot, app)
