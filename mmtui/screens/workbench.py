@@ -248,7 +248,8 @@ class WorkbenchScreen(Screen[None]):
         run while the cells are rebuilt see the new layout, the new PP and VPP, and plan for them."""
         assert self.info is not None
         modules = [(m.name, SHORT.get(m.name, m.name)) for m in self.info.preset.modules]
-        rebuilt = self.query_one("#grid", StageGrid).set_layout(modules, layers)
+        sizes = {m.name: self.info.field_int(m.layers) for m in self.info.preset.modules}
+        rebuilt = self.query_one("#grid", StageGrid).set_layout(modules, layers, sizes)
         pp, vpp = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
         self.query_one("#pp", Input).value = str(pp)
         self.query_one("#vpp", Input).value = str(vpp)

@@ -51,10 +51,11 @@ class StageGrid(VerticalScroll):
         self._version = self._built = 0
         self._costs: tuple[list[list[int]] | None, Callable[[int], str]] = (None, str)
         self._invalid: set[str] = set()
-        self._set(modules, layers)
+        self._set(modules, layers, {})
 
-    def _set(self, modules: list[tuple[str, str]], layers: Layers) -> None:
+    def _set(self, modules: list[tuple[str, str]], layers: Layers, sizes: dict[str, int]) -> None:
         self.modules = modules  # (name, short title)
+        self.sizes = sizes  # module -> how many layers the model has
         self.counts = layers  # the shape (chunks x stages) the cells are built for
         self._text = {
             cell_id(name, c, s): str(n) for name, _ in modules for c, chunk in enumerate(layers[name])
@@ -63,6 +64,7 @@ class StageGrid(VerticalScroll):
         self._cells: dict[Input, tuple[str, str]] = {}  # cell -> (id, module), of the current build only
         self._cost_boxes: dict[tuple[int, int], Static] = {}
         self._costs = (None, str)
+        self._past: dict[tuple[int, int], str] = {}
         self._invalid = set()
 
     @property
@@ -97,9 +99,12 @@ class StageGrid(VerticalScroll):
     def compose(self) -> ComposeResult:
         yield from self._rows()
 
-    def set_layout(self, modules: list[tuple[str, str]], layers: Layers) -> Awaitable[None]:
-        """Take a new layout now (`read()` returns it from here on); await the result to have its cells."""
-        self._set(modules, layers)
+    def set_layout(
+        self, modules: list[tuple[str, str]], layers: Layers, sizes: dict[str, int] | None = None
+    ) -> Awaitable[None]:
+        """Take a new layout now (`read()` returns it from here on); await the result to have its cells.
+        `sizes` (each module's layer count) lets a cell say that its layers are past the model's last."""
+        self._set(modules, layers, sizes or {})
         self._version += 1
         return self._rebuild()
 
@@ -143,13 +148,31 @@ class StageGrid(VerticalScroll):
         from engine.balance import stage_costs
 
         top = max(stage_costs(cells)) or 1
-        return f"{bar(cells[c][s] / top, BAR_WIDTH)} {label(cells[c][s])}"
+        text = f"{bar(cells[c][s] / top, BAR_WIDTH)} {label(cells[c][s])}"
+        past = self._past.get((c, s))
+        return text if past is None else f"{text} · {past}"
+
+    def _past_end(self) -> dict[tuple[int, int], str]:
+        """Cells counting layers the model does not have (they cost nothing: say why), chunk-major as
+        the layers are placed."""
+        layers, out = self.read(), {}
+        for name, title in self.modules if layers is not None else ():
+            if name not in self.sizes:
+                continue
+            pos = 0
+            for c, chunk in enumerate(layers[name]):
+                for s, n in enumerate(chunk):
+                    if n and pos + n > self.sizes[name]:
+                        out[(c, s)] = f"{title} has only {self.sizes[name]}"
+                    pos += n
+        return out
 
     def show_costs(self, cells: list[list[int]] | None, label: Callable[[int], str]) -> None:
         """Bars scaled to the most expensive stage (the sum of its chunks), so imbalance is visible."""
         if cells is not None and (len(cells) != self.vpp or any(len(chunk) != self.pp for chunk in cells)):
             cells = None  # costs of another layout than the one shown
         self._costs = (cells, label)
+        self._past = self._past_end()
         for (c, s), box in self._cost_boxes.items():
             box.update(self._cost_text(c, s))
 

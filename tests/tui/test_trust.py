@@ -304,3 +304,25 @@ async def test_the_preview_names_its_file_shows_sources_and_filters_by_either_na
         await settle(pilot, app)
         assert preview.row_count == 0 and not tensors.display
         assert "no match: no file or tensor name holds 'no_such_tensor'" in _shown(app, preview).splitlines()[0]
+
+
+async def test_a_stage_past_the_last_layer_says_why_it_costs_nothing(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """LLM [[4, 3]] on a 4-layer language model: stage 1's three layers do not exist; its cost line says so."""
+    import json
+
+    assert json.loads((qwen2vl_dir / "config.json").read_text())["num_hidden_layers"] == 4
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        screen.query_one("#pp", Input).value = "2"
+        await settle(pilot, app)
+        for module, counts in (("vit", [3, 0]), ("llm", [4, 3])):
+            for s, n in enumerate(counts):
+                screen.query_one(f"#{cell_id(module, 0, s)}", Input).value = str(n)
+        await settle(pilot, app)
+        assert "llm_pp_layers [[4, 3]]" in _problems(screen)
+        stage0, stage1 = (_shown(app, screen.query_one(f"#cost-0-{s}", Static)).strip() for s in range(2))
+        assert stage1 == "···················· 0 · LLM has only 4", stage1
+        assert "has only" not in stage0 and stage0.startswith("████████████████████ ")
