@@ -49,6 +49,7 @@ DIRECTIONS = [
     ("HF → Megatron / MindSpeed", "hf_to_mm"),
     ("Megatron → HF", "mm_to_hf"),
     ("Re-split Megatron", "resplit"),
+    ("HF → torch DCP (resharded at load)", "hf_to_dcp"),
     ("Merge a LoRA adapter into HF", "merge_lora"),
     ("LoRA adapter: PEFT → Megatron", "lora_hf_to_mm"),
     ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
@@ -63,6 +64,7 @@ OUT_SUFFIX = {
     "hf_to_mm": "-mm",
     "mm_to_hf": "-hf",
     "resplit": "-resplit",
+    "hf_to_dcp": "-dcp",
     "merge_lora": "-merged",
     "lora_hf_to_mm": "-mm",
     "lora_mm_to_hf": "-peft",
@@ -72,7 +74,8 @@ LAYOUT_CAPTION = {
     "hf_to_mm": "Layout to write",
     "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
     "resplit": "Layout to write (the source layout is on the Source tab)",
-    "merge_lora": "Merging into Hugging Face files uses no layout",
+    "hf_to_dcp": "No layout: a torch.distributed.checkpoint is resharded when it is loaded",
+    "merge_lora": "No layout: the merged model is Hugging Face files, sharded like the base",
     "lora_hf_to_mm": "Layout to cut the adapter for (the base model's training layout)",
     "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
 }
@@ -141,7 +144,7 @@ class WorkbenchScreen(Screen[None]):
                 with VerticalScroll(id="summary-box"):
                     yield Static("Give a Hugging Face model directory and press enter.", id="summary")
             with TabPane("Layout [F3]", id="layout"):
-                with Horizontal(id="layout-top"):
+                with Horizontal(id="layout-top", classes="needs-layout"):
                     yield Label("TP")
                     yield Input("1", id="tp", restrict=r"\d*")
                     yield Label("EP", classes="needs-experts")
@@ -153,8 +156,8 @@ class WorkbenchScreen(Screen[None]):
                     yield Select(COSTS, value="params", allow_blank=False, id="cost")
                     yield Button("Suggest", id="suggest", variant="primary")
                 yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
-                yield StageGrid([], {"llm": [[0]]}, id="grid")
-                yield Static("", id="flags")
+                yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
+                yield Static("", id="flags", classes="needs-layout")
             with TabPane("Preview [F4]", id="preview-tab"):
                 yield PlanPreview(id="plan-preview")
             with TabPane("Run [F5]", id="run"):

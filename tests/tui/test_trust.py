@@ -326,3 +326,41 @@ async def test_a_stage_past_the_last_layer_says_why_it_costs_nothing(qwen2vl_dir
         stage0, stage1 = (_shown(app, screen.query_one(f"#cost-0-{s}", Static)).strip() for s in range(2))
         assert stage1 == "···················· 0 · LLM has only 4", stage1
         assert "has only" not in stage0 and stage0.startswith("████████████████████ ")
+
+
+def test_every_command_of_the_cli_is_a_direction() -> None:
+    import typing
+
+    from engine.job import Job
+    from mmtui.screens.workbench import DIRECTIONS
+
+    commands = typing.get_args(Job.model_fields["command"].annotation)
+    assert sorted(d for _, d in DIRECTIONS) == sorted(commands)
+
+
+async def test_hf_to_dcp_from_the_wizard(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """Direction HF → DCP: no layout asked for; the files written equal a headless run of the same job."""
+    from textual.widgets import Select
+
+    from engine.execute import run
+    from engine.job import HfConfig, HfToDcpConfig, Job, prepare
+
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "tui")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#direction", Select).value = "hf_to_dcp"
+        await settle(pilot, app)
+        assert "mmtui — HF → torch DCP" in _screen_lines(app)[0]
+        assert _problems(screen).startswith("layout OK"), _problems(screen)
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    cfg = HfToDcpConfig(dcp_dir=tmp_path / "headless", hf_config=HfConfig(hf_dir=qwen2vl_dir))
+    _, plan = prepare(Job(converter="Qwen2VLConverter", command="hf_to_dcp", cfg=cfg))
+    run(plan, tmp_path / "headless")
+    tui = sorted(p.relative_to(tmp_path / "tui") for p in (tmp_path / "tui").rglob("*") if p.is_file())
+    headless = sorted(p.relative_to(tmp_path / "headless") for p in (tmp_path / "headless").rglob("*") if p.is_file())
+    assert tui == headless and any(p.suffix == ".distcp" for p in tui)
+    for p in tui:
+        assert (tmp_path / "tui" / p).read_bytes() == (tmp_path / "headless" / p).read_bytes(), p
