@@ -60,6 +60,7 @@ _FIELD_WORDS = {
     "mm_dir": "out",
     "save_hf_dir": "out",
     "target_dir": "out",
+    "dcp_dir": "out",
     "source_dir": "src",
     "lora.r": "lora_r",
     "lora.alpha": "lora_alpha",
@@ -98,7 +99,7 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
             return Planned([f"{name.upper()} {value!r}: give a positive whole number"], {name}, None, None, None)
     cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
     layout = _layout(form.tp, form.ep, form.layers)
-    problems = layout_problems(layout, info) if form.direction != "merge_lora" else []
+    problems = layout_problems(layout, info) if form.direction not in ("merge_lora", "hf_to_dcp") else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
         return Planned(problems, bad, None, None, cells)
@@ -115,6 +116,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         cfg = {"save_hf_dir": form.out, "mm_dir": form.src, "hf_config": hf, "parallel_config": lay}
     elif form.direction == "merge_lora":
         cfg = {"save_hf_dir": form.out, "hf_config": hf}
+    elif form.direction == "hf_to_dcp":
+        cfg = {"dcp_dir": form.out, "hf_config": hf}
     elif form.direction == "lora_hf_to_mm":
         cfg = {"mm_dir": form.out, "hf_config": hf, "parallel_config": lay}
     elif form.direction == "lora_mm_to_hf":

@@ -49,7 +49,9 @@ async def shoot(size: tuple[int, int]) -> None:
             save("2-layout-light")
             app.theme = "textual-dark"
             await settle(pilot)
-            screen.query_one("#cell-llm-0-0").value = "3"
+            cell = screen.query_one("#cell-llm-0-0")
+            cell.value = "3"
+            cell.focus()  # the focused cell with the wrong sum still shows its number
             await settle(pilot)
             save("3-validation")
             await pilot.press("ctrl+b")

@@ -11,7 +11,8 @@ HELP = """\
 [b]mmtui[/b] — cut Hugging Face checkpoints into Megatron / MindSpeed layouts, and back.
 
 [b]Steps[/b] (tabs; click them or press the key)
-  F2  Source    direction (HF → MM, MM → HF, re-split), directories, what the model is
+  F2  Source    direction: each mm-convert command (HF → MM, MM → HF, re-split,
+                HF → DCP, merge a LoRA, a LoRA adapter either way); directories
   F3  Layout    TP, PP, VPP and layers per stage for each module; live validation
   F4  Preview   one row per output file; enter lists its tensors; type to filter
   F5  Run       progress, per-file completion, log, summary

@@ -21,11 +21,11 @@ from textual.screen import Screen
 from textual.widgets import (
     Button,
     Checkbox,
-    DataTable,
     Footer,
     Header,
     Input,
     Label,
+    RichLog,
     Select,
     Static,
     TabbedContent,
@@ -34,6 +34,7 @@ from textual.widgets import (
 
 from ..planning import Form, Planned
 from ..widgets.format import count, size
+from ..widgets.preview import PlanPreview
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
 from .help import TextScreen, help_screen
@@ -48,6 +49,7 @@ DIRECTIONS = [
     ("HF → Megatron / MindSpeed", "hf_to_mm"),
     ("Megatron → HF", "mm_to_hf"),
     ("Re-split Megatron", "resplit"),
+    ("HF → torch DCP (resharded at load)", "hf_to_dcp"),
     ("Merge a LoRA adapter into HF", "merge_lora"),
     ("LoRA adapter: PEFT → Megatron", "lora_hf_to_mm"),
     ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
@@ -62,6 +64,7 @@ OUT_SUFFIX = {
     "hf_to_mm": "-mm",
     "mm_to_hf": "-hf",
     "resplit": "-resplit",
+    "hf_to_dcp": "-dcp",
     "merge_lora": "-merged",
     "lora_hf_to_mm": "-mm",
     "lora_mm_to_hf": "-peft",
@@ -71,7 +74,8 @@ LAYOUT_CAPTION = {
     "hf_to_mm": "Layout to write",
     "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
     "resplit": "Layout to write (the source layout is on the Source tab)",
-    "merge_lora": "Merging into Hugging Face files uses no layout",
+    "hf_to_dcp": "No layout: a torch.distributed.checkpoint is resharded when it is loaded",
+    "merge_lora": "No layout: the merged model is Hugging Face files, sharded like the base",
     "lora_hf_to_mm": "Layout to cut the adapter for (the base model's training layout)",
     "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
 }
@@ -109,6 +113,9 @@ class WorkbenchScreen(Screen[None]):
         self._cancel = False
         self._auto_out = ""
         self._generation = 0  # bumped per edit; a planning result of an older edit is dropped
+        self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
+        self._planning = False  # a planning worker is running
+        self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -137,7 +144,7 @@ class WorkbenchScreen(Screen[None]):
                 with VerticalScroll(id="summary-box"):
                     yield Static("Give a Hugging Face model directory and press enter.", id="summary")
             with TabPane("Layout [F3]", id="layout"):
-                with Horizontal(id="layout-top"):
+                with Horizontal(id="layout-top", classes="needs-layout"):
                     yield Label("TP")
                     yield Input("1", id="tp", restrict=r"\d*")
                     yield Label("EP", classes="needs-experts")
@@ -149,12 +156,10 @@ class WorkbenchScreen(Screen[None]):
                     yield Select(COSTS, value="params", allow_blank=False, id="cost")
                     yield Button("Suggest", id="suggest", variant="primary")
                 yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
-                yield StageGrid([], {"llm": [[0]]}, id="grid")
-                yield Static("", id="flags")
+                yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
+                yield Static("", id="flags", classes="needs-layout")
             with TabPane("Preview [F4]", id="preview-tab"):
-                yield Input(id="filter", placeholder="filter: part of a file name or tensor key")
-                yield DataTable(id="preview", cursor_type="row", zebra_stripes=True)
-                yield DataTable(id="tensors", cursor_type="row")
+                yield PlanPreview(id="plan-preview")
             with TabPane("Run [F5]", id="run"):
                 yield RunPanel(id="runpanel")
         yield Static("", id="problems")
@@ -162,10 +167,9 @@ class WorkbenchScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
-        self.query_one("#preview", DataTable).add_columns("output file", "tensors", "params", "bytes", "share")
-        self.query_one("#tensors", DataTable).add_columns("key", "shape", "dtype", "bytes", "sources", "transform")
+        self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
         if self.hf_dir:
-            self.inspect(self.hf_dir)
+            self.open_model(self.hf_dir)
         else:
             self.action_open()
 
@@ -177,8 +181,13 @@ class WorkbenchScreen(Screen[None]):
         return self.query_one(f"#{name}", Input).value.strip()
 
     # -- inspect ----------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="inspect")
-    def inspect(self, hf_dir: Path) -> None:
+    def open_model(self, hf_dir: Path) -> None:
+        """Inspect hf_dir in a worker; only the model opened last is shown, whichever answers first."""
+        self._opened += 1
+        self._inspect(hf_dir, self._opened)
+
+    @work(thread=True, group="inspect")  # not exclusive: an older one's answer is dropped by `_opened`
+    def _inspect(self, hf_dir: Path, opened: int) -> None:
         from engine.errors import ConvertError
         from engine.hf_source import inspect_hf
         from engine.summary import summarize
@@ -187,16 +196,21 @@ class WorkbenchScreen(Screen[None]):
             info = inspect_hf(hf_dir)
             summary = summarize(info)
         except ConvertError as e:
-            self.app.call_from_thread(self._inspect_failed, str(e))
+            self.app.call_from_thread(self._inspect_failed, str(e), opened)
             return
-        self.app.call_from_thread(self._inspected, info, summary)
+        self.app.call_from_thread(self._inspected, info, summary, opened)
 
-    def _inspect_failed(self, message: str) -> None:
+    def _inspect_failed(self, message: str, opened: int) -> None:
+        if opened != self._opened:
+            return
         self.info = None
         self.query_one("#summary", Static).update(f"[red]{message}[/red]")
-        self._show(Planned([message], {"hf_dir"}, None, None, None))
+        self._generation += 1
+        self._show(Planned([message], {"hf_dir"}, None, None, None), self._generation)
 
-    async def _inspected(self, info: ModelInfo, summary: Any) -> None:
+    async def _inspected(self, info: ModelInfo, summary: Any, opened: int) -> None:
+        if opened != self._opened:
+            return  # another model was asked for since
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
         self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
@@ -233,38 +247,43 @@ class WorkbenchScreen(Screen[None]):
             return {m.name: [[0] * pp for _ in range(vpp)] for m in self.info.preset.modules}
 
     async def _rebuild_grid(self, layers: dict[str, list[list[int]]]) -> None:
+        """Put a new layout in the grid. Everything is set before the first await, so the handlers that
+        run while the cells are rebuilt see the new layout, the new PP and VPP, and plan for them."""
         assert self.info is not None
         modules = [(m.name, SHORT.get(m.name, m.name)) for m in self.info.preset.modules]
-        self._generation += 1  # results planned for the old grid no longer apply
-        old = self.query_one("#grid", StageGrid)
-        await old.remove()
-        await self.query_one("#layout", TabPane).mount(StageGrid(modules, layers, id="grid"), before="#flags")
+        sizes = {m.name: self.info.field_int(m.layers) for m in self.info.preset.modules}
+        rebuilt = self.query_one("#grid", StageGrid).set_layout(modules, layers, sizes)
         pp, vpp = len(next(iter(layers.values()))[0]), len(next(iter(layers.values())))
         self.query_one("#pp", Input).value = str(pp)
         self.query_one("#vpp", Input).value = str(vpp)
         self.replan()
+        await rebuilt
+
+    def _stages_problem(self) -> str | None:
+        pp, vpp = self._value("pp"), self._value("vpp")
+        if pp.isdigit() and vpp.isdigit() and 0 < int(pp) <= 64 and 0 < int(vpp) <= 16:
+            return None
+        return f"PP {pp!r}, VPP {vpp!r}: PP is 1..64 and VPP 1..16"
 
     @on(Input.Changed, "#pp, #vpp")
     async def _stages_changed(self) -> None:
         if self.info is None:
             return
-        pp, vpp = self._value("pp"), self._value("vpp")
         grid = self.query_one("#grid", StageGrid)
-        if not (pp.isdigit() and vpp.isdigit() and 0 < int(pp) <= 64 and 0 < int(vpp) <= 16):
-            self._show(Planned(["PP is 1..64 and VPP 1..16"], {"pp", "vpp"}, None, None, None))
-            return
-        if grid.modules and (int(pp), int(vpp)) != (grid.pp, grid.vpp):
-            await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+        if self._stages_problem() is None and (int(self._value("pp")), int(self._value("vpp"))) != (grid.pp, grid.vpp):
+            await self._rebuild_grid(self._suggested(int(self._value("pp")), int(self._value("vpp"))))
+        else:  # a bad value, or back to the grid's own shape: plan what the fields say now
+            self.replan()
 
     async def action_suggest(self) -> None:
         if self.info is None:
             self.notify("Open a model first", severity="error")
             return
-        pp, vpp = self._value("pp"), self._value("vpp")
-        if not (pp.isdigit() and vpp.isdigit() and int(pp) > 0 and int(vpp) > 0):
-            self.notify("PP and VPP must be positive numbers", severity="error")
+        problem = self._stages_problem()
+        if problem is not None:
+            self.notify(problem, severity="error")
             return
-        await self._rebuild_grid(self._suggested(int(pp), int(vpp)))
+        await self._rebuild_grid(self._suggested(int(self._value("pp")), int(self._value("vpp"))))
         self.notify("balanced split applied: the largest stage is as small as the cost model allows")
 
     @on(Button.Pressed, "#suggest")
@@ -290,15 +309,17 @@ class WorkbenchScreen(Screen[None]):
 
     @on(Select.Changed, "#direction")
     def _direction_changed(self) -> None:
-        for _, d in DIRECTIONS:
+        for label, d in DIRECTIONS:
             self.set_class(d == self.direction, f"dir-{d}")
+            if d == self.direction:
+                self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
         self.replan()
 
     @on(Input.Submitted, "#hf_dir")
     def _new_dir(self, event: Input.Submitted) -> None:
-        self.inspect(Path(event.value).expanduser())
+        self.open_model(Path(event.value).expanduser())
 
     def _form(self) -> Form:
         return Form(
@@ -321,23 +342,43 @@ class WorkbenchScreen(Screen[None]):
         )
 
     def replan(self) -> None:
+        """Validate and plan what the fields say now. Every edit comes here, so what is shown (problems,
+        marks, costs, preview) is always about the current fields: older results are dropped."""
         if self.info is None:
             return
-        self.plan = None
+        self.plan = self.job = None
         self._generation += 1
-        self._plan(self.info, self._form(), self._generation)
+        problem = self._stages_problem()
+        if problem is not None:
+            self._show(Planned([problem], {"pp", "vpp"}, None, None, None), self._generation)
+            return
+        self._next_plan = (self.info, self._form(), self._generation)  # the fields, read here on the UI thread
+        if not self._planning:
+            self._start_plan()
 
-    @work(thread=True, exclusive=True, group="plan")
+    def _start_plan(self) -> None:
+        """One planner at a time: edits made while it works wait, and only the newest of them is planned
+        next (a thread cannot be stopped, so starting one per keystroke would only pile them up)."""
+        assert self._next_plan is not None
+        job, self._next_plan = self._next_plan, None
+        self._planning = True
+        self._plan(*job)
+
+    @work(thread=True, group="plan")
     def _plan(self, info: ModelInfo, form: Form, generation: int) -> None:
         from ..planning import plan_form
 
         result = plan_form(info, form)
-        self.app.call_from_thread(self._show, result, generation)
+        self.app.call_from_thread(self._planned, result, generation)
 
-    def _show(self, result: Planned, generation: int | None = None) -> None:
-        if generation is None:
-            self._generation += 1
-        elif generation != self._generation:
+    def _planned(self, result: Planned, generation: int) -> None:
+        self._planning = False
+        self._show(result, generation)  # dropped if the fields changed since
+        if self._next_plan is not None:
+            self._start_plan()
+
+    def _show(self, result: Planned, generation: int) -> None:
+        if generation != self._generation:
             return  # the user has edited since; a newer result is on its way
         box = self.query_one("#problems", Static)
         box.set_class(not result.problems, "ok")
@@ -356,46 +397,7 @@ class WorkbenchScreen(Screen[None]):
         self.query_one("#flags", Static).update(
             " ".join(f"{m}_pp_layers {json.dumps(v, separators=(',', ':'))}" for m, v in (layers or {}).items())
         )
-        self._fill_preview()
-
-    # -- preview ------------------------------------------------------------------------
-    @on(Input.Changed, "#filter")
-    def _filter_changed(self) -> None:
-        self._fill_preview()
-
-    def _fill_preview(self) -> None:
-        table = self.query_one("#preview", DataTable)
-        table.clear()
-        self.query_one("#tensors", DataTable).remove_class("shown")
-        if self.plan is None:
-            return
-        needle = self._value("filter").lower()
-        biggest = max((f.nbytes for f in self.plan.files), default=1) or 1
-        rows = []
-        for i, f in enumerate(self.plan.files):
-            name = f.label
-            if needle and needle not in name.lower() and not any(needle in e.key.lower() for e in f.entries):
-                continue
-            share = f"{100 * f.nbytes / biggest:5.1f}%"
-            rows.append((name, str(len(f.entries)), count(f.numel), size(f.nbytes), share, str(i)))
-        for *cells, key in rows:
-            table.add_row(*cells, key=key)
-
-    @on(DataTable.RowSelected, "#preview")
-    def _show_tensors(self, event: DataTable.RowSelected) -> None:
-        if self.plan is None or event.row_key.value is None:
-            return
-        f = self.plan.files[int(event.row_key.value)]
-        needle = self._value("filter").lower()
-        table = self.query_one("#tensors", DataTable)
-        table.clear()
-        for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
-            for e in chunk:
-                if needle and needle not in e.key.lower() and needle not in f.label.lower():
-                    continue
-                key = e.key if len(f.chunks) == 1 else f"{name}: {e.key}"
-                table.add_row(key, str(list(e.shape)), e.dtype, size(e.nbytes), ", ".join(e.sources), e.transform)
-        table.add_class("shown")
+        self.query_one(PlanPreview).show(self.plan)
 
     # -- run ----------------------------------------------------------------------------
     def action_tab(self, tab: str) -> None:
@@ -424,20 +426,20 @@ class WorkbenchScreen(Screen[None]):
         panel = self.query_one(RunPanel)
         panel.reset([(f.label, f.nbytes) for f in self.plan.files])
         panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
-        self.convert(self.plan, self.job)
+        self.convert(self.plan, self.job, panel)
 
     def action_cancel(self) -> None:
         self._cancel = True
 
     @work(thread=True, exclusive=True, group="run")
-    def convert(self, plan: Plan, job: Job) -> None:
+    def convert(self, plan: Plan, job: Job, panel: RunPanel) -> None:
+        """Relay the engine's events to the panel (widgets are touched only on the UI thread)."""
         import resource
 
         from engine.errors import ConvertError
         from engine.events import FileDone, FileStarted, Finished, Progress
         from engine.execute import execute
 
-        panel = self.query_one(RunPanel)
         call = self.app.call_from_thread
         last = 0.0
         try:
@@ -445,7 +447,7 @@ class WorkbenchScreen(Screen[None]):
             for ev in events:
                 if self._cancel:
                     events.close()
-                    call(panel.fail, "cancelled; nothing was written")
+                    call(panel.abort, "cancelled; nothing was written")
                     return
                 if isinstance(ev, FileStarted):
                     call(panel.file_started, ev.index, ev.path)
@@ -467,22 +469,23 @@ class WorkbenchScreen(Screen[None]):
                     )
                     self.finished_job = job
         except ConvertError as e:
-            call(panel.fail, str(e))
+            call(panel.abort, str(e))
+        call(self.replan)  # the output dir may be there now: say so before the next Run
 
     def action_verify(self) -> None:
         if self.finished_job is None or self.info is None:
             self.notify("Run a conversion first", severity="error")
             return
         self.action_tab("run")
-        self.query_one(RunPanel).query_one("#log").write("verifying: reading both sides tensor by tensor…")
-        self._verify(self.info, self.finished_job)
+        panel = self.query_one(RunPanel)
+        panel.query_one("#log", RichLog).write("verifying: reading both sides tensor by tensor…")
+        self._verify(self.info, self.finished_job, panel)
 
     @work(thread=True, exclusive=True, group="verify")
-    def _verify(self, info: ModelInfo, job: Job) -> None:
+    def _verify(self, info: ModelInfo, job: Job, panel: RunPanel) -> None:
         from engine.errors import ConvertError
         from engine.verify import verify_job
 
-        panel = self.query_one(RunPanel)
         try:
             ok, summary = verify_job(info, job)
         except ConvertError as e:
@@ -525,7 +528,7 @@ class WorkbenchScreen(Screen[None]):
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#hf_dir", Input).value = str(path)
-                self.inspect(path)
+                self.open_model(path)
 
         self.app.push_screen(PickDirScreen(root), chosen)
 

@@ -46,6 +46,8 @@ class RunPanel(Vertical):
         for i, (name, nbytes) in enumerate(files):
             table.add_row(name, size(nbytes), "·", key=str(i))
         self.query_one("#bar", ProgressBar).update(total=sum(self._sizes) or 1, progress=0)
+        self.query_one("#rate", Static).update(f"starting: 0 B of {size(sum(self._sizes))}")
+        self.query_one("#current", Static).update("")
         self.query_one("#log", RichLog).clear()
         self.query_one("#status", Static).update("")
         self._t0 = time.monotonic()
@@ -78,6 +80,17 @@ class RunPanel(Vertical):
         self.query_one("#current", Static).update("")
         self.query_one("#status", Static).update(message)
         self.query_one("#log", RichLog).write(message)
+
+    def abort(self, message: str) -> None:
+        """The conversion stopped (refused, failed or cancelled): nothing is being written any more, and
+        the files it had written are discarded with the temporary directory."""
+        self.query_one("#current", Static).update("")
+        self.query_one("#rate", Static).update(f"stopped after {size(self._done)} of {size(sum(self._sizes))}")
+        table = self.query_one("#ranks", DataTable)
+        for i in range(len(self._sizes)):
+            if table.get_cell(str(i), "done") != "·":
+                table.update_cell(str(i), "done", "discarded")
+        self.fail(message)
 
     def fail(self, message: str) -> None:
         self.query_one("#status", Static).update(f"[red]{message}[/red]")

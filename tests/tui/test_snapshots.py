@@ -32,7 +32,9 @@ async def _ready(pilot) -> None:
         await pilot.pause()
 
 
-def _steps(*keys: str, pp: str | None = None, select_row: bool = False, theme: str | None = None):
+def _steps(
+    *keys: str, pp: str | None = None, select_row: bool = False, theme: str | None = None, bad_cell: bool = False
+):
     async def run_before(pilot) -> None:
         if theme:  # every colour comes from the theme's variables ($primary, $error, ...)
             pilot.app.theme = theme
@@ -44,6 +46,11 @@ def _steps(*keys: str, pp: str | None = None, select_row: bool = False, theme: s
             await _ready(pilot)
         for key in keys:
             await pilot.press(key)
+            await _ready(pilot)
+        if bad_cell:  # a wrong sum, in the focused cell: its number must stay visible
+            cell = screen.query_one("#cell-llm-0-0")
+            cell.value = "3"
+            cell.focus()
             await _ready(pilot)
         if select_row:
             table = screen.query_one("#preview")
@@ -64,13 +71,14 @@ async def _open_picker(pilot) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "step",
-    ["open", "source", "layout", "preview", "run", "help", "layout-light"],
+    ["open", "source", "layout", "validation", "preview", "run", "help", "layout-light"],
 )
 def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> None:
     run_before = {
         "source": _steps(),
         "layout": _steps("f3", pp="2"),
         "layout-light": _steps("f3", pp="2", theme="textual-light"),
+        "validation": _steps("f3", pp="2", bad_cell=True),
         "preview": _steps("f4", pp="2", select_row=True),
         "run": _steps("f5", pp="2"),
         "help": _steps("f1"),

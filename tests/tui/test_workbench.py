@@ -20,11 +20,16 @@ from mmtui.widgets.stage_grid import StageGrid, cell_id
 
 
 async def settle(pilot, app) -> None:
-    """Let handlers, the grid rebuild and the planning worker finish (twice: one can start another)."""
-    for _ in range(2):
+    """Let handlers, the grid rebuild and the planning workers finish (a finished plan can start the next)."""
+    from textual.worker import WorkerState
+
+    for _ in range(20):
         await pilot.pause()
         await app.workers.wait_for_complete()
         await pilot.pause()
+        if not any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
+            return
+    raise AssertionError(f"workers still running: {list(app.workers)}")
 
 
 def _load(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -287,8 +292,12 @@ async def test_merge_an_adapter_and_preview_what_changes(tiny_llms: dict[str, Pa
         await pilot.press("enter")
         await pilot.pause()
         tensors = screen.query_one("#tensors", DataTable)
-        rows = [tensors.get_row_at(i) for i in range(tensors.row_count)]
-        changed = {r[0] for r in rows if "LoRA" in str(r[5])}
+        changed = set()
+        for i in range(tensors.row_count):  # the highlighted tensor's transform shows below the list
+            tensors.move_cursor(row=i)
+            await pilot.pause()
+            if "LoRA" in str(screen.query_one("#tensor-detail", Static).render()):
+                changed.add(tensors.get_row_at(i)[0])
         assert changed and all(k.endswith(("q_proj.weight", "down_proj.weight")) for k in changed)
         await pilot.press("ctrl+r")
         await settle(pilot, app)
