@@ -118,8 +118,16 @@ def main(argv: list[str]) -> None:
             (p for p in (args.a, args.b) if not (p / "latest_checkpointed_iteration.txt").is_file()), None
         )
         info = inspect_hf(hf) if hf else None
-        a = open_side(args.a, info, _layout(args, "a"), "A")
-        b = open_side(args.b, info, _layout(args, "b"), "B")
+        layouts = {side: _layout(args, side) for side in "ab"}
+        for side, path in (("a", args.a), ("b", args.b)):
+            if layouts[side] is None and (path / "latest_checkpointed_iteration.txt").is_file():
+                raise ConvertError(
+                    f"{side.upper()} {path}: a Megatron checkpoint; give its layout: --{side}.tp_size, "
+                    f"--{side}.llm_pp_layers (and --{side}.vit_pp_layers, ...), as mm-convert's "
+                    "--cfg.parallel_config.* fields"
+                )
+        a = open_side(args.a, info, layouts["a"], "A")
+        b = open_side(args.b, info, layouts["b"], "B")
     except ConvertError as e:
         print(f"mmtui verify: error: {e}", file=sys.stderr)
         sys.exit(2)
