@@ -133,7 +133,7 @@ def route(args: list[str], prog: str = "mm-convert") -> tuple[str, str, list[str
     while i < len(args) and args[i] not in converters:
         i += 2 if args[i] == "--config" else 1
     lead, tail = args[:i], args[i:]
-    want_help, head, own, configs, j = False, None, [], [], 0
+    want_help, head, head_file, own, configs, j = False, None, "", [], [], 0
     while j < len(lead):  # mm-convert's own options, then (with a job file) the command's
         a = lead[j]
         if a in ("-h", "--help"):
@@ -143,7 +143,8 @@ def route(args: list[str], prog: str = "mm-convert") -> tuple[str, str, list[str
             if value is None:
                 fail(prog, "argument --config: expected one argument (a job file)")
             found = _job_file(value, prog)
-            head = head or (found[1] if found else None)
+            if head is None and found and found[1]:
+                head, head_file = found[1], value
             configs.append(value)
             own += [a] if "=" in a else [a, value]
             j += 0 if "=" in a else 1
@@ -173,7 +174,7 @@ def route(args: list[str], prog: str = "mm-convert") -> tuple[str, str, list[str
     elif head is not None:
         converter, command = head
         if converter not in converters:
-            fail(prog, f"converter = {converter!r}: {choice_error('converter', converter, converters)}")
+            fail(prog, f"{head_file}: converter = {converter!r}: {choice_error('converter', converter, converters)}")
     elif want_help:
         sys.stdout.write(top_help(converters))
         sys.exit(0)
@@ -184,7 +185,7 @@ def route(args: list[str], prog: str = "mm-convert") -> tuple[str, str, list[str
     else:
         fail(prog, "give a converter and a command (mm-convert -h lists them), or --config JOB")
     if head is not None and head != (converter, command):
-        fail(prog, f"the job file names {head[0]} {head[1]}, the command line {converter} {command}")
+        fail(prog, f"{head_file}: names {head[0]} {head[1]}, the command line {converter} {command}")
     return converter, command, (["-h"] if want_help else []) + own + tail
 
 

@@ -118,8 +118,9 @@ def main(argv: list[str]) -> None:
             (p for p in (args.a, args.b) if not (p / "latest_checkpointed_iteration.txt").is_file()), None
         )
         info = inspect_hf(hf) if hf else None
-        a = open_side(args.a, info, _layout(args, "a"), "A")
-        b = open_side(args.b, info, _layout(args, "b"), "B")
+        layouts = {side: _layout(args, side) for side in "ab"}  # None: the layout on disk
+        a = open_side(args.a, info, layouts["a"], "A")
+        b = open_side(args.b, info, layouts["b"], "B")
     except ConvertError as e:
         print(f"mmtui verify: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -119,7 +119,7 @@ def test_a_cfg_only_file_with_the_converter_on_the_line(
 
 BAD_HEADS = [
     ('converter = "Qwen2VLConvertr"\ncommand = "hf_to_mm"\n',
-     "mm-convert: error: converter = 'Qwen2VLConvertr': unknown converter 'Qwen2VLConvertr'; did you mean Qwen2VLConverter?"),
+     "mm-convert: error: {job}: converter = 'Qwen2VLConvertr': unknown converter 'Qwen2VLConvertr'; did you mean Qwen2VLConverter?"),
     ('converter = "Qwen2VLConverter"\ncommand = "hf_to_mn"\n',
      "mm-convert: error: {job}: command = 'hf_to_mn': unknown command 'hf_to_mn'; did you mean hf_to_mm?"),
     ('converter = "Qwen2VLConverter"\n',
@@ -152,7 +152,7 @@ def test_a_job_file_and_a_command_line_that_disagree(qwen2vl_dir: Path, tmp_path
     )
     r = mm_convert("--config", str(job), "Qwen2_5_VLConverter", "hf_to_mm")
     assert r.stderr == (
-        "mm-convert: error: the job file names Qwen2VLConverter hf_to_mm, the command line Qwen2_5_VLConverter hf_to_mm\n"
+        f"mm-convert: error: {job}: names Qwen2VLConverter hf_to_mm, the command line Qwen2_5_VLConverter hf_to_mm\n"
     )
     _bad(mm_convert("--config", str(tmp_path / "nope.toml")), f"--config {tmp_path / 'nope.toml'}: no such file")
     _bad(mmtui("--demo", "--replay", str(job)), "--replay runs a job file alone; --demo does not go with it")

@@ -132,3 +132,19 @@ def test_the_non_empty_target_hint_names_the_real_flag(qwen2vl_dir: Path, tmp_pa
         "Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(out), "--cfg.hf_config.hf_dir", str(qwen2vl_dir), *LAYOUT
     )
     _bad(r, f"mm_dir {out}: exists and is not empty; choose a new directory or set overwrite (--cfg.overwrite true)")
+
+
+def test_verify_names_its_real_flags_and_takes_mm_converts_fields(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    mm = tmp_path / "mm"
+    assert hf_to_mm(qwen2vl_dir, mm, tp=2).returncode == 0
+    r = _mmtui("verify", str(qwen2vl_dir), str(mm))  # no layout: the disk's
+    assert r.returncode == 0, r.stdout + r.stderr
+    fields = ["--b.tp_size", "2", "--b.llm_pp_layers", "[[1,3]]", "--b.vit_pp_layers", "[[3,0]]"]
+    r = _mmtui("verify", str(qwen2vl_dir), str(mm), *fields)
+    assert r.returncode == 0, r.stdout + r.stderr
+    old = ["--b-tp", "2", "--b-llm-pp-layers", "[[1,3]]", "--b-vit-pp-layers", "[[3,0]]"]
+    assert _mmtui("verify", str(qwen2vl_dir), str(mm), *old).returncode == 0
+    r = _mmtui("verify", str(qwen2vl_dir), str(mm), *fields[2:])  # TP left at 1: the disk says otherwise
+    _bad(r)
+    r = _mmtui("verify", str(qwen2vl_dir), str(mm), *fields[:2], "--b.llm_pp_layers", "[[1,x]]")
+    assert r.stderr == "mmtui verify: error: --b.llm_pp_layers = '[[1,x]]': Input should be a valid list\n"
