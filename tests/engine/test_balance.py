@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 from itertools import combinations, pairwise
 from pathlib import Path
 
@@ -115,8 +117,6 @@ def test_tiny_qwen2vl_params_split(qwen2vl_dir: Path) -> None:
 
 def test_suggest_command_line(qwen2vl_dir: Path) -> None:
     """`mmtui suggest` prints the optimal split as flags mm-convert accepts; bad input is one line, exit 2."""
-    import subprocess
-
     from tests.test_cli import BIN, _bad
 
     info = inspect_hf(qwen2vl_dir)
@@ -302,3 +302,46 @@ def test_chunk_costs_take_the_unit_of_their_stage() -> None:
     assert cost_number(35_950_000_000_000, "flops", 73_330_000_000_000) == "35.95"
     assert cost_number(40_000_000, "flops", 73_330_000_000_000) == "0.000"  # shown as part of a TFLOP total
     assert cost_number(999, "params", 1500) == "0.999"
+
+
+def _suggest_cli(*args: str) -> subprocess.CompletedProcess:
+    from tests.test_cli import BIN
+
+    env = {**os.environ, "COLUMNS": "200"}  # no wrapping: lines are compared whole
+    return subprocess.run([str(BIN / "mmtui"), "suggest", *args], capture_output=True, text=True, env=env)
+
+
+def test_suggest_command_line_shows_tiny_costs_and_stage_totals(qwen2vl_dir: Path) -> None:
+    """A tiny model's FLOPs read in a unit that shows them; with VPP each stage row has its
+    chunks' costs and their total."""
+    info = inspect_hf(qwen2vl_dir)
+    r = _suggest_cli(str(qwen2vl_dir), "--pp", "2", "--vpp", "2", "--cost", "flops", "--vit-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "TFLOP" not in r.stdout and "0.00" not in r.stdout
+    s = suggest(info, 2, 2, "flops", vit_tokens=16)
+    rows = [line.split() for line in r.stdout.splitlines()[1:3]]
+    for st, row in enumerate(rows):
+        c0, c1 = s.cell_costs[0][st], s.cell_costs[1][st]
+        total = format_cost(c0 + c1, "flops")
+        assert row[:6] == [str(st), f"{s.layers['vit'][0][st]}+{s.layers['vit'][1][st]}",
+                           f"{s.layers['llm'][0][st]}+{s.layers['llm'][1][st]}",
+                           cost_number(c0, "flops", c0 + c1), "+", cost_number(c1, "flops", c0 + c1)]  # fmt: skip
+        assert " ".join(row[6:8]) == total and total.endswith(("kFLOP", "MFLOP", "GFLOP"))
+    assert "(16 image patches, 4096 text tokens)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pp", "0"], "mmtui suggest: error: argument --pp: '0' is not a whole number >= 1"),
+        (["--pp", "2", "--vpp", "x"], "mmtui suggest: error: argument --vpp: 'x' is not a whole number >= 1"),
+        (["--pp", "2", "--vit-tokens", "0"], "mmtui suggest: error: argument --vit-tokens: '0' is not a whole number >= 1"),
+        (["--pp", "2", "--llm-tokens", "-3"], "mmtui suggest: error: argument --llm-tokens: '-3' is not a whole number >= 1"),
+        (["--pp", "2", "--vit", "5"], "mmtui suggest: error: unrecognized arguments: --vit 5"),  # no abbreviations
+        (["--pp", "2", "--cost", "time"], "mmtui suggest: error: argument --cost: invalid choice: 'time' (choose from "),
+    ],
+)  # fmt: skip
+def test_suggest_command_line_bad_values(qwen2vl_dir: Path, args: list[str], message: str) -> None:
+    r = _suggest_cli(str(qwen2vl_dir), *args)
+    assert (r.returncode, r.stdout, len(r.stderr.splitlines())) == (2, "", 1)
+    assert r.stderr.startswith(message) and (r.stderr == message + "\n" or message.endswith("from "))

@@ -4,13 +4,17 @@ and Megatron-LM's bytes per parameter (docs/user-guide/features/dist_optimizer.m
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from engine.balance import human_params
 from engine.errors import ConvertError
 from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
@@ -241,3 +245,120 @@ def test_bad_device_memory(bad: object) -> None:
 )
 def test_human_bytes(n: int, text: str) -> None:
     assert human_bytes(n) == text
+
+
+def _suggest_cli(*args: str) -> subprocess.CompletedProcess:
+    from tests.test_cli import BIN
+
+    env = {**os.environ, "COLUMNS": "200"}  # no wrapping: lines are compared whole
+    return subprocess.run([str(BIN / "mmtui"), "suggest", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "device_gib,fits_plain,fits_dist", [(1, True, True), (0.0005, False, True), (0.0002, False, False)]
+)
+def test_suggest_command_line_will_it_fit(
+    tiny_llms: dict[str, Path], device_gib: float, fits_plain: bool, fits_dist: bool
+) -> None:
+    """`mmtui suggest --tp 2 --dp 4 --device-gb G`: every stage's TP ranks on one row with the
+    counts by hand, one verdict per optimizer; exit 1 only when neither fits."""
+    hf = tiny_llms["llama"]
+    r = _suggest_cli(str(hf), "--pp", "2", "--tp", "2", "--dp", "4", "--device-gb", str(device_gib))
+    assert r.returncode == (0 if fits_dist else 1), r.stderr
+    lines = r.stdout.splitlines()
+    flag = next(line for line in lines if line.startswith("--cfg.parallel_config.llm_pp_layers "))
+    counts = json.loads(flag.split(" ", 1)[1])
+    assert "--cfg.parallel_config.tp_size 2" in lines
+    want = _by_hand(hf, counts, 2, 1, tied=False)
+    assert want[(0, 0, 0)] == want[(1, 0, 0)] and want[(0, 1, 0)] == want[(1, 1, 0)]
+    start = lines.index(next(line for line in lines if line.split()[:2] == ["stage", "TP"]))
+    assert lines[start].split() == ["stage", "TP", "ranks", "params", "18", "B/param", "6", "+", "12/4", "B/param"]
+    plain_top = dist_top = 0
+    for st in range(2):
+        params = want[(0, st, 0)][0]
+        plain, dist = _bytes(params, 0, 4, 1, False), _bytes(params, 0, 4, 1, True)
+        plain_top, dist_top = max(plain_top, plain), max(dist_top, dist)
+        row = lines[start + 1 + st].split()
+        assert row == [
+            str(st),
+            "0-1",
+            *human_params(params).split(),
+            *human_bytes(plain).split(),
+            *human_bytes(dist).split(),
+        ]
+    assert plain_top == 18 * max(want[(0, s, 0)][0] for s in range(2))
+    g = f"{device_gib:g} GiB"
+    top_rank = max(range(2), key=lambda s: want[(0, s, 0)][0])
+    verdicts = lines[start + 3 :]
+    for what, top, ok in (
+        ("plain optimizer", plain_top, fits_plain),
+        ("distributed optimizer, dp 4", dist_top, fits_dist),
+    ):
+        assert (top <= device_gib * GIB) == ok
+        line = (
+            f"{what}: fits on {g}: {human_bytes(top)} / rank at most"
+            if ok
+            else f"{what}: does not fit on {g}: mp_rank_00_{top_rank:03d} needs {human_bytes(top)}"
+        )
+        assert line in verdicts
+    assert len(verdicts) == 2
+
+
+def test_suggest_command_line_without_memory_flags_shows_no_memory(tiny_llms: dict[str, Path]) -> None:
+    r = _suggest_cli(str(tiny_llms["llama"]), "--pp", "2", "--tp", "2")
+    assert r.returncode == 0 and "training memory" not in r.stdout and "tp_size" not in r.stdout
+
+
+def test_suggest_command_line_experts(tiny_llms: dict[str, Path]) -> None:
+    """EP 2 over dp 4: an EP rank column; expert weights' optimizer state over dp / ep = 2."""
+    hf = tiny_llms["mixtral"]
+    r = _suggest_cli(str(hf), "--pp", "2", "--tp", "2", "--ep", "2", "--dp", "4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    counts = json.loads(next(x for x in lines if x.startswith("--cfg.parallel_config.llm_pp_layers ")).split(" ", 1)[1])
+    assert "--cfg.parallel_config.ep_size 2" in lines
+    want = _by_hand(hf, counts, 2, 2, tied=False)
+    start = lines.index(next(line for line in lines if line.split()[:2] == ["stage", "TP"]))
+    assert lines[start].split()[:5] == ["stage", "TP", "ranks", "EP", "rank"]
+    rows = [line.split() for line in lines[start + 1 : start + 5]]
+    for st in range(2):
+        for e in range(2):
+            params, expert = want[(0, st, e)]
+            assert want[(1, st, e)] == (params, expert)
+            dist = human_bytes(_bytes(params, expert, 4, 2, True)).split()
+            assert [
+                str(st),
+                "0-1",
+                str(e),
+                *human_params(params).split(),
+                *human_bytes(18 * params).split(),
+                *dist,
+            ] in rows
+
+
+@pytest.mark.parametrize(
+    "model,args,message",
+    [
+        (
+            "mixtral",
+            ["--ep", "2", "--dp", "3"],
+            "dp = 3: with ep_size 2 the data-parallel size must be a multiple of 2",
+        ),
+        ("llama", ["--dp", "0"], "argument --dp: '0' is not a whole number >= 1"),
+        (
+            "llama",
+            ["--device-gb", "0"],
+            "argument --device-gb: '0' is not a memory size in GiB (a number > 0, e.g. 64)",
+        ),
+        ("llama", ["--device-gb", "nan"], "argument --device-gb: 'nan' is not a memory size in GiB"),
+        ("llama", ["--device-gb", "64GB"], "argument --device-gb: '64GB' is not a memory size in GiB"),
+        ("llama", ["--tp", "3", "--dp", "2"], "parallel_config.tp_size 3 does not divide num_key_value_heads = 2"),
+        ("llama", ["--tp", "0", "--dp", "2"], "argument --tp: '0' is not a whole number >= 1"),
+    ],
+)
+def test_suggest_command_line_bad_memory_values(
+    tiny_llms: dict[str, Path], model: str, args: list[str], message: str
+) -> None:
+    r = _suggest_cli(str(tiny_llms[model]), "--pp", "2", *args)
+    assert (r.returncode, r.stdout, len(r.stderr.splitlines())) == (2, "", 1), r.stderr
+    assert r.stderr.startswith(f"mmtui suggest: error: {message}"), r.stderr
