@@ -96,7 +96,8 @@ def _print_split(console: Console, info_modules: list[str], s: Suggestion, args:
     model = "parameters per stage" if args.cost == "params" else "forward FLOPs per sample and stage"
     if args.cost == "flops":
         model += f" ({args.vit_tokens} image patches, {args.llm_tokens} text tokens)"
-    console.print(f"cost model: {model}; largest stage / mean = {s.imbalance:.3f}")
+    console.print(f"cost model: {model}")
+    console.print(f"largest stage / mean = {s.imbalance:.3f}")
     for n in info_modules:
         console.print(f"--cfg.parallel_config.{n}_pp_layers {json.dumps(s.layers[n], separators=(',', ':'))}")
 
