@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import ConvertError
-from .hf_source import INDEX_NAME, SINGLE_NAME, ModelInfo
+from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
 from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
 from .plan import Entry, OutputFile, Piece, Plan
@@ -91,7 +91,7 @@ def build_mm_to_hf_plan(
         for fname, e in entries:
             groups.setdefault(fname, []).append(e)
         for path in info.files:
-            files.append(_hf_file(path.name, groups.get(path.name, []), read_metadata(path)))
+            files.append(_hf_file(safetensors_name(path.name), groups.get(path.name, []), _metadata(path)))
     else:
         limit = parse_size(max_shard_size)
         shards: list[list[Entry]] = [[]]
@@ -121,6 +121,19 @@ def build_mm_to_hf_plan(
 def build_merge_plan(info: ModelInfo, adapter: Adapter, *, max_shard_size: str | int | None = None) -> Plan:
     """HF base + LoRA adapter -> merged HF safetensors, sharded like the base unless re-sharded."""
     return build_mm_to_hf_plan(info, hf_view(info), max_shard_size=max_shard_size, adapter=adapter)
+
+
+def safetensors_name(name: str) -> str:
+    """The output name of a weight file: .bin shards become safetensors shards of the same number."""
+    if name == BIN_NAME:
+        return SINGLE_NAME
+    if name.startswith("pytorch_model-") and name.endswith(".bin"):
+        return "model-" + name.removeprefix("pytorch_model-").removesuffix(".bin") + ".safetensors"
+    return name
+
+
+def _metadata(path: Path) -> dict[str, str] | None:
+    return read_metadata(path) if path.suffix == ".safetensors" else {"format": "pt"}
 
 
 def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:

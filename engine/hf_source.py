@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_NAME = "pytorch_model.bin"
 
 
 @dataclass
@@ -133,34 +135,52 @@ def _plain_name(name: object) -> bool:
     return ".." not in Path(name).parts
 
 
+def _indexed(hf_dir: Path, index: Path, kind: str) -> tuple[list[Path], dict[str, str]]:
+    data = parse_json(read_regular(index, JSON_LIMIT, "an index"), index, "index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index}: not a valid index (expected a JSON object with a weight_map object)")
+    for key, name in weight_map.items():
+        if not _plain_name(name):
+            raise ConvertError(
+                f"{index}: weight_map[{key!r}] = {name!r}; expected the name of a {kind} file in {hf_dir}"
+            )
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not (hf_dir / name).exists():
+            key = next(k for k, v in weight_map.items() if v == name)
+            raise ConvertError(f"{index}: names {name} (for {key!r}) but {hf_dir / name} is missing")
+    return [hf_dir / n for n in names], weight_map
+
+
+def read_weights(path: Path) -> dict[str, TensorMeta]:
+    """One weight file's tensors from metadata: a safetensors header, or a torch .bin's pickle."""
+    if path.suffix == ".bin":
+        from .mm_source import read_bin_file  # the restricted unpickler lives with the rank-file reader
+
+        return read_bin_file(path)
+    return read_header(path)
+
+
 def weight_files(hf_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files to read, and the index's weight_map when sharded."""
+    """The weight files to read (safetensors, else torch .bin), and the index's weight_map when sharded."""
     index = hf_dir / INDEX_NAME
     if index.exists():
-        data = parse_json(read_regular(index, JSON_LIMIT, "an index"), index, "index")
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ConvertError(f"{index}: not a valid index (expected a JSON object with a weight_map object)")
-        for key, name in weight_map.items():
-            if not _plain_name(name):
-                raise ConvertError(
-                    f"{index}: weight_map[{key!r}] = {name!r}; expected the name of a .safetensors file in {hf_dir}"
-                )
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if not (hf_dir / name).exists():
-                key = next(k for k, v in weight_map.items() if v == name)
-                raise ConvertError(f"{index}: names {name} (for {key!r}) but {hf_dir / name} is missing")
-        return [hf_dir / n for n in names], weight_map
+        return _indexed(hf_dir, index, ".safetensors")
     single = hf_dir / SINGLE_NAME
     if single.exists():
         return [single], None
     found = sorted(hf_dir.glob("*.safetensors"))
     if found:
         return found, None
+    bin_index = hf_dir / BIN_INDEX_NAME
+    if bin_index.exists():
+        return _indexed(hf_dir, bin_index, ".bin")
+    if (hf_dir / BIN_NAME).exists():
+        return [hf_dir / BIN_NAME], None
     raise ConvertError(
-        f"hf_dir {hf_dir}: no *.safetensors weights (expected model.safetensors, or shards "
-        f"with {INDEX_NAME}); .bin/.pt weights are not read (they need unpickling)"
+        f"hf_dir {hf_dir}: no weights (expected model.safetensors, or shards with {INDEX_NAME}, or "
+        f"{BIN_NAME}, or shards with {BIN_INDEX_NAME})"
     )
 
 
@@ -184,7 +204,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     raw_names: dict[str, str] = {}
     spellings: set[str] = set()
     for path in files:
-        for raw, meta in read_header(path).items():
+        for raw, meta in read_weights(path).items():
             if weight_map is not None and weight_map.get(raw) not in (None, path.name):
                 continue  # the index says this copy is not the one to use
             name, alias = canonical_name(preset, raw)

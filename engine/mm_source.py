@@ -300,6 +300,36 @@ def read_rank_file(path: Path, *, prefix: str = "") -> dict[str, dict[str, Tenso
     return out
 
 
+def read_bin_file(path: Path) -> dict[str, TensorMeta]:
+    """{key: TensorMeta} of a Hugging Face `pytorch_model*.bin` (a torch.save'd state dict), from its pickle
+    alone, through the same unpickler as rank files: tensors become byte ranges of the zip records (CRC-checked
+    before their first read), nothing else is built, and a pickle naming anything but plain containers and
+    tensors is refused before it could run."""
+    fd = open_regular(path)
+    try:
+        magic = os.pread(fd, 2, 0)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if magic[:1] == b"\x80":  # a pickle protocol opcode: the old format is a bare pickle stream
+        raise ConvertError(
+            f"{path}: the legacy (pre-zip) torch.save format, which is not read; re-save it with "
+            "torch.save(state_dict, path) from torch >= 1.6, or as safetensors"
+        )
+    obj, records, archive = _unpickle(path)
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: holds a {type(obj).__name__}, expected a state dict of tensors")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ConvertError(f"{path}: has the key {_short(key)} ({type(key).__name__}); state-dict keys are strings")
+        if not isinstance(value, _Tensor):
+            raise ConvertError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        out[key] = _meta(path, archive, records, key, value, key)
+    return out
+
+
 def _chunk_order(name: str) -> int:
     return int(name[5:] or 0)
 

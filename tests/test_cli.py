@@ -128,7 +128,7 @@ def test_bad_hf_dirs(qwen2vl_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(qwen2vl_dir / "config.json", empty / "config.json")
-    _bad(hf_to_mm(empty, tmp_path / "out"), "no *.safetensors weights")
+    _bad(hf_to_mm(empty, tmp_path / "out"), "no weights (expected model.safetensors, or shards with model.safetensors.index.json, or pytorch_model.bin")
     _nothing_written(tmp_path, "empty")
 
 
