@@ -1,6 +1,7 @@
 """Start-up times side by side with a bare `python -c "import torch"`, alternating round by round.
 
     python bench/bench_startup.py --rounds 9
+    git archive ae5e4e1 | tar -x -C /tmp/before && python bench/bench_startup.py --baseline /tmp/before
 
 - `import torch`: the yardstick (`mm-convert -h` should take at most half of it);
 - `mm-convert -h`, `mm-convert Qwen2VLConverter hf_to_mm -h`, `mmtui -h`: help texts;
@@ -63,7 +64,7 @@ COMMANDS = {
 def once(argv: list[str], env: dict[str, str]) -> dict[str, float]:
     """Seconds from spawning to exit, and to each mark the command printed ("painted 1732.5" on stderr)."""
     start, t0 = time.time(), time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=env["TMPDIR"], timeout=120)
     took = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{argv}: exit {r.returncode}\n{r.stderr}")
@@ -74,23 +75,33 @@ def once(argv: list[str], env: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of the source (git archive COMMIT | tar -x -C DIR): its commands run in the same "
+        "rounds, through PYTHONPATH",
+    )
     args = ap.parse_args()
     load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "XDG_CACHE_HOME": cache}
-        for argv in COMMANDS.values():  # round 0: warm the page cache, build the demo checkpoint
-            once(argv, env)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "XDG_CACHE_HOME": f"{tmp}/cache", "TMPDIR": tmp}  # the temp dir is also the cwd
+        runs = {name: (argv, env) for name, argv in COMMANDS.items()}
+        if args.baseline:
+            base = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+            runs |= {f"{name} [baseline]": (argv, base) for name, argv in COMMANDS.items() if "torch" not in name}
+        for argv, e in runs.values():  # round 0: warm the page cache, build the demo checkpoint
+            once(argv, e)
         times: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for name, argv in COMMANDS.items():
-                for mark, took in once(argv, env).items():
+            for name, (argv, e) in runs.items():
+                for mark, took in once(argv, e).items():
                     times.setdefault(name if mark == "exit" else f"{name}: {mark}", []).append(took)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     torch_s = medians["python -c 'import torch'"]
     print(f"{os.cpu_count()} CPUs, load average {load:.2f} -> {os.getloadavg()[0]:.2f}, {args.rounds} rounds, medians:")
-    for name, ts in times.items():
-        print(f"  {name:42s} {medians[name]:6.3f} s  ({medians[name] / torch_s:4.2f} x import torch)")
-        print(f"  {'':42s} {' '.join(f'{t:.2f}' for t in ts)}")
+    for name, ts in sorted(times.items(), key=lambda kv: kv[0].replace(" [baseline]", "~")):
+        print(f"  {name:54s} {medians[name]:6.3f} s  ({medians[name] / torch_s:4.2f} x import torch)")
+        print(f"  {'':54s} {' '.join(f'{t:.2f}' for t in ts)}")
 
 
 if __name__ == "__main__":

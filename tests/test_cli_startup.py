@@ -63,7 +63,8 @@ def test_the_demo_checkpoint_is_cached(tmp_path: Path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     demo = tmp_path / "cache" / "mmtui" / "demo"
-    assert _imported_by(FIRST_SCREEN, env) == ["numpy", "textual"]  # the first screen needs no torch
+    imported = _imported_by(FIRST_SCREEN, env)
+    assert "textual" in imported and "torch" not in imported  # the first screen needs no torch
     assert sorted(os.listdir(demo)) == ["Qwen2-VL-tiny"]  # no temporary directory left behind
     assert sorted(os.listdir(demo / "Qwen2-VL-tiny")) == ["config.json", "model.safetensors"]
     assert os.listdir(tmp_path / "tmp") == []  # nothing in the temporary directory either
