@@ -6,6 +6,12 @@ and calls nothing*: tensors become (record, offset, shape, stride) descriptions,
 allow-list of checkpoint metadata classes become inert stand-ins, and anything else is
 refused before a single byte of tensor data is read. Each tensor is then just a byte
 range of the rank file, so the executor reads it exactly like a safetensors tensor.
+
+Every number the pickle gives (storage type, size, offset, shape, stride, key) is
+checked, each record must lie inside the file, and each carries the CRC-32 the archive
+declares for it, checked before its bytes are first used (engine/record_check.py).
+Plain containers (dict, OrderedDict, defaultdict: MindSpeed-LLM's `model` is one) load
+as dicts; a default factory is never kept, so it is never called.
 """
 
 from __future__ import annotations

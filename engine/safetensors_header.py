@@ -1,7 +1,13 @@
 """Read a safetensors header without touching tensor data.
 
 The format is an 8-byte little-endian header length, a JSON header mapping names to
-dtype / shape / data_offsets, then raw bytes. The header alone is enough to plan.
+dtype / shape / data_offsets, then raw bytes. The header alone is enough to plan, so it
+is checked as strictly as the safetensors library checks it (`Metadata::validate`):
+dims and offsets are whole numbers >= 0, each tensor's dtype x shape is its byte range,
+and the ranges, in data order, tile the data from its first byte to the file's end with
+no gap or overlap; the header is at most 100 MB of UTF-8 JSON. Beyond the library, a
+key given twice is refused (it keeps the last), and the header's objects are counted
+before it is parsed, so an absurd one is refused in bounded time and memory.
 """
 
 from __future__ import annotations

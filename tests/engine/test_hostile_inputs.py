@@ -299,6 +299,32 @@ def test_shapes_against_config(qwen2vl_dir: Path, tmp_path: Path, key: str, shap
     _one_line(exc, str(hf / "model.safetensors"), needle)
 
 
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (_reshaped("visual.blocks.1.mlp.fc1.weight", (32, 64)),
+         "visual.blocks.1.mlp.fc1.weight has shape [32, 64], but config.json says vision_config.embed_dim = 32, so "
+         "it must be [*, 32]"),
+        (_reshaped("visual.blocks.2.attn.proj.weight", (16, 64)),
+         "visual.blocks.2.attn.proj.weight has shape [16, 64], but config.json says vision_config.embed_dim = 32, "
+         "so it must be [32, *]"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.weight",
+                                 s["model.layers.0.self_attn.k_proj.weight"][:16].contiguous()),
+         "model.layers.0.self_attn.k_proj.weight has shape [16, 64], but config.json says num_key_value_heads = 2 "
+         "and q's head size is 16 (64 rows / num_attention_heads = 4), so it must be [32, *]"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weight",
+                                 s["model.layers.0.self_attn.q_proj.weight"][:62].contiguous()),
+         "model.layers.0.self_attn.q_proj.weight has shape [62, 64], but config.json says num_attention_heads = 4, "
+         "so it must be whole heads: a multiple of 4 rows"),
+    ],
+)  # fmt: skip
+def test_vision_widths_and_heads_against_config(qwen2vl_dir: Path, tmp_path: Path, edit, needle: str) -> None:
+    hf = _rewrite(qwen2vl_dir, tmp_path / "hf", edit)
+    with pytest.raises(ConvertError) as exc:
+        _plan(hf)
+    _one_line(exc, str(hf / "model.safetensors"), needle)
+
+
 def test_gate_rows_against_intermediate_size(qwen2vl_dir: Path, tmp_path: Path) -> None:
     def halve(state: dict[str, torch.Tensor]) -> None:
         for k in ("model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"):
