@@ -339,3 +339,30 @@ def test_a_saved_job_with_the_field_replays(tiny_llms: dict[str, Path], tmp_path
     (sd,) = _load(tmp_path / "out").values()
     assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in sd
     assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in sd)
+
+
+def test_dense_names_agree_with_megatron_cores_own_local_to_te_map(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """megatron-core's local layer spec carries the same renames for its distributed checkpoints
+    (`sharded_state_dict_keys_map`); applied to our local keys of a dense model it gives our TE keys."""
+    pytest.importorskip("megatron.core")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    mapping = get_gpt_layer_local_spec(
+        qk_layernorm=True, normalization="RMSNorm"
+    ).submodules.sharded_state_dict_keys_map
+    assert mapping == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                       "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}  # fmt: skip
+    hf = tiny_llms["qwen3"]
+    layout = ParallelConfig(tp_size=2, llm_pp_layers=[[2, 2]])
+    local = _load(_hf_to_mm(hf, tmp_path / "local", layout))
+    te = _load(_hf_to_mm(hf, tmp_path / "te", layout, TE))
+
+    def mapped(key: str) -> str:
+        head, sep, rest = key.partition(".layers.")
+        n, _, tail = rest.partition(".")
+        for old, new in mapping.items():
+            if sep and tail.startswith(old):
+                return f"{head}.layers.{n}.{new}{tail.removeprefix(old)}"
+        return key
+
+    assert {r: [mapped(k) for k in sd] for r, sd in local.items()} == {r: list(sd) for r, sd in te.items()}
