@@ -25,6 +25,7 @@ from .mm_view import open_view, retarget
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
 from .target import check_inputs, check_target
+from .te_names import TransformerImpl, check_preset, rename_plan, resolve
 
 
 class _Config(BaseModel):
@@ -93,6 +94,9 @@ class HfToMmConfig(_Config):
     save_megatron_args: bool = False
     """Put Megatron-LM's `args` (an argparse.Namespace: layout and model shape) and `iteration` (0 for release)
     in every rank file, for its tools/checkpoint and --use-checkpoint-args (language models)."""
+    transformer_impl: TransformerImpl = "local"
+    """Megatron-LM's --transformer-impl the output is for: transformer_engine names the norms as TE's fused
+    layers hold them (self_attention.linear_qkv.layer_norm_weight, ...); local (MindSpeed's) keeps input_layernorm."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -128,6 +132,8 @@ class MmToHfConfig(_Config):
     """Replace an existing, non-empty save_hf_dir."""
     lora: LoraConfig | None = None
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
+    transformer_impl: TransformerImpl | None = None
+    """The names mm_dir was written with (local, or transformer_engine's fused norms); default: read from the disk."""
 
     @property
     def out_dir(self) -> Path:
@@ -155,6 +161,10 @@ class ResplitConfig(_Config):
     """Write iter_NNNNNNN/ (or release/); unset: the source's iteration directory, carried into the rank files."""
     save_megatron_args: bool = False
     """Put Megatron-LM's `args` (for the target layout) and `iteration` in every rank file (language models)."""
+    source_transformer_impl: TransformerImpl | None = None
+    """The names source_dir was written with (local, or transformer_engine's fused norms); default: the disk's."""
+    transformer_impl: TransformerImpl | None = None
+    """The names to write (local, or transformer_engine's fused norms); default: the source's."""
 
     @property
     def out_dir(self) -> Path:
@@ -210,6 +220,8 @@ class LoraHfToMmConfig(_Config):
     """Layout to cut the adapter for (the base model's training layout)."""
     overwrite: bool = False
     """Replace an existing, non-empty mm_dir."""
+    transformer_impl: TransformerImpl = "local"
+    """Megatron-LM's --transformer-impl the base is trained with (adapter keys name no norms: the same either way)."""
 
     @property
     def out_dir(self) -> Path:
@@ -227,6 +239,9 @@ class LoraMmToHfConfig(_Config):
     """The Megatron LoRA checkpoint: adapter_dir, parallel_config, and r / alpha unless mmtui wrote it."""
     overwrite: bool = False
     """Replace an existing, non-empty save_hf_dir."""
+    transformer_impl: TransformerImpl | None = None
+    """Megatron-LM's --transformer-impl the adapter was trained with (adapter keys name no norms: the same either
+    way)."""
 
     @property
     def out_dir(self) -> Path:
@@ -354,7 +369,8 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.mm_dir)
         layout = cfg.parallel_config or infer_layout(info, ckpt)
-        view = open_view(info, ckpt, layout)
+        impl = resolve(info, ckpt, cfg.transformer_impl, "transformer_impl", "mm_dir")
+        view = open_view(info, ckpt, layout, forward=_forward(info, layout, ckpt.iteration, impl))
         adapter = _adapter(cfg.lora, info, layout)
         return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
     if isinstance(cfg, MergeLoraConfig):
@@ -369,7 +385,9 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
                 f"lora.adapter_dir {cfg.lora.adapter_dir}: a Megatron LoRA checkpoint; lora_hf_to_mm takes a PEFT "
                 "adapter (adapter_config.json + adapter_model.safetensors)"
             )
-        return info, peft_to_mm_plan(info, read_peft_adapter(cfg.lora.adapter_dir, info), cfg.parallel_config)
+        check_preset(info, cfg.transformer_impl, "transformer_impl")
+        plan = peft_to_mm_plan(info, read_peft_adapter(cfg.lora.adapter_dir, info), cfg.parallel_config)
+        return info, rename_plan(plan, cfg.transformer_impl)
     if isinstance(cfg, LoraMmToHfConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
         if not cfg.lora.is_megatron:
@@ -377,6 +395,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
                 f"lora.adapter_dir {cfg.lora.adapter_dir}: no {TRACKER_NAME}; lora_mm_to_hf takes a Megatron LoRA "
                 "checkpoint (a PEFT adapter is already in Hugging Face form)"
             )
+        check_preset(info, cfg.transformer_impl, "transformer_impl")
         adapter = _adapter(cfg.lora, info, None)
         assert adapter is not None
         return info, peft_plan(adapter)
@@ -387,12 +406,16 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         info = _inspect(job, cfg.hf_config.hf_dir)
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
         layout = cfg.source_parallel_config or infer_layout(info, ckpt, "source_dir")
-        view = open_view(info, ckpt, layout, "source_dir")
+        source_impl = resolve(info, ckpt, cfg.source_transformer_impl, "source_transformer_impl", "source_dir")
+        view = open_view(info, ckpt, layout, "source_dir", forward=_forward(info, layout, ckpt.iteration, source_impl))
         iteration = iteration_dir(cfg.iteration, ckpt.iteration)
         plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
-        return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
+        impl = cfg.transformer_impl or source_impl
+        check_preset(info, impl, "transformer_impl")
+        return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view), impl)
     assert isinstance(cfg, HfToMmConfig)
     info = _inspect(job, cfg.hf_config.hf_dir)
+    check_preset(info, cfg.transformer_impl, "transformer_impl")
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
@@ -400,7 +423,12 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         info, cfg.parallel_config, save_vit_only=cfg.save_vit_only, iteration=iteration_dir(cfg.iteration),
         megatron_args=cfg.save_megatron_args,
     )  # fmt: skip
-    return info, _merged(plan, _adapter(cfg.lora, info, None))
+    return info, rename_plan(_merged(plan, _adapter(cfg.lora, info, None)), cfg.transformer_impl)
+
+
+def _forward(info: ModelInfo, layout: ParallelConfig, iteration: str, impl: TransformerImpl) -> Plan:
+    """The plan a checkpoint on disk was written with, in its names: what open_view checks the disk against."""
+    return rename_plan(build_plan(info, layout, iteration=iteration), impl)
 
 
 def _adapter(lora: LoraConfig | None, info: ModelInfo, base_layout: ParallelConfig | None) -> Adapter | None:

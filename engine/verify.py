@@ -22,8 +22,9 @@ from .hf_source import ModelInfo, TensorReader, inspect_hf
 from .layout import ParallelConfig
 from .mm_source import open_checkpoint
 from .mm_view import open_view
-from .plan import Entry, Piece, grid
+from .plan import Entry, Piece, build_plan, grid
 from .safetensors_header import TensorMeta
+from .te_names import TransformerImpl, rename_plan, resolve
 
 if TYPE_CHECKING:
     from .job import Job
@@ -54,23 +55,31 @@ def hf_side(info: ModelInfo, label: str) -> Side:
     return Side(label, dict(info.tensors), tensors)
 
 
-def mm_side(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, label: str) -> Side:
-    """A Megatron checkpoint in `layout`, or in the layout read from the disk when None."""
+def mm_side(
+    info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, label: str, impl: TransformerImpl | None = None
+) -> Side:
+    """A Megatron checkpoint in `layout` and `impl`'s names, or in those read from the disk when None."""
     ckpt = open_checkpoint(mm_dir, label)
-    view = open_view(info, ckpt, layout or infer_layout(info, ckpt, label), label)
+    layout = layout or infer_layout(info, ckpt, label)
+    impl = resolve(info, ckpt, impl, "transformer_impl", label)
+    forward = rename_plan(build_plan(info, layout, iteration=ckpt.iteration), impl)
+    view = open_view(info, ckpt, layout, label, forward=forward)
     tensors = {name: (info.tensors[name].shape, view.dtypes[name], blocks) for name, blocks in view.blocks.items()}
     return Side(label, dict(view.sources), tensors)
 
 
-def open_side(path: Path, info: ModelInfo | None, layout: ParallelConfig | None, label: str) -> Side:
-    """An HF directory (config.json + safetensors) or a Megatron one (needs `info`; `layout` or the disk's)."""
+def open_side(
+    path: Path, info: ModelInfo | None, layout: ParallelConfig | None, label: str, impl: TransformerImpl | None = None
+) -> Side:
+    """An HF directory (config.json + safetensors) or a Megatron one (needs `info`; `layout` and `impl`, or
+    the disk's)."""
     if (path / "latest_checkpointed_iteration.txt").is_file():
         if info is None:
             raise ConvertError(
                 f"{label} {path}: a Megatron checkpoint; give an HF directory for its config (--hf-dir, or the "
                 "other side)"
             )
-        return mm_side(info, path, layout, label)
+        return mm_side(info, path, layout, label, impl)
     if info is not None and path.resolve() == info.hf_dir.resolve():
         return hf_side(info, label)  # already inspected
     return hf_side(inspect_hf(path, info.preset if info else None), label)
@@ -159,13 +168,13 @@ def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
         raise ConvertError(f"{job.out_dir}: verify does not read torch.distributed.checkpoint directories yet")
     if isinstance(cfg, HfToMmConfig):
         a = open_side(Path(cfg.hf_config.hf_dir), info, None, "source")
-        b = open_side(job.out_dir, info, cfg.parallel_config, "output")
+        b = open_side(job.out_dir, info, cfg.parallel_config, "output", cfg.transformer_impl)
     elif isinstance(cfg, MmToHfConfig):
-        a = open_side(Path(cfg.mm_dir), info, cfg.parallel_config, "source")
+        a = open_side(Path(cfg.mm_dir), info, cfg.parallel_config, "source", cfg.transformer_impl)
         b = open_side(job.out_dir, info, None, "output")
     else:
-        a = open_side(Path(cfg.source_dir), info, cfg.source_parallel_config, "source")
-        b = open_side(job.out_dir, info, cfg.target_parallel_config, "output")
+        a = open_side(Path(cfg.source_dir), info, cfg.source_parallel_config, "source", cfg.source_transformer_impl)
+        b = open_side(job.out_dir, info, cfg.target_parallel_config, "output", cfg.transformer_impl)
     rows = list(compare(a, b))
     first_bad = next((r for r in rows if r.status != "equal"), None)
     tail = f"; first: {first_bad.name} {first_bad.status}" if first_bad else ""

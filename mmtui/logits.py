@@ -128,6 +128,7 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, toke
             hf_config=HfConfig(hf_dir=info.hf_dir),
             source_parallel_config=layout,
             target_parallel_config=stage,
+            transformer_impl="local",  # megatron-core's local spec runs it; the source's names are read from the disk
         )
         _, plan = prepare(Job(converter=info.preset.converter, command="resplit", cfg=cfg))
         run(plan, out)

@@ -70,6 +70,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             default = "" if field.default is None or field.is_required() else f" (default: {field.default})"
             text = readable(field.rebuild_annotation()) + default
             group.add_argument(f"--{side}.{name}", dest=f"{side}__{name}", metavar="VALUE", help=text)
+        group.add_argument(
+            f"--{side}.transformer_impl",
+            dest=f"{side}__transformer_impl",
+            choices=["local", "transformer_engine"],
+            help="the names its norms are saved under (transformer_engine: TE's fused layer_norm_weight); "
+            "default: read from the disk",
+        )
         for old, name in OLD_FLAGS.items():
             p.add_argument(f"--{side}-{old}", dest=f"{side}__{name}", help=argparse.SUPPRESS)
     p.add_argument("--atol", type=float, default=0.0, help="accept differences up to this absolute value")
@@ -119,8 +126,8 @@ def main(argv: list[str]) -> None:
         )
         info = inspect_hf(hf) if hf else None
         layouts = {side: _layout(args, side) for side in "ab"}  # None: the layout on disk
-        a = open_side(args.a, info, layouts["a"], "A")
-        b = open_side(args.b, info, layouts["b"], "B")
+        a = open_side(args.a, info, layouts["a"], "A", args.a__transformer_impl)
+        b = open_side(args.b, info, layouts["b"], "B", args.b__transformer_impl)
     except ConvertError as e:
         print(f"mmtui verify: error: {e}", file=sys.stderr)
         sys.exit(2)
