@@ -61,3 +61,18 @@ INTERNVL_VARIANTS = {
 def tiny_internvls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_internvl")
     return {name: build_tiny_internvl(root / name, **kw) for name, kw in INTERNVL_VARIANTS.items()}
+
+
+DEEPSEEK_VARIANTS = {
+    # name: build_tiny_deepseek keyword arguments
+    "v3": {"shards": 2},  # MLA with q_lora_rank, 1 dense + 2 MoE layers, router bias, shared expert
+    "v3_no_q_lora": {"q_lora_rank": None},  # MLA's query in one projection (DeepSeek-V2-Lite's shape)
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseeks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.fixtures.tiny_deepseek import build_tiny_deepseek
+
+    root = tmp_path_factory.mktemp("hf_deepseek")
+    return {name: build_tiny_deepseek(root / name, **kw) for name, kw in DEEPSEEK_VARIANTS.items()}
