@@ -15,7 +15,7 @@ from tests.fixtures.reference_deepseek import expected_checkpoint
 from tests.fixtures.tiny_deepseek import tiny_deepseek_model
 from tests.fixtures.tiny_vlm import load_hf_state
 
-VARIANTS = ["v3", "v3_no_q_lora"]
+VARIANTS = ["v3", "v3_no_q_lora", "v2_lite"]
 LAYOUTS = {
     # name: (tp, ep, llm_pp_layers)
     "tp1": (1, 1, [[3]]),
@@ -62,6 +62,13 @@ def deepseek_arch(hf: Path):
     from mmtui.megatron_logits import GPTArch
 
     c = json.loads((hf / "config.json").read_text())
+    if c["model_type"] == "deepseek_v2":  # softmax over all experts, greedy top-k, not renormalised
+        router = {"moe_router_pre_softmax": True}
+    else:  # sigmoid + bias, group-limited top-k, renormalised
+        router = {
+            "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+            "moe_router_num_groups": c["n_group"], "moe_router_group_topk": c["topk_group"],
+        }  # fmt: skip
     return GPTArch(
         num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
         num_query_groups=c["num_attention_heads"], ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
@@ -75,9 +82,7 @@ def deepseek_arch(hf: Path):
             "qk_pos_emb_head_dim": c["qk_rope_head_dim"], "v_head_dim": c["v_head_dim"], "rope_type": "rope",
             "rotary_scaling_factor": 1.0,
         },
-        extra={
-            "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
-            "moe_router_num_groups": c["n_group"], "moe_router_group_topk": c["topk_group"],
+        extra=router | {
             "moe_router_topk_scaling_factor": c["routed_scaling_factor"],
             "moe_shared_expert_intermediate_size": c["moe_intermediate_size"] * c["n_shared_experts"],
         },
