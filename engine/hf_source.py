@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
+from .fp8 import dequantised
 from .preset import Preset, builtin_presets, with_language_model
 from .safetensors_header import TensorMeta, read_header
 
@@ -181,7 +182,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     info = ModelInfo(
         hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings)), raw_names
     )
-    return info
+    return dequantised(info)  # FP8 weights and their block scales: one bf16 tensor each (engine/fp8.py)
 
 
 class TensorReader:

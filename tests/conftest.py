@@ -70,6 +70,7 @@ DEEPSEEK_VARIANTS = {
     "v3": {"shards": 2},  # MLA with q_lora_rank, 1 dense + 2 MoE layers, router bias, shared expert
     "v3_no_q_lora": {"q_lora_rank": None},  # MLA's query in one projection (DeepSeek-V2-Lite's shape)
     "v2_lite": {"q_lora_rank": None, "extra": V2},  # DeepSeek-V2's model type: softmax router, no bias
+    "v3_fp8": {"fp8_block": (16, 32), "shards": 2},  # the hub's FP8 weights: 16 x 32 blocks, some partial
 }
 
 
