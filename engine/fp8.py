@@ -30,7 +30,7 @@ FP8 = "float8_e4m3fn"
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
 PARAMS_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-BAND = 16 << 20  # bytes of float32 work space per band of rows
+BAND = 4 << 20  # bytes of float32 work space per step of rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,11 @@ def is_fp8(meta: TensorMeta) -> bool:
 
 
 def fill(reader: TensorReader, meta: Fp8Meta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
-    """Rows [r0, r1), columns [c0, c1) of the dequantised weight into `dest` (uint8, rows x cols x itemsize)."""
+    """Rows [r0, r1), columns [c0, c1) of the dequantised weight into `dest` (uint8, rows x cols x itemsize).
+
+    A few rows at a time (BAND bytes of float32 at most), each block row's scales spread over the columns
+    only: the work space is BAND plus one row of scales, whatever the tensor.
+    """
     import torch
 
     assert meta.raw is not None and meta.scale is not None
@@ -132,18 +136,18 @@ def fill(reader: TensorReader, meta: Fp8Meta, r0: int, r1: int, c0: int, c1: int
     br, bc = meta.block
     scale_dtype = getattr(torch, meta.scale.dtype)
     out_dtype = getattr(torch, meta.dtype)
-    step = max(1, BAND // (4 * cols))
-    for a in range(r0, r1, step):
-        b = min(r1, a + step)
+    scale_row_bytes = meta.scale.nbytes // meta.scale.shape[0]
+    step = max(1, min(br, BAND // (4 * cols)))  # never across a block row: one row of scales per step
+    a = r0
+    while a < r1:
+        b = min(r1, a + step, (a // br + 1) * br)
         raw = np.empty((b - a) * cols, dtype=np.uint8)
         reader.read_rows_into(meta.raw, a, b, memoryview(raw))
-        s0, s1 = a // br, (b - 1) // br + 1
-        sbuf = np.empty((s1 - s0) * meta.scale.nbytes // meta.scale.shape[0], dtype=np.uint8)
-        reader.read_rows_into(meta.scale, s0, s1, memoryview(sbuf))
-        scale = torch.from_numpy(sbuf).view(scale_dtype).reshape(s1 - s0, -1).float()
-        scale = scale.repeat_interleave(br, dim=0)[a - s0 * br : b - s0 * br].repeat_interleave(bc, dim=1)[:, :cols]
+        sbuf = np.empty(scale_row_bytes, dtype=np.uint8)
+        reader.read_rows_into(meta.scale, a // br, a // br + 1, memoryview(sbuf))
+        scale = torch.from_numpy(sbuf).view(scale_dtype).float().repeat_interleave(bc)[:cols]
         w = torch.from_numpy(raw).view(torch.float8_e4m3fn).reshape(b - a, cols).float()
         w.mul_(scale)
-        del scale
-        part = w[:, c0:c1].to(out_dtype).contiguous()
-        dest[a - r0 : b - r0] = part.view(torch.uint8).numpy().reshape(b - a, c1 - c0, -1)
+        part = w[:, c0:c1].to(out_dtype)
+        dest[a - r0 : b - r0] = part.contiguous().view(torch.uint8).numpy().reshape(b - a, c1 - c0, -1)
+        a = b
