@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import fp8
 from .check import check_plan
 from .dcp_writer import METADATA_NAME, DcpWriter
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
+from .fp8 import is_fp8
 from .hf_source import TensorReader
 from .out_file import Span
 from .plan import Entry, OutputFile, Plan, grid
@@ -45,6 +47,8 @@ def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
+        if is_fp8(meta):  # dequantised on the way: not a copy of bytes
+            return None
         if p.at != at or p.col_at or (p.cols is not None and p.cols != (0, grid(meta.shape)[1])):
             return None
         if meta.shape[1:] != entry.shape[1:]:
@@ -120,6 +124,9 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
         c0, c1 = p.cols or (0, scols)
         first = p.rows[0] - p.at  # source row of target row 0
         dest = target[lo - r0 : hi - r0, p.col_at : p.col_at + c1 - c0]
+        if is_fp8(meta):
+            fp8.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
+            continue
         if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
             reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))
             continue

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import ConvertError
+from .fp8 import unquantised_config
 from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
 from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
@@ -111,6 +112,11 @@ def build_mm_to_hf_plan(
         texts[INDEX_NAME] = _index_text(files, original_index)
     copies = non_weight_files(info.hf_dir)
     notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}", *view.notes]
+    config = unquantised_config(info)
+    if config is not None:  # FP8 weights come back dequantised: the config must not call them FP8
+        copies.pop("config.json", None)
+        texts["config.json"] = config
+        notes.append("FP8 weights are written dequantised; config.json loses its quantization_config")
     if tied and any(e.transform.startswith("tied") for _, e in entries):
         notes.append("tied embeddings: the output layer is written from the embedding")
     plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)

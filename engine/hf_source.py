@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
+from .fp8 import dequantised
 from .preset import Preset, builtin_presets, with_language_model
 from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, read_header
@@ -220,7 +221,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     info = ModelInfo(
         hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings)), raw_names
     )
-    return info
+    return dequantised(info)  # FP8 weights and their block scales: one bf16 tensor each (engine/fp8.py)
 
 
 class TensorReader:

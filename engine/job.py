@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_
 
 from .disk_layout import infer_layout
 from .errors import ConvertError
+from .fp8 import with_params_dtype
 from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
@@ -26,6 +27,8 @@ from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
 from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
+
+ParamsDtype = Literal["bf16", "fp16", "fp32"]
 
 
 class _Config(BaseModel):
@@ -97,6 +100,8 @@ class HfToMmConfig(_Config):
     transformer_impl: TransformerImpl = "local"
     """Megatron-LM's --transformer-impl the output is for: transformer_engine names the norms as TE's fused
     layers hold them (self_attention.linear_qkv.layer_norm_weight, ...); local (MindSpeed's) keeps input_layernorm."""
+    params_dtype: ParamsDtype = "bf16"
+    """dtype of FP8 block-quantised weights (DeepSeek-V3's hub files) once dequantised; other tensors keep theirs."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -182,6 +187,8 @@ class HfToDcpConfig(_Config):
     """Replace an existing, non-empty dcp_dir."""
     lora: LoraConfig | None = None
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
+    params_dtype: ParamsDtype = "bf16"
+    """dtype of FP8 block-quantised weights (DeepSeek-V3's hub files) once dequantised; other tensors keep theirs."""
 
     @property
     def out_dir(self) -> Path:
@@ -400,7 +407,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         assert adapter is not None
         return info, peft_plan(adapter)
     if isinstance(cfg, HfToDcpConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
+        info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
         return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
@@ -414,7 +421,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         check_preset(info, impl, "transformer_impl")
         return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view), impl)
     assert isinstance(cfg, HfToMmConfig)
-    info = _inspect(job, cfg.hf_config.hf_dir)
+    info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
     check_preset(info, cfg.transformer_impl, "transformer_impl")
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)

@@ -195,9 +195,13 @@ def _read_toml(path: Path) -> dict:
 
 def load_preset_file(path: Path) -> Preset:
     """A preset file; `extends = "llama"` starts from presets/llama.toml, and every top-level key
-    the file gives replaces the base's (a family with Llama's tensors but its own names is five lines)."""
+    the file gives replaces the base's (a family with Llama's tensors but its own names is five lines).
+    `[[more_mappings]]` are appended to the base's mappings (a family with a few tensors more)."""
     data = _read_toml(path)
     base = data.pop("extends", None)
+    more = data.pop("more_mappings", None)
+    if more is not None and base is None:
+        raise ConvertError(f"{path}: more_mappings adds to the mappings of the preset it extends; set `extends`")
     if base is not None:
         base_path = path.with_name(f"{base}.toml")
         if not isinstance(base, str) or not base_path.is_file():
@@ -206,6 +210,8 @@ def load_preset_file(path: Path) -> Preset:
         if "extends" in parent:
             raise ConvertError(f"{path}: extends {base!r}, which extends another preset; extend the base itself")
         data = parent | data
+        if more is not None:
+            data["mappings"] = [*data.get("mappings", []), *more]
     try:
         return Preset.model_validate(data)
     except ValidationError as e:

@@ -37,6 +37,7 @@ DTYPES: dict[str, tuple[str, int]] = {
     "I8": ("int8", 1),
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),  # DeepSeek-V3's block-quantised weights (engine/fp8.py)
 }
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's own limit (MAX_HEADER_SIZE)

@@ -43,6 +43,8 @@ class GPTArch:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_layer_freq: list[int] | None = None  # 1 = MoE layer, 0 = dense MLP, per layer
+    mla: dict | None = None  # multi-latent attention: MLATransformerConfig fields (q_lora_rank, kv_lora_rank, ...)
+    extra: dict | None = None  # further TransformerConfig fields (router score function, shared experts, ...)
 
 
 def _free_port() -> int:
@@ -70,7 +72,13 @@ def _worker(
     ep = world // tp
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    config = TransformerConfig(
+    config_class, extra = TransformerConfig, dict(arch.extra or {})
+    if arch.mla is not None:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        _mla_shims()
+        config_class, extra = MLATransformerConfig, extra | {"multi_latent_attention": True} | arch.mla
+    fields = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
@@ -105,6 +113,7 @@ def _worker(
         params_dtype=torch.float32,
         attention_softmax_in_fp32=True,
     )
+    config = config_class(**(fields | extra))
     if arch.num_moe_experts:  # per-layer specs: MoE or dense MLP as moe_layer_freq says
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
@@ -135,6 +144,23 @@ def _worker(
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+
+
+def _mla_shims() -> None:
+    """MLA on CPU without Transformer Engine: the local DotProductAttention takes no k/v channel sizes (it
+    reads the value head size from kv_channels, set to v_head_dim), and MLA must not pick TE's layers."""
+    from megatron.core.transformer import dot_product_attention, multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+    cls = dot_product_attention.DotProductAttention
+    if getattr(cls, "_mmtui_shim", False):
+        return
+    init = cls.__init__
+
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):  # the shim drops k/v channels
+        init(self, *args, **kwargs)
+
+    cls.__init__, cls._mmtui_shim = __init__, True
 
 
 def megatron_logits(

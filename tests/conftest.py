@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tiny_deepseek import V2, build_tiny_deepseek
 from tests.fixtures.tiny_internvl import build_tiny_internvl
 from tests.fixtures.tiny_llm import build_tiny_llm
 from tests.fixtures.tiny_vlm import build_tiny_vlm
@@ -38,6 +39,7 @@ LLM_VARIANTS = {
     "qwen3_vocab99": {"family": "qwen3", "tied": True, "vocab_size": 99},  # divides by no TP > 1
     "mixtral": {"family": "mixtral", "shards": 2},
     "qwen3_moe": {"family": "qwen3_moe"},  # layer 1 dense (mlp_only_layers)
+    "qwen2_moe": {"family": "qwen2_moe", "shards": 2},  # layer 1 dense; a gated shared expert
 }
 
 
@@ -61,3 +63,19 @@ INTERNVL_VARIANTS = {
 def tiny_internvls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_internvl")
     return {name: build_tiny_internvl(root / name, **kw) for name, kw in INTERNVL_VARIANTS.items()}
+
+
+DEEPSEEK_VARIANTS = {
+    # name: build_tiny_deepseek keyword arguments
+    "v3": {"shards": 2},  # MLA with q_lora_rank, 1 dense + 2 MoE layers, router bias, shared expert
+    "v3_no_q_lora": {"q_lora_rank": None},  # MLA's query in one projection (DeepSeek-V2-Lite's shape)
+    "v2_lite": {"q_lora_rank": None, "extra": V2},  # DeepSeek-V2's model type: softmax router, no bias
+    "v3_fp8": {"fp8_block": (16, 32), "shards": 2},  # the hub's FP8 weights: 16 x 32 blocks, some partial
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseeks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+
+    root = tmp_path_factory.mktemp("hf_deepseek")
+    return {name: build_tiny_deepseek(root / name, **kw) for name, kw in DEEPSEEK_VARIANTS.items()}

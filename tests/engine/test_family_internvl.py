@@ -225,8 +225,9 @@ def test_unknown_language_model_is_one_clear_error(tmp_path: Path) -> None:
         inspect_hf(hf)
     assert str(e.value) == (
         f"{hf}/config.json: llm_config.architectures = ['Phi3ForCausalLM'] is not a language model InternVL can "
-        "hold; supported: InternLM2ForCausalLM, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
-        "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+        "hold; supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, InternLM2ForCausalLM, LlamaForCausalLM, "
+        "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, "
+        "Qwen3MoeForCausalLM"
     )
 
 
