@@ -33,6 +33,10 @@ FAMILIES = {
     "qwen2": "Qwen2Converter",
     "qwen3": "Qwen3Converter",
     "qwen3-moe": "Qwen3MoeConverter",
+    "qwen2-moe": "Qwen2MoeConverter",
+    "deepseek2": "DeepseekV2Converter",
+    "deepseek2-lite": "DeepseekV2Converter",
+    "deepseek3": "DeepseekV3Converter",
     "internlm2": "InternLM2Converter",
 }
 
@@ -51,7 +55,7 @@ IGNORED_SWITCH = [
 UNSUPPORTED_SWITCH = {
     "--moe-grouped-gemm": "grouped-GEMM expert weights",
     "--moe-tp-extend-ep": "experts spread over the TP group",
-    "--mla-mm-split": "MLA (DeepSeek) models",
+    "--mla-mm-split": "MindSpeed-LLM's split MLA up-projections",
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -169,8 +173,6 @@ def _check_supported(args: argparse.Namespace) -> None:
         fail(f"--expert-tensor-parallel-size {etp}: an expert TP other than the TP size is not converted yet")
     if args.mtp_num_layers:
         fail(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are not converted yet")
-    if args.transformer_impl != "local":
-        fail("--transformer-impl transformer_engine: Transformer Engine names are not written yet; use local")
     if args.schedules_method:
         fail(f"--schedules-method {args.schedules_method}: not converted yet")
     if args.ckpt_format != "torch":
@@ -184,13 +186,17 @@ def _layers(preset: Any, hf_dir: Path) -> int:
     return int(resolve_fields(preset, read_config(hf_dir), hf_dir / "config.json")[llm.layers])
 
 
-def _check_dtype(args: argparse.Namespace, hf_dir: Path) -> None:
-    """Casting is not done yet: a --params-dtype that is the model's own is fine, another is refused."""
+def _check_dtype(args: argparse.Namespace, hf_dir: Path, cfg_command: str, cfg: dict[str, Any]) -> None:
+    """FP8 weights are dequantised to --params-dtype; other weights are not cast yet: their own dtype is fine,
+    another is refused."""
     from engine.hf_source import read_config
 
     if args.params_dtype is None:
         return
     config = read_config(hf_dir)
+    if cfg_command == "hf_to_mm" and "quantization_config" in config:  # FP8 weights: dequantised to this dtype
+        cfg["params_dtype"] = args.params_dtype
+        return
     own = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("torch_dtype")
     if DTYPES[args.params_dtype] != own:
         fail(
@@ -216,6 +222,7 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         cfg = {
             "mm_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
             "parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
+            "transformer_impl": args.transformer_impl,
         }  # fmt: skip
         if args.lora_load:
             cfg["lora"] = {"adapter_dir": str(args.lora_load)}
@@ -252,10 +259,11 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         cfg = {
             "source_dir": str(args.load_dir), "target_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
             "target_parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
+            "transformer_impl": args.transformer_impl,
         }  # fmt: skip
     else:
         fail("--load-model-type hf --save-model-type hf: nothing to convert (one side must be mg)")
-    _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]))
+    _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]), command, cfg)
     if args.overwrite:
         cfg["overwrite"] = True
     return {"converter": converter, "command": command, "cfg": cfg}

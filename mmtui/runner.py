@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.errors import ConvertError
 from engine.events import FileDone, Finished, Notice, Progress, Started
 from engine.execute import execute
-from engine.job import Job, load_job, prepare
+from engine.job import Job, prepare
 
 _TRAIN_FLAGS = re.compile(r"--lora-r \d+ --lora-alpha \S+(?: --lora-use-rslora)?")
 
@@ -128,9 +128,3 @@ def guarded(prog: str) -> Iterator[None]:
     except Stopped as e:
         print(f"{prog}: cancelled; nothing was written", file=sys.stderr)
         sys.exit(128 + e.signum)
-
-
-def replay(path: str, *, prog: str = "mmtui") -> None:
-    with guarded(prog):
-        job = load_job(path)
-    run_job_cli(job, prog=prog)

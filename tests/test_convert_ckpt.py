@@ -98,6 +98,18 @@ def test_v2_spellings(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     assert sorted(one) == ["args", "checkpoint_version", "iteration", "model"]
 
 
+def test_transformer_engine_names(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """v2's --transformer-impl: Megatron-LM's TE layers hold the norms inside the next linear."""
+    hf = tiny_llms["llama"]
+    r = convert_ckpt(*V1_TO_MG, "--load-dir", str(hf), "--save-dir", str(tmp_path / "te"),
+                     "--transformer-impl", "transformer_engine")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    keys = set(_ranks(tmp_path / "te", "iter_0000001")["mp_rank_00_000"]["model"])
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in keys)
+
+
 def test_mixtral_with_expert_parallel(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
     hf = tiny_llms["mixtral"]
     r = convert_ckpt("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf",
