@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fp8
+from . import cast, fp8
+from .cast import is_cast
 from .check import check_plan
 from .dcp_writer import METADATA_NAME, DcpWriter
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
@@ -47,7 +48,7 @@ def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
-        if is_fp8(meta):  # dequantised on the way: not a copy of bytes
+        if is_fp8(meta) or is_cast(meta):  # dequantised or cast on the way: not a copy of bytes
             return None
         if p.at != at or p.col_at or (p.cols is not None and p.cols != (0, grid(meta.shape)[1])):
             return None
@@ -126,6 +127,9 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
         dest = target[lo - r0 : hi - r0, p.col_at : p.col_at + c1 - c0]
         if is_fp8(meta):
             fp8.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
+            continue
+        if is_cast(meta):
+            cast.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
             continue
         if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
             reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))

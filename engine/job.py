@@ -12,9 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
+from .cast import with_params_dtype
 from .disk_layout import infer_layout
 from .errors import ConvertError
-from .fp8 import with_params_dtype
 from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
@@ -100,8 +100,9 @@ class HfToMmConfig(_Config):
     transformer_impl: TransformerImpl = "local"
     """Megatron-LM's --transformer-impl the output is for: transformer_engine names the norms as TE's fused
     layers hold them (self_attention.linear_qkv.layer_norm_weight, ...); local (MindSpeed's) keeps input_layernorm."""
-    params_dtype: ParamsDtype = "bf16"
-    """dtype of FP8 block-quantised weights (DeepSeek-V3's hub files) once dequantised; other tensors keep theirs."""
+    params_dtype: ParamsDtype | None = None
+    """Cast every float weight to this dtype while streaming (MindSpeed-LLM's --params-dtype); unset: each keeps
+    its own, and FP8 block-quantised weights (DeepSeek-V3's hub files) are dequantised to bf16."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -187,8 +188,9 @@ class HfToDcpConfig(_Config):
     """Replace an existing, non-empty dcp_dir."""
     lora: LoraConfig | None = None
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
-    params_dtype: ParamsDtype = "bf16"
-    """dtype of FP8 block-quantised weights (DeepSeek-V3's hub files) once dequantised; other tensors keep theirs."""
+    params_dtype: ParamsDtype | None = None
+    """Cast every float weight to this dtype while streaming (MindSpeed-LLM's --params-dtype); unset: each keeps
+    its own, and FP8 block-quantised weights (DeepSeek-V3's hub files) are dequantised to bf16."""
 
     @property
     def out_dir(self) -> Path:

@@ -50,6 +50,7 @@ class Mapping(_Strict):
     blocks: int = 1
     uneven: bool = False  # tp rows that do not divide: the first rows % tp ranks take one more row
     bare: bool = False  # names are whole tensor names (InternViT's ls1, class_embedding), not .weight/.bias prefixes
+    inner: bool = False  # reads a width other than the module's hidden state (MLA's up-projections): not shape-checked
 
     @field_validator("hf", mode="before")
     @classmethod

@@ -46,13 +46,15 @@ def check_shapes(info: ModelInfo, targets: list[_Target]) -> None:
             for src in t.sources:
                 _expect(info, src, [(t.module.vocab, 0), (hidden, 1)])
             continue
-        if (t.layer is None and not t.module.vocab) or any(len(src.shape) != 2 for src in t.sources):
+        if (t.layer is None and not t.module.vocab) or mp.inner or any(len(src.shape) != 2 for src in t.sources):
             continue  # a vision encoder's patch embedding and projector; norms and other vectors
         for src in t.sources:
             _expect(info, src, [(hidden, 0 if mp.tp == "cols" else 1)])
         if mp.kind == "qkv":
             _heads(info, t)
-        if mp.kind == "gate_up" and t.module.vocab:
+        # a shared expert's width is n_shared_experts x moe_intermediate_size (DeepSeek) or
+        # shared_expert_intermediate_size (Qwen2-MoE): a family's own field, not checked here
+        if mp.kind == "gate_up" and t.module.vocab and ".shared_expert" not in mp.mm:
             inter = MOE_INTERMEDIATE if t.expert is not None and MOE_INTERMEDIATE in fields else INTERMEDIATE
             if inter in fields:
                 for src in t.sources:

@@ -187,14 +187,14 @@ def _layers(preset: Any, hf_dir: Path) -> int:
 
 
 def _check_dtype(args: argparse.Namespace, hf_dir: Path, cfg_command: str, cfg: dict[str, Any]) -> None:
-    """FP8 weights are dequantised to --params-dtype; other weights are not cast yet: their own dtype is fine,
-    another is refused."""
+    """HF -> Megatron casts to --params-dtype; the way back and re-cuts do not cast yet: the weights' own dtype
+    is fine, another is refused."""
     from engine.hf_source import read_config
 
     if args.params_dtype is None:
         return
     config = read_config(hf_dir)
-    if cfg_command == "hf_to_mm" and "quantization_config" in config:  # FP8 weights: dequantised to this dtype
+    if cfg_command == "hf_to_mm":  # every float weight cast while streaming (FP8 ones dequantised to it)
         cfg["params_dtype"] = args.params_dtype
         return
     own = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("torch_dtype")

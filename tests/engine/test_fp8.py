@@ -51,6 +51,8 @@ def test_output_equals_the_naive_dequantisation(
     kw = {} if params_dtype == "bf16" else {"params_dtype": params_dtype}
     _to_mm(hf, tmp_path / "out", ParallelConfig(tp_size=tp, ep_size=ep, llm_pp_layers=llm), **kw)
     state = naive_dequantised(load_hf_state(hf), BLOCK, DTYPES[params_dtype])
+    if kw:  # an explicit params_dtype casts every float weight, as MindSpeed-LLM's --params-dtype does
+        state = {k: v.to(DTYPES[params_dtype]) if v.is_floating_point() else v for k, v in state.items()}
     want = expected_checkpoint(state, tp=tp, pp_layers=llm, ep=ep, experts=4)
     _assert_same(_load_dir(tmp_path / "out"), want)
 
@@ -137,7 +139,15 @@ def test_params_dtype_is_checked(tiny_deepseeks: dict[str, Path], tmp_path: Path
     )))  # fmt: skip
     dtypes = {e.key: e.dtype for e in plan.files[0].entries}
     assert dtypes["decoder.layers.0.self_attention.linear_proj.weight"] == "float16"
-    assert dtypes["decoder.layers.0.input_layernorm.weight"] == "bfloat16"  # not quantised: kept as stored
+    # an explicit params_dtype casts every float weight (MindSpeed-LLM's --params-dtype), quantised or not
+    assert dtypes["decoder.layers.0.input_layernorm.weight"] == "float16"
+    assert dtypes["decoder.layers.1.mlp.router.expert_bias"] == "float16"
+    _, plan = prepare(_job(tiny_deepseeks["v3_fp8"], "hf_to_mm", HfToMmConfig(
+        mm_dir=tmp_path / "z", hf_config=HfConfig(hf_dir=tiny_deepseeks["v3_fp8"]),
+        parallel_config=ParallelConfig(llm_pp_layers=[[3]]),
+    )))  # fmt: skip
+    dtypes = {e.key: e.dtype for e in plan.files[0].entries}  # unset: FP8 to bf16, the rest as stored
+    assert dtypes["decoder.layers.0.self_attention.linear_proj.weight"] == "bfloat16"
     assert dtypes["decoder.layers.1.mlp.router.expert_bias"] == "float32"
 
 
