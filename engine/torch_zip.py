@@ -150,7 +150,7 @@ def _crc(view: memoryview, crc: int = 0) -> int:
     return crc
 
 
-def crc_spans(spans: list[Span]) -> int:
+def _crc_spans(spans: list[Span]) -> int:
     """CRC of file ranges, read through short-lived mappings of the page cache (no copy)."""
     try:
         return _crc_spans_mapped(spans)
@@ -294,7 +294,7 @@ class StreamingCheckpointWriter:
         return crc
 
     def _copy_spans(self, spans: list[Span]) -> int:
-        job = self._pool.submit(crc_spans, spans)
+        job = self._pool.submit(_crc_spans, spans)
         self._copy(spans)
         return job.result()
 

@@ -151,14 +151,13 @@ def test_each_record_read_is_checked_once(
     """Several writer threads share the source records (gate/up and q/k/v of one rank record feed several
     outputs): each record is summed exactly once, and every record a piece reads is among them."""
     summed: Counter[tuple[str, int]] = Counter()
-    real = record_check.crc_spans
+    real = record_check.crc_of
 
-    def counting(spans: list[tuple[int, int, int]]) -> int:
-        ((fd, offset, _),) = spans
-        summed[(fd_path(fd), offset)] += 1
-        return real(spans)
+    def counting(fd: int, start: int, size: int) -> int:
+        summed[(fd_path(fd), start)] += 1
+        return real(fd, start, size)
 
-    monkeypatch.setattr(record_check, "crc_spans", counting)
+    monkeypatch.setattr(record_check, "crc_of", counting)
     cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm_tp2, hf_config=HfConfig(hf_dir=qwen2vl_dir),
                        parallel_config=TP2)  # fmt: skip
     _, plan = prepare(Job(converter="Qwen2VLConverter", command="mm_to_hf", cfg=cfg))
@@ -182,3 +181,19 @@ def test_our_own_files_pass_the_check(mm_tp2: Path) -> None:
                 assert meta.record.checked
         finally:
             reader.close()
+
+
+def test_a_file_cut_short_after_planning_is_a_clear_error(mm_tp2: Path, tmp_path: Path) -> None:
+    """The check reads with pread: a rank file truncated between planning and reading is one line, not SIGBUS."""
+    copy = tmp_path / "mm"
+    shutil.copytree(mm_tp2, copy)
+    path = copy / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    meta = read_rank_file(path)["model"][QKV]
+    os.truncate(path, meta.begin + 10)
+    reader = TensorReader()
+    try:
+        with pytest.raises(ConvertError) as exc:
+            reader.row_span(meta, 0, 1)
+    finally:
+        reader.close()
+    assert str(exc.value).startswith(f"{os.path.realpath(path)}: unexpected end of file at byte {meta.begin + 10}")
