@@ -16,6 +16,7 @@ as dicts; a default factory is never kept, so it is never called.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -238,7 +239,24 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def _unpickle(path: Path) -> tuple[object, dict[str, Record], str]:
-    """(the unpickled object, the file's records by name, the archive's name); reads data.pkl only."""
+    """(the unpickled object, the file's records by name, the archive's name); reads data.pkl only.
+
+    The few files read twice while planning (the layout and the names read from the disk, then the view)
+    are read once: the same records, so each record's CRC is checked once. A file changed since is read again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _unpickle_file(path)  # its own one-line error
+    return _unpickle_cached(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _unpickle_cached(path: Path, _ino: int, _size: int, _mtime: int) -> tuple[object, dict[str, Record], str]:
+    return _unpickle_file(path)
+
+
+def _unpickle_file(path: Path) -> tuple[object, dict[str, Record], str]:
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
