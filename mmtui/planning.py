@@ -37,6 +37,7 @@ class Form:
     ep: str
     layers: dict[str, list[list[int]]] | None
     cost: str
+    disk: dict[str, Any] = field(default_factory=dict)  # noop layers / vocab padding of the layout read from disk
 
 
 @dataclass
@@ -77,10 +78,11 @@ def _fields_of(message: str, source_side: bool) -> set[str]:
     return out
 
 
-def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]]) -> Any:
+def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]], extra: dict[str, Any] | None = None) -> Any:
     from engine.layout import ParallelConfig
 
-    return ParallelConfig(tp_size=int(tp), ep_size=int(ep), **{f"{m}_pp_layers": v for m, v in layers.items()})
+    per_module = {f"{m}_pp_layers": v for m, v in layers.items()}
+    return ParallelConfig(tp_size=int(tp), ep_size=int(ep), **per_module, **(extra or {}))
 
 
 def plan_form(info: ModelInfo, form: Form) -> Planned:
@@ -98,7 +100,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         if not value.isdigit() or int(value) < 1:
             return Planned([f"{name.upper()} {value!r}: give a positive whole number"], {name}, None, None, None)
     cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
-    layout = _layout(form.tp, form.ep, form.layers)
+    reads_grid = form.direction in ("mm_to_hf", "lora_mm_to_hf")  # the grid is the layout on disk
+    layout = _layout(form.tp, form.ep, form.layers, form.disk if reads_grid else None)
     problems = layout_problems(layout, info) if form.direction not in ("merge_lora", "hf_to_dcp") else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
@@ -131,7 +134,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     else:
         try:
             src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
-            src = _layout(form.src_tp, form.src_ep, {k: v for k, v in src_layers.items() if v is not None})
+            given = {k: v for k, v in src_layers.items() if v is not None}
+            src = _layout(form.src_tp, form.src_ep, given, form.disk)
         except (ValueError, ValidationError, TypeError):
             return Planned(
                 ["Source TP and EP are positive numbers; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],

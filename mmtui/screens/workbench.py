@@ -58,6 +58,7 @@ COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
 # the inputs a problem can mark
 INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir")
 INPUTS += ("lora", "lora_r", "lora_alpha")
+DISK_FILLS = ("mm_to_hf", "resplit", "lora_mm_to_hf")  # directions whose source layout is on a disk
 TABS = ["source", "layout", "preview", "run"]
 SHORT = {"vit": "ViT", "llm": "LLM"}
 OUT_SUFFIX = {
@@ -116,6 +117,7 @@ class WorkbenchScreen(Screen[None]):
         self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
         self._planning = False  # a planning worker is running
         self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
+        self._disk: dict[str, Any] = {}  # noop layers / vocab padding of the layout last read from disk
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -225,6 +227,7 @@ class WorkbenchScreen(Screen[None]):
         self.query_one("#summary", Static).update("\n".join(lines))
         self._default_out()
         await self._rebuild_grid(self._suggested(1, 1))
+        self._read_disk()
 
     def _default_out(self) -> None:
         out = self.query_one("#out", Input)
@@ -301,7 +304,50 @@ class WorkbenchScreen(Screen[None]):
             return
         if event.input.id in ("src", "lora"):
             self._default_out()
+        if event.input.id == "src":
+            self._disk = {}
+            self._read_disk()
         self.replan()
+
+    # -- the layout of a Megatron checkpoint, read from its disk ------------------------
+    def _read_disk(self) -> None:
+        """Fill the source layout from the checkpoint the Megatron dir names, as soon as it is one:
+        nobody should have to restate what the disk says. The user may still edit it (the plan then
+        checks the edit against the disk)."""
+        src = self._value("src")
+        if self.info is None or self.direction not in DISK_FILLS or not src or not Path(src).expanduser().is_dir():
+            return
+        self._infer(self.info, src, self.direction)
+
+    @work(thread=True, group="disk")
+    def _infer(self, info: ModelInfo, src: str, direction: str) -> None:
+        from engine.disk_layout import infer_layout
+        from engine.errors import ConvertError
+        from engine.mm_source import open_checkpoint
+
+        try:
+            layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))
+        except (ConvertError, OSError):
+            return  # not (yet) a checkpoint of this model: the plan says what is wrong with it
+        self.app.call_from_thread(self._disk_read, layout, info, src, direction)
+
+    async def _disk_read(self, layout: Any, info: ModelInfo, src: str, direction: str) -> None:
+        if info is not self.info or src != self._value("src") or direction != self.direction:
+            return  # the fields changed since: this layout is of another question
+        layers = {m.name: getattr(layout, f"{m.name}_pp_layers") for m in info.preset.modules}
+        self._disk = layout.model_dump(include={"noop_layers", "make_vocab_size_divisible_by"}, exclude_none=True)
+        if direction == "resplit":
+            for name, value in (("src_tp", layout.tp_size), ("src_ep", layout.ep_size)):
+                self.query_one(f"#{name}", Input).value = str(value)
+            for m in ("llm", "vit"):  # the modules a model can have (presets/*.toml)
+                text = json.dumps(layers[m], separators=(",", ":")) if m in layers else ""
+                self.query_one(f"#src_{m}", Input).value = text
+            self.replan()
+            return
+        self.query_one("#tp", Input).value = str(layout.tp_size)
+        self.query_one("#ep", Input).value = str(layout.ep_size)
+        await self._rebuild_grid(layers)
+        self.notify(f"layout read from {src}: TP {layout.tp_size}, PP {len(next(iter(layers.values()))[0])}")
 
     @on(Checkbox.Changed)
     def _overwrite_changed(self) -> None:
@@ -315,6 +361,8 @@ class WorkbenchScreen(Screen[None]):
                 self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
+        self._disk = {}
+        self._read_disk()
         self.replan()
 
     @on(Input.Submitted, "#hf_dir")
@@ -339,6 +387,7 @@ class WorkbenchScreen(Screen[None]):
             ep=self._value("ep"),
             layers=self.query_one("#grid", StageGrid).read(),
             cost=str(self.query_one("#cost", Select).value),
+            disk=dict(self._disk),
         )
 
     def replan(self) -> None:
