@@ -33,7 +33,7 @@ from textual.widgets import (
 )
 
 from ..planning import Form, Planned
-from ..widgets.format import count, size
+from ..widgets.format import count, rate, size
 from ..widgets.preview import PlanPreview
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
@@ -88,9 +88,9 @@ def _field(label: str, widget, *classes: str) -> Horizontal:
 
 class WorkbenchScreen(Screen[None]):
     BINDINGS = [
-        Binding("f2", "tab('source')", "Source"),
-        Binding("f3", "tab('layout')", "Layout"),
-        Binding("f4", "tab('preview')", "Preview"),
+        Binding("f2", "tab('source')", "Source", show=False),  # the tab labels name their keys
+        Binding("f3", "tab('layout')", "Layout", show=False),
+        Binding("f4", "tab('preview')", "Preview", show=False),
         Binding("f5", "tab('run')", "Run tab", show=False),
         Binding("ctrl+b", "suggest", "Suggest"),
         Binding("ctrl+r", "run", "Run"),
@@ -123,7 +123,7 @@ class WorkbenchScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(initial="source", id="tabs"):
-            with TabPane("Source [F2]", id="source"), Horizontal(id="source-top"):
+            with TabPane("Source F2", id="source"), Horizontal(id="source-top"):
                 with Vertical(id="form"):
                     direction = Select(DIRECTIONS, value="hf_to_mm", allow_blank=False, id="direction")
                     yield _field("Direction", direction)
@@ -135,7 +135,7 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
                     src_vit = Input(id="src_vit", placeholder="[[3,0]]")
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
-                    lora = Input(id="lora", placeholder="optional: a PEFT adapter, merged into the output")
+                    lora = Input(id="lora", placeholder="optional: a PEFT adapter to merge in")
                     yield _field("LoRA adapter", lora, "needs-lora")
                     rank = Input(id="lora_r", placeholder="only for an adapter mmtui did not write", restrict=r"\d*")
                     yield _field("LoRA r", rank, "needs-lora-rank")
@@ -145,7 +145,7 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
                 with VerticalScroll(id="summary-box"):
                     yield Static("Give a Hugging Face model directory and press enter.", id="summary")
-            with TabPane("Layout [F3]", id="layout"):
+            with TabPane("Layout F3", id="layout"):
                 with Horizontal(id="layout-top", classes="needs-layout"):
                     yield Label("TP")
                     yield Input("1", id="tp", restrict=r"\d*")
@@ -160,12 +160,15 @@ class WorkbenchScreen(Screen[None]):
                 yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
                 yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
                 yield Static("", id="flags", classes="needs-layout")
-            with TabPane("Preview [F4]", id="preview-tab"):
+            with TabPane("Preview F4", id="preview-tab"):
                 yield PlanPreview(id="plan-preview")
-            with TabPane("Run [F5]", id="run"):
+            with TabPane("Run F5", id="run"):
                 yield RunPanel(id="runpanel")
         yield Static("", id="problems")
         yield Footer()
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < 110, "narrow")  # the summary goes below the form: both fit 80x24
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
@@ -216,14 +219,16 @@ class WorkbenchScreen(Screen[None]):
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
         self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
-        lines = [f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"]
-        for m in summary.modules:
-            lines.append(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}")
-        lines.append(" · ".join(f"{k} {v}" for k, v in summary.fields.items()))
-        lines.append(f"{summary.tensors} tensors · {summary.dtypes} · {size(info.total_bytes)}")
-        lines.append(f"files: {', '.join(summary.files)}")
-        lines.append(f"TP sizes that fit: {', '.join(map(str, summary.tp_sizes))}")
-        lines += [f"[yellow]{w}[/yellow]" for w in summary.warnings]
+        files = summary.files if len(summary.files) <= 2 else [summary.files[0], f"… {len(summary.files)} files"]
+        modules = summary.modules
+        lines = [
+            f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"
+            f" · TP sizes that fit: {', '.join(map(str, summary.tp_sizes))}",
+            *(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}" for m in modules),
+            " · ".join(f"{k}={v}" for k, v in summary.fields.items()),  # a line wraps between fields
+            f"{summary.tensors} tensors · {summary.dtypes} · {size(info.total_bytes)} in {', '.join(files)}",
+            *(f"[yellow]{w}[/yellow]" for w in summary.warnings),
+        ]
         self.query_one("#summary", Static).update("\n".join(lines))
         self._default_out()
         await self._rebuild_grid(self._suggested(1, 1))
@@ -509,11 +514,11 @@ class WorkbenchScreen(Screen[None]):
                     call(panel.file_done, ev.index, ev.path)
                 elif isinstance(ev, Finished):
                     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    rate = ev.total_bytes / max(ev.seconds, 1e-9) / 1e9
+                    speed = rate(ev.total_bytes / max(ev.seconds, 1e-9))
                     call(panel.progress, ev.total_bytes, ev.total_bytes)
                     call(
                         panel.finish,
-                        f"[green]done[/green]: {size(ev.total_bytes)} in {ev.seconds:.1f} s ({rate:.2f} GB/s), "
+                        f"[green]done[/green]: {size(ev.total_bytes)} in {ev.seconds:.1f} s ({speed}), "
                         f"peak memory {peak:.0f} MB -> {ev.out_dir}   ctrl+t verifies it against the source",
                     )
                     self.finished_job = job
