@@ -57,7 +57,7 @@ DIRECTIONS = [
 COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
 # the inputs a problem can mark
 INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir")
-INPUTS += ("lora", "lora_r", "lora_alpha")
+INPUTS += ("lora", "lora_r", "lora_alpha", "vit_tokens", "llm_tokens", "dp", "device_gib")
 DISK_FILLS = ("mm_to_hf", "resplit", "lora_mm_to_hf")  # directions whose source layout is on a disk
 TABS = ["source", "layout", "preview", "run"]
 SHORT = {"vit": "ViT", "llm": "LLM"}
@@ -157,9 +157,19 @@ class WorkbenchScreen(Screen[None]):
                     yield Input("1", id="vpp", restrict=r"\d*")
                     yield Select(COSTS, value="params", allow_blank=False, id="cost")
                     yield Button("Suggest", id="suggest", variant="primary")
+                with Horizontal(id="layout-opts", classes="needs-layout"):
+                    yield Label("ViT tokens", classes="needs-flops needs-vit")
+                    yield Input("1024", id="vit_tokens", restrict=r"\d*", classes="needs-flops needs-vit")
+                    yield Label("LLM tokens", classes="needs-flops")
+                    yield Input("4096", id="llm_tokens", restrict=r"\d*", classes="needs-flops")
+                    yield Label("DP")
+                    yield Input("", id="dp", placeholder="= EP", restrict=r"\d*")
+                    yield Label("device GiB")
+                    yield Input("", id="device_gib", placeholder="e.g. 64", restrict=r"[\d.]*")
                 yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
                 yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
                 yield Static("", id="flags", classes="needs-layout")
+                yield Static("", id="fits", classes="needs-layout")
             with TabPane("Preview F4", id="preview-tab"):
                 yield PlanPreview(id="plan-preview")
             with TabPane("Run F5", id="run"):
@@ -172,6 +182,7 @@ class WorkbenchScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
+        self.set_class(True, "cost-params")
         self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
         if self.hf_dir:
             self.open_model(self.hf_dir)
@@ -250,7 +261,12 @@ class WorkbenchScreen(Screen[None]):
 
         assert self.info is not None
         try:
-            return suggest(self.info, pp, vpp, str(self.query_one("#cost", Select).value)).layers  # type: ignore[arg-type]
+            tokens = {
+                name: int(self._value(name)) if self._value(name).isdigit() and int(self._value(name)) else default
+                for name, default in (("vit_tokens", 1024), ("llm_tokens", 4096))
+            }  # the Suggest of a half-typed count uses the default
+            cost = str(self.query_one("#cost", Select).value)
+            return suggest(self.info, pp, vpp, cost, **tokens).layers  # type: ignore[arg-type]
         except ConvertError:
             return {m.name: [[0] * pp for _ in range(vpp)] for m in self.info.preset.modules}
 
@@ -300,6 +316,7 @@ class WorkbenchScreen(Screen[None]):
 
     @on(Select.Changed, "#cost")
     def _cost_changed(self) -> None:
+        self.set_class(self.query_one("#cost", Select).value != "flops", "cost-params")
         self.replan()
 
     # -- planning (a worker, so big models do not stall typing) ---------------------
@@ -393,6 +410,10 @@ class WorkbenchScreen(Screen[None]):
             layers=self.query_one("#grid", StageGrid).read(),
             cost=str(self.query_one("#cost", Select).value),
             disk=dict(self._disk),
+            vit_tokens=self._value("vit_tokens"),
+            llm_tokens=self._value("llm_tokens"),
+            dp=self._value("dp"),
+            device_gib=self._value("device_gib"),
         )
 
     def replan(self) -> None:
@@ -444,8 +465,14 @@ class WorkbenchScreen(Screen[None]):
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
+        from engine.balance import format_cost
+
         cost = str(self.query_one("#cost", Select).value)
-        grid.show_costs(result.cells, (lambda c: f"{c / 1e12:.2f} TFLOP") if cost == "flops" else count)
+        grid.show_costs(result.cells, lambda c: format_cost(c, cost))  # type: ignore[arg-type]
+        fits = self.query_one("#fits", Static)
+        head = "[b]Will it fit?[/b] weights, grads and Adam per rank (no activations)"
+        fits.update("\n".join([head, *result.memory]))
+        fits.display = bool(result.memory)
         self.plan, self.job = result.plan, result.job
         layers = grid.read()
         self.query_one("#flags", Static).update(
