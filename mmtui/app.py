@@ -16,14 +16,17 @@ from textual.worker import WorkerFailed
 from .screens.confirm import ConfirmScreen
 from .screens.workbench import WorkbenchScreen
 
+QUIT_QUESTION = "A conversion is running. Quit and discard it? Nothing partial is kept."
+
 
 class MmtuiApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "mmtui"
     SUB_TITLE = "Hugging Face ↔ Megatron / MindSpeed checkpoints"  # the screen's own names its direction
     BINDINGS = [
-        Binding("q", "request_quit", "Quit"),
-        Binding("ctrl+q", "request_quit", "Quit", show=False, priority=True),  # Textual's own quits unasked
+        Binding("q", "request_quit", "Quit", show=False),
+        # shown: it works in a text field too (Textual's own ctrl+q quits unasked)
+        Binding("ctrl+q", "request_quit", "Quit", priority=True),
     ]
 
     def __init__(self, hf_dir: Path | None = None, out_dir: Path | None = None) -> None:
@@ -62,8 +65,7 @@ class MmtuiApp(App[None]):
             await self.workers.wait_for_complete()
             self.exit()
 
-        question = "A conversion is running. Quit and discard it? Nothing partial is kept."
-        self.push_screen(ConfirmScreen(question), answered)
+        self.push_screen(ConfirmScreen(QUIT_QUESTION), answered)
 
 
 def make_app(hf_dir: str | Path | None = None, *, demo: bool = False, out_dir: Path | None = None) -> MmtuiApp:

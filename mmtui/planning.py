@@ -37,6 +37,11 @@ class Form:
     ep: str
     layers: dict[str, list[list[int]]] | None
     cost: str
+    disk: dict[str, Any] = field(default_factory=dict)  # noop layers / vocab padding of the layout read from disk
+    vit_tokens: str = "1024"  # what one sample holds, for the flops cost model
+    llm_tokens: str = "4096"
+    dp: str = ""  # data-parallel size (empty: EP, the smallest there is) and device memory (GiB) for "will it fit?"
+    device_gib: str = ""  # noop layers / vocab padding of the layout read from disk
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Planned:
     job: Job | None
     cells: list[list[int]] | None  # cost of every (chunk, stage) cell of the grid
     notes: list[str] = field(default_factory=list)  # worth knowing, not in the way
+    memory: list[str] = field(default_factory=list)  # "will it fit?": training memory per rank of the layout
 
 
 # words of an engine message -> the input it is about
@@ -77,10 +83,11 @@ def _fields_of(message: str, source_side: bool) -> set[str]:
     return out
 
 
-def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]]) -> Any:
+def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]], extra: dict[str, Any] | None = None) -> Any:
     from engine.layout import ParallelConfig
 
-    return ParallelConfig(tp_size=int(tp), ep_size=int(ep), **{f"{m}_pp_layers": v for m, v in layers.items()})
+    per_module = {f"{m}_pp_layers": v for m, v in layers.items()}
+    return ParallelConfig(tp_size=int(tp), ep_size=int(ep), **per_module, **(extra or {}))
 
 
 def plan_form(info: ModelInfo, form: Form) -> Planned:
@@ -94,11 +101,15 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
 
     if form.layers is None:
         return Planned(["every stage cell needs a layer count (0 or more)"], set(), None, None, None)
-    for name, value in (("tp", form.tp), ("ep", form.ep)):
+    whole = {"tp": ("TP", form.tp), "ep": ("EP", form.ep)}
+    whole |= {"vit_tokens": ("ViT tokens", form.vit_tokens), "llm_tokens": ("LLM tokens", form.llm_tokens)}
+    for name, (label, value) in whole.items():
         if not value.isdigit() or int(value) < 1:
-            return Planned([f"{name.upper()} {value!r}: give a positive whole number"], {name}, None, None, None)
-    cells = cell_costs(info, form.layers, form.cost)  # type: ignore[arg-type]
-    layout = _layout(form.tp, form.ep, form.layers)
+            return Planned([f"{label} {value!r}: give a positive whole number"], {name}, None, None, None)
+    tokens = {"vit_tokens": int(form.vit_tokens), "llm_tokens": int(form.llm_tokens)}
+    cells = cell_costs(info, form.layers, form.cost, **tokens)  # type: ignore[arg-type]
+    reads_grid = form.direction in ("mm_to_hf", "lora_mm_to_hf")  # the grid is the layout on disk
+    layout = _layout(form.tp, form.ep, form.layers, form.disk if reads_grid else None)
     problems = layout_problems(layout, info) if form.direction not in ("merge_lora", "hf_to_dcp") else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
@@ -131,7 +142,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     else:
         try:
             src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
-            src = _layout(form.src_tp, form.src_ep, {k: v for k, v in src_layers.items() if v is not None})
+            given = {k: v for k, v in src_layers.items() if v is not None}
+            src = _layout(form.src_tp, form.src_ep, given, form.disk)
         except (ValueError, ValidationError, TypeError):
             return Planned(
                 ["Source TP and EP are positive numbers; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],
@@ -176,4 +188,43 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     if full:
         notes.append(f"will not fit: {full}; Run will refuse it")
         bad.add("out")
-    return Planned([], bad, plan, job, cells, notes)
+    if form.direction in ("merge_lora", "hf_to_dcp"):
+        return Planned([], bad, plan, job, cells, notes)
+    try:
+        memory = will_it_fit(info, layout, form.dp, form.device_gib)
+    except ConvertError as e:
+        field_name = "dp" if str(e).startswith("dp") else "device_gib"
+        return Planned([str(e)], bad | {field_name}, None, None, cells, notes)  # every problem stops Run
+    return Planned([], bad, plan, job, cells, notes, memory)
+
+
+def will_it_fit(info: ModelInfo, layout: Any, dp: str, device_gib: str) -> list[str]:
+    """Training memory per rank of `layout` (weights, grads, Adam; no activations), with the plain and the
+    distributed optimizer over `dp`: a verdict per optimizer against `device_gib`, then each pipeline
+    stage's largest rank."""
+    from engine.errors import ConvertError
+    from engine.train_memory import fits, human_bytes, train_memory
+
+    dp = dp or str(layout.ep_size)  # unset: the smallest data-parallel size the layout allows
+    if not dp.isdigit() or int(dp) < 1:
+        raise ConvertError(f"dp {dp!r}: give the data-parallel size as a whole number >= 1")
+    try:
+        device = float(device_gib) if device_gib else None
+    except ValueError:
+        device = -1.0
+    if device is not None and not 0 < device < float("inf"):
+        raise ConvertError(f"device memory {device_gib!r}: give one device's memory in GiB, a number > 0 (e.g. 64)")
+    plain = train_memory(info, layout, int(dp), distributed_optimizer=False)
+    dist = train_memory(info, layout, int(dp), distributed_optimizer=True)
+    lines = []
+    for what, ranks in (("plain optimizer", plain), (f"distributed optimizer over dp {dp}", dist)):
+        top = max(r.total for r in ranks)
+        verdict = fits(ranks, device)[1] if device is not None else f"{human_bytes(top)} / rank at most"
+        lines.append(f"{what}: {verdict}")
+    stages: dict[int, tuple[int, int]] = {}
+    for p, d in zip(plain, dist, strict=True):
+        a, b = stages.get(p.pp_rank, (0, 0))
+        stages[p.pp_rank] = (max(a, p.total), max(b, d.total))
+    per = " · ".join(f"{s}: {human_bytes(a)} / {human_bytes(b)}" for s, (a, b) in sorted(stages.items()))
+    lines.append(f"per stage, largest TP rank (plain / distributed): {per}")
+    return lines

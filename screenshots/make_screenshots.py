@@ -42,12 +42,21 @@ async def shoot(size: tuple[int, int]) -> None:
             await pilot.press("f3")
             screen.query_one("#tp").value = "2"
             screen.query_one("#pp").value = "2"
+            screen.query_one("#dp").value = "4"  # will it fit? on 64 GiB devices, data-parallel size 4
+            screen.query_one("#device_gib").value = "64"
             await settle(pilot)
             save("2-layout")
             app.theme = "textual-light"  # the same step in a light theme: every colour is a theme variable
             await settle(pilot)
             save("2-layout-light")
             app.theme = "textual-dark"
+            await settle(pilot)
+            screen.query_one("#cost").value = "flops"  # the FLOPs model, its token counts, VPP stage totals
+            screen.query_one("#vpp").value = "2"
+            await settle(pilot)
+            save("2-layout-flops-vpp")
+            screen.query_one("#cost").value = "params"
+            screen.query_one("#vpp").value = "1"
             await settle(pilot)
             cell = screen.query_one("#cell-llm-0-0")
             cell.value = "3"
@@ -76,6 +85,13 @@ async def shoot(size: tuple[int, int]) -> None:
             await settle(pilot)
             save("7-help")
             await pilot.press("escape")
+            await settle(pilot)
+            await pilot.press("f2")
+            screen.query_one("#direction").value = "resplit"  # the longest form: still no scrolling at 80x24
+            await settle(pilot)
+            save("1-source-resplit")
+            screen.query_one("#direction").value = "hf_to_mm"
+            await settle(pilot)
             await pilot.press("ctrl+o")
             await pilot.pause(0.5)  # not settle(): the directory tree's loader worker never completes
             save("0-open")

@@ -12,8 +12,11 @@ class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [("y", "answer(True)", "Yes"), ("n", "answer(False)", "No"), ("escape", "answer(False)", "No")]
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical { width: 60; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
+    ConfirmScreen > Vertical {
+        width: 64; max-width: 100%; height: auto; border: thick $warning; background: $surface; padding: 1 2;
+    }
     ConfirmScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
+    ConfirmScreen Label { width: 100%; }
     ConfirmScreen Button { margin-left: 2; }
     """
 
@@ -25,8 +28,8 @@ class ConfirmScreen(ModalScreen[bool]):
         with Vertical():
             yield Label(self.question)
             with Horizontal():
-                yield Button("Quit [y]", variant="error", id="yes")
-                yield Button("Keep running [n]", variant="primary", id="no")
+                yield Button("Quit (y)", variant="error", id="yes")
+                yield Button("Keep running (n)", variant="primary", id="no")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

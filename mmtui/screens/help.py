@@ -8,26 +8,22 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 HELP = """\
-[b]mmtui[/b] — cut Hugging Face checkpoints into Megatron / MindSpeed layouts, and back.
+[b]mmtui[/b]: Hugging Face checkpoints to Megatron / MindSpeed layouts, and back.
 
-[b]Steps[/b] (tabs; click them or press the key)
-  F2  Source    direction: each mm-convert command (HF → MM, MM → HF, re-split,
-                HF → DCP, merge a LoRA, a LoRA adapter either way); directories
-  F3  Layout    TP, PP, VPP and layers per stage for each module; live validation
-  F4  Preview   one row per output file; enter lists its tensors; type to filter
-  F5  Run       progress, per-file completion, log, summary
-
+[b]Steps[/b] (tabs: click them or press the key)
+  F2  Source   the direction (each mm-convert command) and the directories
+  F3  Layout   TP, EP, PP, VPP, layers per stage; checked as you type
+  F4  Preview  one row per output file; enter lists its tensors; filter
+  F5  Run      progress, files done, log, summary
 [b]Keys[/b]
-  ctrl+b   Suggest a balanced split (cost model: parameters or FLOPs)
-  ctrl+r   Run the conversion           escape  cancel a run / previous step
-  ctrl+s   Save the job as TOML         ctrl+l  show (and copy) the mm-convert command
-  ctrl+t   Verify (test) the output against the source after a run
-  ctrl+o   Open another model directory (a tree to pick from)
-  tab / shift+tab  move between fields    q / ctrl+q  quit (asks while a run is going)
-  ? / F1   this help
+  ctrl+b  suggest a balanced split    ctrl+r  run the conversion
+  ctrl+s  save the job as TOML        ctrl+l  the mm-convert command
+  ctrl+t  verify the output           ctrl+o  open another model
+  escape  cancel a run / step back    tab     next field
+  q       quit (asks while running)   F1 / ?  this help
 
-Nothing is written before Run; output goes to a temporary sibling and is renamed into
-place when complete, so a cancelled run leaves nothing behind.
+Nothing is written before Run. The output goes to a temporary sibling,
+renamed into place when complete: a cancelled run leaves nothing behind.
 """
 
 
@@ -38,7 +34,7 @@ class TextScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     TextScreen { align: center middle; }
     TextScreen > VerticalScroll {
-        width: 90%; max-width: 100; height: auto; max-height: 90%;
+        width: 100%; max-width: 84; height: auto; max-height: 100%;
         border: thick $primary; background: $surface; padding: 0 1;
     }
     """

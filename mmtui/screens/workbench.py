@@ -33,7 +33,7 @@ from textual.widgets import (
 )
 
 from ..planning import Form, Planned
-from ..widgets.format import count, size
+from ..widgets.format import count, rate, size
 from ..widgets.preview import PlanPreview
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
@@ -57,7 +57,8 @@ DIRECTIONS = [
 COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
 # the inputs a problem can mark
 INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir")
-INPUTS += ("lora", "lora_r", "lora_alpha")
+INPUTS += ("lora", "lora_r", "lora_alpha", "vit_tokens", "llm_tokens", "dp", "device_gib")
+DISK_FILLS = ("mm_to_hf", "resplit", "lora_mm_to_hf")  # directions whose source layout is on a disk
 TABS = ["source", "layout", "preview", "run"]
 SHORT = {"vit": "ViT", "llm": "LLM"}
 OUT_SUFFIX = {
@@ -87,9 +88,9 @@ def _field(label: str, widget, *classes: str) -> Horizontal:
 
 class WorkbenchScreen(Screen[None]):
     BINDINGS = [
-        Binding("f2", "tab('source')", "Source"),
-        Binding("f3", "tab('layout')", "Layout"),
-        Binding("f4", "tab('preview')", "Preview"),
+        Binding("f2", "tab('source')", "Source", show=False),  # the tab labels name their keys
+        Binding("f3", "tab('layout')", "Layout", show=False),
+        Binding("f4", "tab('preview')", "Preview", show=False),
         Binding("f5", "tab('run')", "Run tab", show=False),
         Binding("ctrl+b", "suggest", "Suggest"),
         Binding("ctrl+r", "run", "Run"),
@@ -116,12 +117,13 @@ class WorkbenchScreen(Screen[None]):
         self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
         self._planning = False  # a planning worker is running
         self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
+        self._disk: dict[str, Any] = {}  # noop layers / vocab padding of the layout last read from disk
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(initial="source", id="tabs"):
-            with TabPane("Source [F2]", id="source"), Horizontal(id="source-top"):
+            with TabPane("Source F2", id="source"), Horizontal(id="source-top"):
                 with Vertical(id="form"):
                     direction = Select(DIRECTIONS, value="hf_to_mm", allow_blank=False, id="direction")
                     yield _field("Direction", direction)
@@ -133,7 +135,7 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
                     src_vit = Input(id="src_vit", placeholder="[[3,0]]")
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
-                    lora = Input(id="lora", placeholder="optional: a PEFT adapter, merged into the output")
+                    lora = Input(id="lora", placeholder="optional: a PEFT adapter to merge in")
                     yield _field("LoRA adapter", lora, "needs-lora")
                     rank = Input(id="lora_r", placeholder="only for an adapter mmtui did not write", restrict=r"\d*")
                     yield _field("LoRA r", rank, "needs-lora-rank")
@@ -143,7 +145,7 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
                 with VerticalScroll(id="summary-box"):
                     yield Static("Give a Hugging Face model directory and press enter.", id="summary")
-            with TabPane("Layout [F3]", id="layout"):
+            with TabPane("Layout F3", id="layout"):
                 with Horizontal(id="layout-top", classes="needs-layout"):
                     yield Label("TP")
                     yield Input("1", id="tp", restrict=r"\d*")
@@ -155,18 +157,32 @@ class WorkbenchScreen(Screen[None]):
                     yield Input("1", id="vpp", restrict=r"\d*")
                     yield Select(COSTS, value="params", allow_blank=False, id="cost")
                     yield Button("Suggest", id="suggest", variant="primary")
+                with Horizontal(id="layout-opts", classes="needs-layout"):
+                    yield Label("ViT tokens", classes="needs-flops needs-vit")
+                    yield Input("1024", id="vit_tokens", restrict=r"\d*", classes="needs-flops needs-vit")
+                    yield Label("LLM tokens", classes="needs-flops")
+                    yield Input("4096", id="llm_tokens", restrict=r"\d*", classes="needs-flops")
+                    yield Label("DP")
+                    yield Input("", id="dp", placeholder="= EP", restrict=r"\d*")
+                    yield Label("device GiB")
+                    yield Input("", id="device_gib", placeholder="e.g. 64", restrict=r"[\d.]*")
                 yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
                 yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
                 yield Static("", id="flags", classes="needs-layout")
-            with TabPane("Preview [F4]", id="preview-tab"):
+                yield Static("", id="fits", classes="needs-layout")
+            with TabPane("Preview F4", id="preview-tab"):
                 yield PlanPreview(id="plan-preview")
-            with TabPane("Run [F5]", id="run"):
+            with TabPane("Run F5", id="run"):
                 yield RunPanel(id="runpanel")
         yield Static("", id="problems")
         yield Footer()
 
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < 110, "narrow")  # the summary goes below the form: both fit 80x24
+
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
+        self.set_class(True, "cost-params")
         self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
         if self.hf_dir:
             self.open_model(self.hf_dir)
@@ -214,17 +230,20 @@ class WorkbenchScreen(Screen[None]):
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
         self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
-        lines = [f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"]
-        for m in summary.modules:
-            lines.append(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}")
-        lines.append(" · ".join(f"{k} {v}" for k, v in summary.fields.items()))
-        lines.append(f"{summary.tensors} tensors · {summary.dtypes} · {size(info.total_bytes)}")
-        lines.append(f"files: {', '.join(summary.files)}")
-        lines.append(f"TP sizes that fit: {', '.join(map(str, summary.tp_sizes))}")
-        lines += [f"[yellow]{w}[/yellow]" for w in summary.warnings]
+        files = summary.files if len(summary.files) <= 2 else [summary.files[0], f"… {len(summary.files)} files"]
+        modules = summary.modules
+        lines = [
+            f"[b]{info.preset.title}[/b] · {info.preset.converter} · {info.hf_dir.name}"
+            f" · TP sizes that fit: {', '.join(map(str, summary.tp_sizes))}",
+            *(f"[b]{m.title}[/b]: {m.layers} layers · {count(m.params)} params · {size(m.nbytes)}" for m in modules),
+            " · ".join(f"{k}={v}" for k, v in summary.fields.items()),  # a line wraps between fields
+            f"{summary.tensors} tensors · {summary.dtypes} · {size(info.total_bytes)} in {', '.join(files)}",
+            *(f"[yellow]{w}[/yellow]" for w in summary.warnings),
+        ]
         self.query_one("#summary", Static).update("\n".join(lines))
         self._default_out()
         await self._rebuild_grid(self._suggested(1, 1))
+        self._read_disk()
 
     def _default_out(self) -> None:
         out = self.query_one("#out", Input)
@@ -242,7 +261,12 @@ class WorkbenchScreen(Screen[None]):
 
         assert self.info is not None
         try:
-            return suggest(self.info, pp, vpp, str(self.query_one("#cost", Select).value)).layers  # type: ignore[arg-type]
+            tokens = {
+                name: int(self._value(name)) if self._value(name).isdigit() and int(self._value(name)) else default
+                for name, default in (("vit_tokens", 1024), ("llm_tokens", 4096))
+            }  # the Suggest of a half-typed count uses the default
+            cost = str(self.query_one("#cost", Select).value)
+            return suggest(self.info, pp, vpp, cost, **tokens).layers  # type: ignore[arg-type]
         except ConvertError:
             return {m.name: [[0] * pp for _ in range(vpp)] for m in self.info.preset.modules}
 
@@ -292,6 +316,7 @@ class WorkbenchScreen(Screen[None]):
 
     @on(Select.Changed, "#cost")
     def _cost_changed(self) -> None:
+        self.set_class(self.query_one("#cost", Select).value != "flops", "cost-params")
         self.replan()
 
     # -- planning (a worker, so big models do not stall typing) ---------------------
@@ -301,7 +326,50 @@ class WorkbenchScreen(Screen[None]):
             return
         if event.input.id in ("src", "lora"):
             self._default_out()
+        if event.input.id == "src":
+            self._disk = {}
+            self._read_disk()
         self.replan()
+
+    # -- the layout of a Megatron checkpoint, read from its disk ------------------------
+    def _read_disk(self) -> None:
+        """Fill the source layout from the checkpoint the Megatron dir names, as soon as it is one:
+        nobody should have to restate what the disk says. The user may still edit it (the plan then
+        checks the edit against the disk)."""
+        src = self._value("src")
+        if self.info is None or self.direction not in DISK_FILLS or not src or not Path(src).expanduser().is_dir():
+            return
+        self._infer(self.info, src, self.direction)
+
+    @work(thread=True, group="disk")
+    def _infer(self, info: ModelInfo, src: str, direction: str) -> None:
+        from engine.disk_layout import infer_layout
+        from engine.errors import ConvertError
+        from engine.mm_source import open_checkpoint
+
+        try:
+            layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))
+        except (ConvertError, OSError):
+            return  # not (yet) a checkpoint of this model: the plan says what is wrong with it
+        self.app.call_from_thread(self._disk_read, layout, info, src, direction)
+
+    async def _disk_read(self, layout: Any, info: ModelInfo, src: str, direction: str) -> None:
+        if info is not self.info or src != self._value("src") or direction != self.direction:
+            return  # the fields changed since: this layout is of another question
+        layers = {m.name: getattr(layout, f"{m.name}_pp_layers") for m in info.preset.modules}
+        self._disk = layout.model_dump(include={"noop_layers", "make_vocab_size_divisible_by"}, exclude_none=True)
+        if direction == "resplit":
+            for name, value in (("src_tp", layout.tp_size), ("src_ep", layout.ep_size)):
+                self.query_one(f"#{name}", Input).value = str(value)
+            for m in ("llm", "vit"):  # the modules a model can have (presets/*.toml)
+                text = json.dumps(layers[m], separators=(",", ":")) if m in layers else ""
+                self.query_one(f"#src_{m}", Input).value = text
+            self.replan()
+            return
+        self.query_one("#tp", Input).value = str(layout.tp_size)
+        self.query_one("#ep", Input).value = str(layout.ep_size)
+        await self._rebuild_grid(layers)
+        self.notify(f"layout read from {src}: TP {layout.tp_size}, PP {len(next(iter(layers.values()))[0])}")
 
     @on(Checkbox.Changed)
     def _overwrite_changed(self) -> None:
@@ -315,6 +383,8 @@ class WorkbenchScreen(Screen[None]):
                 self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
+        self._disk = {}
+        self._read_disk()
         self.replan()
 
     @on(Input.Submitted, "#hf_dir")
@@ -339,6 +409,11 @@ class WorkbenchScreen(Screen[None]):
             ep=self._value("ep"),
             layers=self.query_one("#grid", StageGrid).read(),
             cost=str(self.query_one("#cost", Select).value),
+            disk=dict(self._disk),
+            vit_tokens=self._value("vit_tokens"),
+            llm_tokens=self._value("llm_tokens"),
+            dp=self._value("dp"),
+            device_gib=self._value("device_gib"),
         )
 
     def replan(self) -> None:
@@ -390,8 +465,14 @@ class WorkbenchScreen(Screen[None]):
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
+        from engine.balance import format_cost
+
         cost = str(self.query_one("#cost", Select).value)
-        grid.show_costs(result.cells, (lambda c: f"{c / 1e12:.2f} TFLOP") if cost == "flops" else count)
+        grid.show_costs(result.cells, lambda c: format_cost(c, cost))  # type: ignore[arg-type]
+        fits = self.query_one("#fits", Static)
+        head = "[b]Will it fit?[/b] weights, grads and Adam per rank (no activations)"
+        fits.update("\n".join([head, *result.memory]))
+        fits.display = bool(result.memory)
         self.plan, self.job = result.plan, result.job
         layers = grid.read()
         self.query_one("#flags", Static).update(
@@ -460,11 +541,11 @@ class WorkbenchScreen(Screen[None]):
                     call(panel.file_done, ev.index, ev.path)
                 elif isinstance(ev, Finished):
                     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    rate = ev.total_bytes / max(ev.seconds, 1e-9) / 1e9
+                    speed = rate(ev.total_bytes / max(ev.seconds, 1e-9))
                     call(panel.progress, ev.total_bytes, ev.total_bytes)
                     call(
                         panel.finish,
-                        f"[green]done[/green]: {size(ev.total_bytes)} in {ev.seconds:.1f} s ({rate:.2f} GB/s), "
+                        f"[green]done[/green]: {size(ev.total_bytes)} in {ev.seconds:.1f} s ({speed}), "
                         f"peak memory {peak:.0f} MB -> {ev.out_dir}   ctrl+t verifies it against the source",
                     )
                     self.finished_job = job

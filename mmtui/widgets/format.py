@@ -11,6 +11,14 @@ def size(n: int) -> str:
     return f"{n / 1e3:.1f} kB"
 
 
+def rate(bytes_per_second: float) -> str:
+    """A throughput in the unit that shows its digits: a tiny model's "4.32 MB/s", not "0.00 GB/s"."""
+    for factor, unit in ((1e9, "GB/s"), (1e6, "MB/s"), (1e3, "kB/s")):
+        if bytes_per_second >= factor:
+            return f"{bytes_per_second / factor:.2f} {unit}"
+    return f"{bytes_per_second:.0f} B/s"
+
+
 def count(n: int) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f} B"

@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 
+from .format import rate as speed
 from .format import size
 
 
@@ -17,7 +18,7 @@ class RunPanel(Vertical):
     RunPanel { height: 1fr; }
     RunPanel #rate { height: 1; }
     RunPanel #current { height: 1; color: $text-muted; }
-    RunPanel #ranks { height: 1fr; min-height: 4; border: round $primary; }
+    RunPanel #ranks { height: auto; max-height: 60%; border: round $primary; }
     RunPanel #log { height: 1fr; min-height: 3; border: round $secondary; }
     RunPanel #status { height: auto; }
     """
@@ -27,7 +28,7 @@ class RunPanel(Vertical):
         yield Static("ready: ctrl+r starts the conversion", id="rate")
         yield Static("", id="current")
         yield DataTable(id="ranks", cursor_type="row", zebra_stripes=True)
-        yield RichLog(id="log", max_lines=2000, markup=True)
+        yield RichLog(id="log", max_lines=2000, markup=True, wrap=True)
         yield Static("", id="status")
 
     def on_mount(self) -> None:
@@ -63,9 +64,7 @@ class RunPanel(Vertical):
         elapsed = max(time.monotonic() - self._t0, 1e-6)
         rate = done / elapsed
         eta = (total - done) / rate if rate > 0 else 0.0
-        self.query_one("#rate", Static).update(
-            f"{size(done)} of {size(total)} · {rate / 1e9:.2f} GB/s · ETA {eta:.0f} s"
-        )
+        self.query_one("#rate", Static).update(f"{size(done)} of {size(total)} · {speed(rate)} · ETA {eta:.0f} s")
         i = self._current
         if 0 <= i < len(self._sizes) and self._sizes[i]:
             share = min(1.0, (done - self._start_bytes[i]) / self._sizes[i])

@@ -116,6 +116,7 @@ class StageGrid(VerticalScroll):
             await self.remove_children()
             self._cells, self._cost_boxes = {}, {}
             await self.mount_all(list(self._rows()))
+            self.call_after_refresh(self._refresh_costs)  # the bars take the room the numbers leave
             self._built = version
 
     # -- the numbers ----------------------------------------------------------------------
@@ -142,15 +143,34 @@ class StageGrid(VerticalScroll):
 
     # -- what the engine said about them ------------------------------------------------------
     def _cost_text(self, c: int, s: int) -> str:
-        cells, label = self._costs
+        cells = self._costs[0]
         if cells is None:
             return ""
         from engine.balance import stage_costs
 
         top = max(stage_costs(cells)) or 1
-        text = f"{bar(cells[c][s] / top, BAR_WIDTH)} {label(cells[c][s])}"
+        longest = max(len(self._numbers(c2, s2)) for c2 in range(self.vpp) for s2 in range(self.pp))
+        box = self._cost_boxes.get((c, s))
+        room = box.size.width - longest - 1 if box is not None and box.size.width else BAR_WIDTH
+        return f"{bar(cells[c][s] / top, max(4, min(BAR_WIDTH, room)))} {self._numbers(c, s)}"  # one bar width
+
+    def _numbers(self, c: int, s: int) -> str:
+        from engine.balance import stage_costs
+
+        cells, label = self._costs
+        assert cells is not None
+        text = label(cells[c][s])
+        if self.vpp > 1 and c == self.vpp - 1:  # a stage runs all its chunks: its total, on its last chunk's row
+            text += f" · stage {s}: {label(stage_costs(cells)[s])}"
         past = self._past.get((c, s))
         return text if past is None else f"{text} · {past}"
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._refresh_costs)
+
+    def _refresh_costs(self) -> None:
+        for (c, s), box in self._cost_boxes.items():
+            box.update(self._cost_text(c, s))
 
     def _past_end(self) -> dict[tuple[int, int], str]:
         """Cells counting layers the model does not have (they cost nothing: say why), chunk-major as

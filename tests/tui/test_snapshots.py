@@ -33,13 +33,23 @@ async def _ready(pilot) -> None:
 
 
 def _steps(
-    *keys: str, pp: str | None = None, select_row: bool = False, theme: str | None = None, bad_cell: bool = False
+    *keys: str,
+    pp: str | None = None,
+    select_row: bool = False,
+    theme: str | None = None,
+    bad_cell: bool = False,
+    direction: str | None = None,
+    quit_question: bool = False,
 ):
     async def run_before(pilot) -> None:
         if theme:  # every colour comes from the theme's variables ($primary, $error, ...)
             pilot.app.theme = theme
         await _ready(pilot)
         screen = pilot.app.screen
+        if direction:  # the Source tab with the fields of another direction
+            screen.query_one("#direction").value = direction
+            screen.query_one("#src").value = "Qwen2-VL-tiny-mm"
+            await _ready(pilot)
         if pp:
             screen.query_one("#tp").value = "2"
             screen.query_one("#pp").value = pp
@@ -58,6 +68,12 @@ def _steps(
             table.move_cursor(row=1)
             await pilot.press("enter")
             await _ready(pilot)
+        if quit_question:  # what q asks while a conversion runs (a demo run is over before a snapshot)
+            from mmtui.app import QUIT_QUESTION
+            from mmtui.screens.confirm import ConfirmScreen
+
+            await pilot.app.push_screen(ConfirmScreen(QUIT_QUESTION))
+            await _ready(pilot)
 
     return run_before
 
@@ -71,7 +87,20 @@ async def _open_picker(pilot) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "step",
-    ["open", "source", "layout", "validation", "preview", "run", "help", "layout-light"],
+    [
+        "open",
+        "source",
+        "source-mm-to-hf",
+        "source-resplit",
+        "layout",
+        "validation",
+        "preview",
+        "run",
+        "help",
+        "command-line",
+        "quit",
+        "layout-light",
+    ],
 )
 def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> None:
     run_before = {
@@ -82,6 +111,10 @@ def test_screen(step: str, size: tuple[int, int], demo_app, snap_compare) -> Non
         "preview": _steps("f4", pp="2", select_row=True),
         "run": _steps("f5", pp="2"),
         "help": _steps("f1"),
+        "source-mm-to-hf": _steps(direction="mm_to_hf"),
+        "source-resplit": _steps(direction="resplit"),
+        "command-line": _steps("f3", "ctrl+l", pp="2"),
+        "quit": _steps("f5", pp="2", quit_question=True),
         "open": _open_picker,
     }[step]
     assert snap_compare(demo_app, terminal_size=size, run_before=run_before)

@@ -359,6 +359,15 @@ async def test_mixture_of_experts_takes_an_ep_size(tiny_llms: dict[str, Path], t
         screen.query_one("#ep", Input).value = "2"
         await settle(pilot, app)
         assert _problems(screen) == "layout OK"
+        # will it fit? the data-parallel size is a multiple of EP (empty: EP itself)
+        screen.query_one("#dp", Input).value = "3"
+        await settle(pilot, app)
+        assert _problems(screen).startswith("dp = 3: with ep_size 2 the data-parallel size must be a multiple of 2")
+        assert screen.query_one("#dp", Input).has_class("-invalid") and screen.plan is None
+        screen.query_one("#dp", Input).value = ""
+        await settle(pilot, app)
+        assert _problems(screen) == "layout OK"
+        assert "distributed optimizer over dp 2:" in str(screen.query_one("#fits", Static).render())
         preview = screen.query_one("#preview", DataTable)
         assert [preview.get_row_at(i)[0] for i in range(preview.row_count)] == ["mp_rank_00_000", "mp_rank_00_001"]
         await pilot.press("ctrl+r")
