@@ -62,6 +62,8 @@ def rename2(src: Path, dst: Path, flags: int) -> bool:
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(dst))
     raise OSError(err, os.strerror(err), str(dst))
 
 
@@ -176,7 +178,11 @@ class Claim:
                 _fsync_dir(target.parent)
                 shutil.rmtree(old, ignore_errors=True)
                 return
-        if not rename2(tmp, target, RENAME_NOREPLACE):
+        try:
+            placed = rename2(tmp, target, RENAME_NOREPLACE)
+        except FileExistsError:
+            placed = False
+        if not placed:
             if target.exists():
                 raise ConvertError(f"{self.field} {target}: appeared while converting; it was not replaced")
             tmp.rename(target)

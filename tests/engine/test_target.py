@@ -290,3 +290,24 @@ def test_a_read_only_target_is_one_line(qwen2vl_dir: Path, tmp_path: Path) -> No
             run(plan, mnt / "out")
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_directory_appearing_at_the_rename_is_not_replaced(
+    qwen2vl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between the last look and the rename: RENAME_NOREPLACE refuses, the newcomer stays."""
+    out = tmp_path / "out"
+    _, plan = prepare(_to_mm(qwen2vl_dir, out))
+    real = target_mod.rename2
+
+    def newcomer_first(src: Path, dst: Path, flags: int) -> bool:
+        if flags == target_mod.RENAME_NOREPLACE and not dst.exists():
+            dst.mkdir()
+            (dst / "theirs.txt").write_text("not yours")
+        return real(src, dst, flags)
+
+    monkeypatch.setattr(target_mod, "rename2", newcomer_first)
+    with pytest.raises(ConvertError, match=f"mm_dir {out}: appeared while converting; it was not replaced"):
+        run(plan, out)
+    assert _files(out) == {"theirs.txt": b"not yours"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
