@@ -268,8 +268,8 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
     """A rank file: {"model" or "model0".., "checkpoint_version"}, each tensor streamed into the zip."""
     with StreamingCheckpointWriter(path, archive_name=path.stem) as w:
         obj: dict[str, object] = dict(f.head)  # what the plan puts first: args, iteration
-        for name, chunk in zip(f.chunk_names, f.chunks, strict=True):
-            refs = {}
+        for i, (name, chunk) in enumerate(zip(f.chunk_names, f.chunks, strict=True)):
+            refs: dict[str, object] = {}
             for e in chunk:
                 spans = whole_row_spans(e, plan, reader)
                 if spans is not None:  # copied inside the kernel
@@ -277,6 +277,8 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
                 else:
                     refs[e.key] = w.add_chunks(bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
                 yield e
+            for key in f.empty[i] if f.empty else ():
+                refs[key] = None  # what Transformer Engine saves as an FP8-less module's extra state
             obj[name] = refs
         obj["checkpoint_version"] = CHECKPOINT_VERSION
         w.finish(obj, fsync=False)  # one sync pass at the end lets writeback overlap

@@ -112,6 +112,7 @@ class OutputFile:
     kind: str = "torch"  # "torch" (a Megatron rank file), "safetensors", or "dcp" (torch.distributed.checkpoint)
     metadata: dict[str, str] | None = None  # a safetensors file's __metadata__
     head: dict[str, object] = field(default_factory=dict)  # a rank file's entries before the model (args, iteration)
+    empty: list[list[str]] = field(default_factory=list)  # per chunk: keys written as None (TE's `_extra_state`)
 
     @property
     def chunk_names(self) -> list[str]:

@@ -91,8 +91,26 @@ def check_preset(info: ModelInfo, impl: TransformerImpl | None, field: str) -> N
         )
 
 
+# the modules Megatron-LM's TE spec builds from Transformer Engine (gpt_layer_specs.py): their `_extra_state`
+# is in the state dict a strict load expects (TE's norms too, from TE 1.13); the router, the output layer
+# and the embedding are not TE modules
+_TE_MODULE = re.compile(
+    r"^(?:.*\.)?(?:layers\.\d+\.(?:self_attention\.(?:linear_\w+|q_layernorm|k_layernorm|kv_layernorm)"
+    r"|mlp\.(?:linear_fc[12]|shared_experts\.linear_fc[12]|experts\.local_experts\.\d+\.linear_fc[12])"
+    r"|pre_mlp_layernorm)|final_layernorm)$"
+)
+
+
+def extra_state_keys(keys: Iterable[str]) -> list[str]:
+    """`<module>._extra_state` for each Transformer Engine module whose weight is among `keys` (TE names)."""
+    modules = dict.fromkeys(k.removesuffix(".weight") for k in keys if k.endswith(".weight"))
+    return [f"{m}._extra_state" for m in modules if _TE_MODULE.match(m)]
+
+
 def rename_plan(plan: Plan, impl: TransformerImpl) -> Plan:
-    """The plan with its Megatron rank-file keys in `impl`'s names (in place; `local` changes nothing)."""
+    """The plan with its Megatron rank-file keys in `impl`'s names (in place; `local` changes nothing), and for
+    Transformer Engine each TE module's `_extra_state` written as None, as TE saves it without FP8, so a
+    strict load finds every key it expects."""
     if impl == LOCAL:
         return plan
     for f in plan.files:
@@ -102,6 +120,7 @@ def rename_plan(plan: Plan, impl: TransformerImpl) -> Plan:
             names = to_te(e.key for e in chunk)
             for e in chunk:
                 e.key = names.get(e.key, e.key)
+        f.empty = [extra_state_keys(e.key for e in chunk) for chunk in f.chunks]
     return plan
 
 
