@@ -33,7 +33,7 @@ from .out_file import Span
 from .plan import Entry, OutputFile, Plan, grid
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
-from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, write_error
+from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_dir, write_error
 from .torch_zip import StreamingCheckpointWriter
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
@@ -394,15 +394,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False, **kw) -> Finished:

@@ -167,7 +167,7 @@ class Claim:
                     ) from None
             elif rename2(tmp, target, RENAME_EXCHANGE):  # old content now under the temporary name
                 self.tmp, self.committed = None, True
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             else:  # no renameat2: move the old aside under a name a later run recognises as debris
@@ -175,7 +175,7 @@ class Claim:
                 target.rename(old)
                 tmp.rename(target)
                 self.tmp, self.committed = None, True
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 shutil.rmtree(old, ignore_errors=True)
                 return
         try:
@@ -187,7 +187,7 @@ class Claim:
                 raise ConvertError(f"{self.field} {target}: appeared while converting; it was not replaced")
             tmp.rename(target)
         self.tmp, self.committed = None, True
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def abandon(self) -> None:
         if self.tmp is not None:
@@ -338,7 +338,7 @@ def write_error(e: OSError, path: Path | str, needed: int, free_at: Path) -> Wri
     return WriteError(f"{path}: cannot write ({e.strerror})")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
