@@ -31,6 +31,7 @@ from .fp8 import is_fp8
 from .hf_source import TensorReader
 from .out_file import Span
 from .plan import Entry, OutputFile, Plan, grid
+from .record_check import Record
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
 from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_dir, write_error
@@ -41,8 +42,14 @@ FILE_MODE = 0o640
 CHECKPOINT_VERSION = 3.0
 
 
-def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span] | None:
-    """The entry as byte ranges of source files laid end to end, when it is just whole rows."""
+def whole_row_spans(
+    entry: Entry, plan: Plan, reader: TensorReader, *, confirms: list[Record] | None = None
+) -> list[Span] | None:
+    """The entry as byte ranges of source files laid end to end, when it is just whole rows.
+
+    With `confirms` (a torch zip writer, which sums the CRC-32 of what it copies), an entry that is one
+    whole source record is not checked before the copy: its record is put in `confirms`, to be checked
+    with the writer's sum, so the bytes are summed once, not twice."""
     if entry.lora or entry.zero_fill:
         return None  # merged, or with zero blocks: not a plain copy
     spans, at = [], 0
@@ -54,7 +61,15 @@ def whole_row_spans(entry: Entry, plan: Plan, reader: TensorReader) -> list[Span
             return None
         if meta.shape[1:] != entry.shape[1:]:
             return None
-        spans.append(reader.row_span(meta, *p.rows))
+        whole = (
+            confirms is not None and len(entry.pieces) == 1 and meta.record is not None
+            and (meta.begin, meta.nbytes) == (meta.record.start, meta.record.size) and p.rows == (0, p.nrows)
+            and p.nrows == grid(meta.shape)[0]
+        )  # fmt: skip
+        spans.append(reader.row_span(meta, *p.rows, check=not whole))
+        if whole:
+            assert confirms is not None and meta.record is not None
+            confirms.append(meta.record)
         at += p.nrows
     return spans if not entry.pad_rows else None
 
@@ -271,10 +286,13 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
         for i, (name, chunk) in enumerate(zip(f.chunk_names, f.chunks, strict=True)):
             refs: dict[str, object] = {}
             for e in chunk:
-                spans = whole_row_spans(e, plan, reader)
+                confirms: list[Record] = []
+                spans = whole_row_spans(e, plan, reader, confirms=confirms)
                 if spans is not None:  # copied inside the kernel
                     refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
-                else:
+                    for record in confirms:  # a whole source record: the copy's CRC is the record's
+                        record.confirm(w.last_crc)
+                else:  # built in bands after all (padding): every read of those checks its record
                     refs[e.key] = w.add_chunks(bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
                 yield e
             for key in f.empty[i] if f.empty else ():

@@ -236,14 +236,15 @@ class TensorReader:
             fd = self._fds[path] = open_regular(path)
         return fd
 
-    def row_span(self, meta: TensorMeta, r0: int, r1: int) -> tuple[int, int, int]:
+    def row_span(self, meta: TensorMeta, r0: int, r1: int, *, check: bool = True) -> tuple[int, int, int]:
         """(file descriptor, offset, length) of rows [r0, r1): rows are contiguous bytes.
 
         Every read of source bytes (kernel copies, bands, mapped rows, verify) starts here, so
         this is where a rank file's record is checked against its CRC-32 (once, engine/record_check.py).
+        `check=False` is for a caller that copies the whole record and confirms its CRC itself.
         """
         fd = self.fd(meta.file)
-        if meta.record is not None:
+        if meta.record is not None and check:
             meta.record.ensure(fd)
         if not meta.shape:
             return fd, meta.begin, meta.nbytes

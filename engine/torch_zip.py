@@ -203,6 +203,7 @@ class StreamingCheckpointWriter:
         self._next_key = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
         self.bytes_written = 0
+        self.last_crc = 0  # the CRC-32 of the last storage record written
 
     # -- raw output ----------------------------------------------------------------------
     @property
@@ -254,6 +255,7 @@ class StreamingCheckpointWriter:
             self._write(struct.pack("<IIII", 0x08074B50, crc, size, size))
         self._entries.append((full, offset, size, crc, flags))
         self.bytes_written += size
+        self.last_crc = crc
         return key
 
     def _central_directory(self) -> None:

@@ -41,7 +41,7 @@ def _both_ways(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     run(plan, tmp_path / "default")
     with monkeypatch.context() as m:
         m.setattr(execute, "BAND", 1)
-        m.setattr(execute, "whole_row_spans", lambda *_: None)
+        m.setattr(execute, "whole_row_spans", lambda *_, **__: None)
         run(plan, tmp_path / "bands")
     _same_tree(tmp_path / "default", tmp_path / "bands")
     return tmp_path / "default"

@@ -197,3 +197,31 @@ def test_a_file_cut_short_after_planning_is_a_clear_error(mm_tp2: Path, tmp_path
     finally:
         reader.close()
     assert str(exc.value).startswith(f"{os.path.realpath(path)}: unexpected end of file at byte {meta.begin + 10}")
+
+
+def test_a_whole_record_copied_into_a_rank_file_is_checked_with_the_writers_sum(
+    qwen2vl_dir: Path, mm_tp2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-cut at the same TP copies each rank tensor whole; the torch zip writer sums those bytes for its own
+    record, and that sum is the source record's check: the bytes are not read a second time, and a flipped
+    byte is still refused."""
+    path, record, good, bad = _damage(mm_tp2, "mp_rank_00", QKV, tmp_path)
+    summed: list[int] = []
+    real = record_check.crc_of
+    monkeypatch.setattr(record_check, "crc_of", lambda fd, start, size: summed.append(start) or real(fd, start, size))
+    same_tp = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])
+    cfg = ResplitConfig(source_dir=tmp_path / "mm", target_dir=tmp_path / "pp2", hf_config=HfConfig(hf_dir=qwen2vl_dir),
+                        source_parallel_config=TP2, target_parallel_config=same_tp)  # fmt: skip
+    _, plan = prepare(Job(converter="Qwen2VLConverter", command="resplit", cfg=cfg))
+    with pytest.raises(ConvertError) as exc:
+        run(plan, tmp_path / "pp2")
+    _check_message(str(exc.value), path, record, good, bad)
+    assert not (tmp_path / "pp2").exists()
+    summed.clear()
+    cfg = cfg.model_copy(update={"source_dir": mm_tp2, "target_dir": tmp_path / "good"})
+    _, plan = prepare(Job(converter="Qwen2VLConverter", command="resplit", cfg=cfg))
+    tensors = [m for m in plan.sources.values() if m.record is not None]
+    run(plan, tmp_path / "good")
+    assert all(m.record.checked for m in tensors if any(p.source == m.name for f in plan.files for e in f.entries
+                                                         for p in e.pieces))  # fmt: skip
+    assert len(summed) < len({m.record.start for m in tensors}) / 2  # most were confirmed by the copy's sum
