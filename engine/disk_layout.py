@@ -24,6 +24,7 @@ from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import RANK_DIR, MmCheckpoint, read_rank_file
+from .plan import rank_dir_name
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
 
@@ -69,7 +70,7 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
             f"{field} {ckpt.root}: the rank directories do not form a TP x PP x EP grid "
             f"({len(tps)} x {pp} x {ep}): {', '.join(missing[:3])} missing; give parallel_config"
         )
-    stages = [_stage_name(0, s, 0, pp, ep) for s in range(pp)]
+    stages = [rank_dir_name(0, s, pp, 0, ep) for s in range(pp)]
     files = [rank_file(name) for name in stages]
     chunk_names = list(files[0])
     vpp = len(chunk_names)
@@ -106,17 +107,8 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
     return layout
 
 
-def _stage_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
-    name = f"mp_rank_{tp:02d}"
-    if pp_size > 1:
-        name += f"_{pp:03d}"
-    if ep_size > 1:
-        name += f"_{ep:03d}"
-    return name
-
-
 def _names(tp: int, pp: int, ep: int) -> list[str]:
-    return sorted(_stage_name(t, p, e, pp, ep) for t in range(tp) for p in range(pp) for e in range(ep))
+    return sorted(rank_dir_name(t, p, pp, e, ep) for t in range(tp) for p in range(pp) for e in range(ep))
 
 
 def _vocab_step(info: ModelInfo, first_stage: dict[str, dict], tp: int) -> int | None:

@@ -564,13 +564,18 @@ def _shape(pieces: list[Piece], first: tuple[int, ...], pad: int) -> tuple[int, 
     return (rows, *rest)
 
 
-def _rank_path(iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """`mp_rank_TT[_PPP][_EEE]`: the PP and EP numbers only when that size is above 1 (Megatron's naming)."""
     name = f"mp_rank_{tp_rank:02d}"
     if pp > 1:
         name += f"_{pp_rank:03d}"
     if ep > 1:
         name += f"_{ep_rank:03d}"
-    return f"{iteration}/{name}/{CKPT_NAME}"
+    return name
+
+
+def _rank_path(iteration: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    return f"{iteration}/{rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep)}/{CKPT_NAME}"
 
 
 @dataclass(frozen=True)

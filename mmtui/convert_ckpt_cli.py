@@ -14,10 +14,11 @@ config.json from `--hf-cfg-dir`). The Megatron side's layout is read from the di
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
+from .cli_args import closest, flags_of
 
 PROG = "convert-ckpt"
 
@@ -64,9 +65,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
             flag = message.removeprefix("unrecognized arguments: ").split()[0]
-            known = [s for a in self._actions for s in a.option_strings]
-            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            near = closest(flag.split("=")[0], flags_of(self))  # the one rule every mmtui command line uses
+            hint = f"; did you mean {near}?" if near else ""
             message = f"{flag} is not a flag of MindSpeed-LLM's convert_ckpt that mmtui takes{hint}"
         fail(message)
 
