@@ -16,7 +16,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("hf_dir", type=Path)
     args = ap.parse_args()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     from engine.check import check_plan
     from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
@@ -31,12 +31,13 @@ def main() -> None:
     plan = build_plan(info, layout)
     t3 = time.perf_counter()
     problems = check_plan(plan)
-    t4 = time.perf_counter()
+    t4, c4 = time.perf_counter(), time.process_time()
     entries = sum(len(f.entries) for f in plan.files)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     size = plan.nbytes / 1e9
     print(f"{len(info.tensors)} source tensors -> {len(plan.files)} files, {entries} entries, {size:.1f} GB")
     print(f"import {t1 - t0:.2f} s, inspect {t2 - t1:.2f} s, plan {t3 - t2:.2f} s, check {t4 - t3:.2f} s")
+    print(f"total {t4 - t0:.2f} s wall, {c4 - c0:.2f} s CPU (CPU time shows the work on a busy machine)")
     print(f"plan problems {len(problems)}, peak RSS {rss:.0f} MB")
 
 
