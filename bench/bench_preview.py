@@ -7,6 +7,7 @@ metadata, so the checkpoint is made sparse (headers, data as holes):
 
     python bench/make_qwen2vl_2b.py /tmp/qwen2vl-72b --size 72b --sparse
     python bench/bench_preview.py /tmp/qwen2vl-72b
+    python bench/make_deepseek_v3.py /tmp/dsv3-671b && python bench/bench_preview.py /tmp/dsv3-671b --pp 16 --ep 64
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _timed(fn, repeat: int = 3):
     return median(times), out
 
 
-def engine_steps(hf: Path, tp: int, pp: int) -> list[tuple[str, float, str]]:
+def engine_steps(hf: Path, tp: int, pp: int, ep: int = 1) -> list[tuple[str, float, str]]:
     from engine.balance import cell_costs, suggest
     from engine.check import check_plan
     from engine.hf_source import inspect_hf
@@ -43,16 +44,16 @@ def engine_steps(hf: Path, tp: int, pp: int) -> list[tuple[str, float, str]]:
     rows.append(("module_weights", t, ""))
     t, _ = _timed(lambda: cell_costs(info, split.layers, "params"))
     rows.append(("cell_costs (per keystroke)", t, ""))
-    layout = ParallelConfig(tp_size=tp, **{f"{m}_pp_layers": v for m, v in split.layers.items()})
+    layout = ParallelConfig(tp_size=tp, ep_size=ep, **{f"{m}_pp_layers": v for m, v in split.layers.items()})
     t, plan = _timed(lambda: build_plan(info, layout))
     entries = sum(len(f.entries) for f in plan.files)
-    rows.append((f"build_plan TP {tp} / PP {pp}", t, f"{len(plan.files)} files, {entries} tensor entries"))
+    rows.append((f"build_plan TP {tp} / PP {pp} / EP {ep}", t, f"{len(plan.files)} files, {entries} tensor entries"))
     t, problems = _timed(lambda: check_plan(plan))
     rows.append(("check_plan", t, f"{len(problems)} problems"))
     return rows
 
 
-async def app_steps(hf: Path, tp: int, pp: int) -> list[tuple[str, float, str]]:
+async def app_steps(hf: Path, tp: int, pp: int, ep: int = 1) -> list[tuple[str, float, str]]:
     from textual.widgets import DataTable, Input
 
     from mmtui.app import make_app
@@ -74,9 +75,12 @@ async def app_steps(hf: Path, tp: int, pp: int) -> list[tuple[str, float, str]]:
         t = time.perf_counter()
         screen.query_one("#tp", Input).value = str(tp)
         screen.query_one("#pp", Input).value = str(pp)
+        if ep > 1:
+            screen.query_one("#ep", Input).value = str(ep)
         await settle(pilot, app)
         preview = screen.query_one("#preview", DataTable)
-        rows.append((f"edit TP {tp} / PP {pp} -> preview filled", time.perf_counter() - t, f"{preview.row_count} rows"))
+        took = time.perf_counter() - t
+        rows.append((f"edit TP {tp} / PP {pp} / EP {ep} -> preview filled", took, f"{preview.row_count} rows"))
         await pilot.press("f4")
         await pilot.pause()
         box = screen.query_one("#filter", Input)
@@ -105,9 +109,10 @@ def main() -> None:
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--pp", type=int, default=8)
+    ap.add_argument("--ep", type=int, default=1)
     args = ap.parse_args()
-    rows = engine_steps(args.hf_dir, args.tp, args.pp)
-    rows += asyncio.run(app_steps(args.hf_dir, args.tp, args.pp))
+    rows = engine_steps(args.hf_dir, args.tp, args.pp, args.ep)
+    rows += asyncio.run(app_steps(args.hf_dir, args.tp, args.pp, args.ep))
     width = max(len(r[0]) for r in rows)
     print(f"| {'step':<{width}} | seconds | note |")
     print(f"|{'-' * (width + 2)}|--------:|------|")

@@ -65,8 +65,8 @@ def _expert_sources(plan: Plan, ep: int) -> set[str]:
     readers: dict[tuple[int, int, str], set[int]] = {}
     for f in plan.files:
         for e in f.entries:
-            for src in e.sources:
-                readers.setdefault((f.tp_rank, f.pp_rank, src), set()).add(f.ep_rank)
+            for p in e.pieces:  # not e.sources: this runs for every piece of a 671B plan
+                readers.setdefault((f.tp_rank, f.pp_rank, p.source), set()).add(f.ep_rank)
     return {src for (_, _, src), ranks in readers.items() if len(ranks) < ep}
 
 
@@ -107,7 +107,7 @@ def train_memory(
         params = expert = 0
         for e in f.entries:
             params += e.numel
-            if experts and any(src in experts for src in e.sources):
+            if experts and any(p.source in experts for p in e.pieces):
                 expert += e.numel
         dense = params - expert
         if distributed_optimizer:

@@ -191,17 +191,18 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     if form.direction in ("merge_lora", "hf_to_dcp"):
         return Planned([], bad, plan, job, cells, notes)
     try:
-        memory = will_it_fit(info, layout, form.dp, form.device_gib)
+        memory = will_it_fit(plan if form.direction == "hf_to_mm" else info, layout, form.dp, form.device_gib)
     except ConvertError as e:
         field_name = "dp" if str(e).startswith("dp") else "device_gib"
         return Planned([str(e)], bad | {field_name}, None, None, cells, notes)  # every problem stops Run
     return Planned([], bad, plan, job, cells, notes, memory)
 
 
-def will_it_fit(info: ModelInfo, layout: Any, dp: str, device_gib: str) -> list[str]:
+def will_it_fit(plan_or_info: Plan | ModelInfo, layout: Any, dp: str, device_gib: str) -> list[str]:
     """Training memory per rank of `layout` (weights, grads, Adam; no activations), with the plain and the
     distributed optimizer over `dp`: a verdict per optimizer against `device_gib`, then each pipeline
-    stage's largest rank."""
+    stage's largest rank. Given the model, its rank-file plan is built once for both optimizers (a 671B
+    plan takes seconds); given that plan (hf_to_mm's own), none is built."""
     from engine.errors import ConvertError
     from engine.train_memory import fits, human_bytes, train_memory
 
@@ -214,8 +215,11 @@ def will_it_fit(info: ModelInfo, layout: Any, dp: str, device_gib: str) -> list[
         device = -1.0
     if device is not None and not 0 < device < float("inf"):
         raise ConvertError(f"device memory {device_gib!r}: give one device's memory in GiB, a number > 0 (e.g. 64)")
-    plain = train_memory(info, layout, int(dp), distributed_optimizer=False)
-    dist = train_memory(info, layout, int(dp), distributed_optimizer=True)
+    from engine.plan import Plan, build_plan
+
+    plan = plan_or_info if isinstance(plan_or_info, Plan) else build_plan(plan_or_info, layout)
+    plain = train_memory(plan, layout, int(dp), distributed_optimizer=False)
+    dist = train_memory(plan, layout, int(dp), distributed_optimizer=True)
     lines = []
     for what, ranks in (("plain optimizer", plain), (f"distributed optimizer over dp {dp}", dist)):
         top = max(r.total for r in ranks)
