@@ -39,7 +39,7 @@ class ParallelConfig(BaseModel):
     expert_tp_size: PositiveInt | None = None
     """Tensor-parallel size of the routed experts (Megatron's --expert-tensor-parallel-size): 1 (every TP rank
     holds whole experts) or tp_size; unset means tp_size (MoE models only)."""
-    moe_grouped_gemm: bool | Literal["legacy", "te"] = False
+    moe_grouped_gemm: Literal[False, True, "legacy", "te"] = False
     """Routed experts in a grouped-GEMM layout (MindSpeed-LLM's --moe-grouped-gemm; MoE models only):
     legacy (or true) is Megatron-Core's GroupedMLP, each layer's local experts as two tensors
     mlp.experts.weight1 [hidden, experts x fc1 rows] and weight2 [experts x fc2 columns, hidden], each expert's
