@@ -311,3 +311,34 @@ def test_command_line(tiny_llms: dict[str, Path], converted, tmp_path: Path) -> 
         "mm-convert: error: cfg.parallel_config.moe_grouped_gemm = 'fast': expected one of false, true (legacy), "
         "legacy (GroupedMLP's weight1/weight2), te (TEGroupedMLP's)"
     )
+
+
+@pytest.mark.parametrize(("impl", "mode"), [("local", "legacy"), ("transformer_engine", "te")])
+def test_convert_ckpt_moe_grouped_gemm(tiny_llms: dict[str, Path], converted, tmp_path: Path, impl: str, mode: str):
+    """MindSpeed-LLM's --moe-grouped-gemm: GroupedMLP's tensors with the local layers, TEGroupedMLP's with TE."""
+    from tests.test_convert_ckpt import _ranks, convert_ckpt
+
+    hf = tiny_llms["mixtral"]
+    r = convert_ckpt(
+        "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(hf), "--save-dir", str(tmp_path / "mg"),
+        "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--expert-tensor-parallel-size",
+        "1", "--moe-grouped-gemm", "--transformer-impl", impl, "--model-type-hf", "mixtral",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = _ranks(tmp_path / "mg", "iter_0000001")
+    assert (got["mp_rank_01_001"]["args"].moe_grouped_gemm, got["mp_rank_01_001"]["args"].expert_tensor_parallel_size) \
+        == (True, 1)  # fmt: skip
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "api", hf_config=HfConfig(hf_dir=hf), parallel_config=_layout("mixtral", mode, 1),
+        transformer_impl=impl,
+    )  # fmt: skip
+    want = _load_dir(_convert(hf, "hf_to_mm", cfg))
+    assert sorted(got) == sorted(want)
+    for name, obj in want.items():
+        assert sorted(got[name]["model"]) == sorted(obj["model"]), name
+        assert all(t is None or torch.equal(got[name]["model"][k], t) for k, t in obj["model"].items()), name
+    r = convert_ckpt("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", str(tmp_path / "mg"),
+                     "--save-dir", str(tmp_path / "hf"), "--hf-cfg-dir", str(hf), "--model-type-hf", "mixtral")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for p in hf.glob("*.safetensors"):
+        assert (tmp_path / "hf" / p.name).read_bytes() == p.read_bytes(), p.name
