@@ -98,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
     p.add_argument("--params-dtype", choices=list(DTYPES), help="weights' dtype (default: as the source)")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    p.add_argument("--moe-grouped-gemm", action="store_true", help="experts as GroupedMLP's weight1/2 (TE: weightN)")
     p.add_argument("--mtp-num-layers", type=int, default=0)
     p.add_argument("--schedules-method", default=None)
     p.add_argument("--ckpt-format", default="torch")
@@ -111,7 +112,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--print-job", action="store_true", help="mmtui: print the equivalent mm-convert job and exit")
     for flag in IGNORED_VALUE:
         p.add_argument(flag, help=argparse.SUPPRESS)
-    p.add_argument("--moe-grouped-gemm", action="store_true", help="experts as GroupedMLP's weight1/weight2 (TE: weightN)")
     for flag in [*IGNORED_SWITCH, *UNSUPPORTED_SWITCH]:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     return p
@@ -191,9 +191,12 @@ def _check_moe(args: argparse.Namespace, preset: Any) -> None:
     if any(m.experts for m in preset.modules):
         return
     etp = args.expert_tensor_parallel_size
-    for flag, given in (("--moe-grouped-gemm", args.moe_grouped_gemm),
-                        ("--expert-tensor-parallel-size", etp not in (None, args.target_tensor_parallel_size))):  # fmt: skip
-        if given:
+    given = {
+        "--moe-grouped-gemm": args.moe_grouped_gemm,
+        "--expert-tensor-parallel-size": etp not in (None, args.target_tensor_parallel_size),
+    }
+    for flag, said in given.items():
+        if said:
             fail(f"{flag}: {preset.title} has no experts; leave it out")
 
 
