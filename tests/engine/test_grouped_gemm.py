@@ -342,3 +342,39 @@ def test_convert_ckpt_moe_grouped_gemm(tiny_llms: dict[str, Path], converted, tm
     assert r.returncode == 0, r.stderr
     for p in hf.glob("*.safetensors"):
         assert (tmp_path / "hf" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+# ---- the oracle: megatron-core 0.16's GroupedMLP (its gmm run on CPU by a shim) on our files == transformers ----
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(("ep", "etp"), [(2, None), (1, 1)])  # TP 2 throughout; world sizes 4 and 2
+def test_megatron_groupedmlp_reproduces_transformers_logits(
+    tiny_llms: dict[str, Path], converted, tmp_path: Path, ep: int, etp: int | None
+) -> None:
+    pytest.importorskip("megatron.core")
+    import dataclasses
+
+    from mmtui.megatron_logits import megatron_logits
+    from tests.engine.test_moe import TOKENS, _moe_arch
+    from tests.fixtures.tiny_llm import tiny_llm_model
+
+    hf = tiny_llms["mixtral"]
+    if ep == 2:
+        mm = converted("mixtral", "legacy", etp)
+    else:
+        mm = _hf_to_mm(hf, tmp_path / "mm", _layout("mixtral", "legacy", etp, ep=ep))
+    ranks = [
+        torch.load(
+            mm / "release" / (f"mp_rank_{t:02d}" + (f"_{e:03d}" if ep > 1 else "")) / "model_optim_rng.pt",
+            weights_only=True,
+        )["model"]
+        for e in range(ep)
+        for t in range(2)
+    ]
+    extra = {"moe_grouped_gemm": True} | ({"expert_tensor_parallel_size": etp} if etp else {})
+    got = megatron_logits(ranks, dataclasses.replace(_moe_arch(hf), extra=extra), TOKENS, ep=ep)
+    model, _ = tiny_llm_model(hf)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
