@@ -125,10 +125,9 @@ def detect(keys: Iterable[str]) -> tuple[Grouped | None, str]:
     return None, ""
 
 
-def sequential_key(key: str) -> str | None:
-    """The SequentialMLP name of a TE grouped expert key (None for other keys)."""
-    m = re.match(r"^(?P<pre>(?:.*\.)?mlp\.experts\.)(?P<fc>linear_fc[12])\.(?P<param>weight|bias)(?P<e>\d+)$", key)
-    return f"{m['pre']}local_experts.{m['e']}.{m['fc']}.{m['param']}" if m else None
+def is_expert_key(key: str) -> bool:
+    """A routed expert's tensor, in any of the three layouts (shared experts are not routed)."""
+    return bool(_SEQUENTIAL.match(key) or _LEGACY.match(key) or _TE.match(key))
 
 
 # ---------------------------------------------------------------------------------------

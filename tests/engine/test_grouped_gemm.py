@@ -378,3 +378,39 @@ def test_megatron_groupedmlp_reproduces_transformers_logits(
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_verify_reads_grouped_experts(tiny_llms: dict[str, Path], converted) -> None:
+    from tests.test_verify import verify
+
+    hf, mm = tiny_llms["mixtral"], converted("mixtral", "legacy", 1)
+    r = verify(str(hf), str(mm))  # the layout read from the disk
+    assert r.returncode == 0 and "identical" in r.stdout, r.stdout + r.stderr
+    layout = ["--b.tp_size", "2", "--b.ep_size", "2", "--b.llm_pp_layers", "[[4]]", "--b.expert_tp_size", "1"]
+    r = verify(str(hf), str(mm), *layout, "--b.moe_grouped_gemm", "true")
+    assert r.returncode == 0 and "identical" in r.stdout, r.stdout + r.stderr
+    r = verify(str(hf), str(mm), *layout, "--b.moe_grouped_gemm", "te")
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert "decoder.layers.0.mlp.experts.weight1 is on disk but not in the layout" in line
+
+
+def test_training_memory_shards_whole_experts_over_the_expert_data_parallel_group(tiny_llms: dict[str, Path]):
+    """Expert TP 1 at TP 2: the expert data-parallel group has dp x TP / EP ranks (Megatron: world =
+    TP x PP x dp = expert TP x EP x expert dp x PP), so the experts' optimizer state is cut four ways at dp 2."""
+    from engine.train_memory import train_memory
+
+    hf = tiny_llms["mixtral"]
+    state = load_hf_state(hf)
+    experts = sum(t.numel() for k, t in state.items() if ".block_sparse_moe.experts." in k)
+    layout = _layout("mixtral", "legacy", 1, ep=1)
+    for rank in train_memory(inspect_hf(hf), layout, dp=2, distributed_optimizer=True):
+        assert rank.expert_params == experts  # every TP rank holds every expert, whole
+        dense = rank.params - experts
+        assert rank.optimizer == 12 * (-(-dense // 2) + -(-experts // 4))
+    with pytest.raises(ConvertError) as e:
+        train_memory(inspect_hf(hf), _layout("mixtral", False, 1, ep=4), dp=1)
+    assert str(e.value) == (
+        "dp = 1: with ep_size 4 the data-parallel size must be a multiple of 4 "
+        "(the expert data-parallel group has dp x 2 / ep ranks)"
+    )
