@@ -91,13 +91,14 @@ def train_memory(
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
         raise ConvertError(f"dp = {dp!r}: give the data-parallel size as a whole number >= 1")
     ep, etp = layout.ep_size, layout.etp
-    if dp * layout.tp_size // etp % ep:  # the expert TP size is 1 or the TP size: the division is exact
-        group = "dp / ep" if etp == layout.tp_size else f"dp x {layout.tp_size} / ep"
+    whole = layout.tp_size // etp  # TP ranks holding the same experts: 1, or TP with expert TP 1
+    if dp * whole % ep:
+        group = "dp / ep" if whole == 1 else f"dp x {whole} / ep"
         raise ConvertError(
-            f"dp = {dp}: with ep_size {ep} the data-parallel size must be a multiple of {ep} "
+            f"dp = {dp}: with ep_size {ep} the data-parallel size must be a multiple of {ep // math.gcd(ep, whole)} "
             f"(the expert data-parallel group has {group} ranks)"
         )
-    edp = dp * layout.tp_size // etp // ep
+    edp = dp * whole // ep
     plan = build_plan(plan_or_info, layout) if isinstance(plan_or_info, ModelInfo) else plan_or_info
     want = {(t, p, e) for t in range(layout.tp_size) for p in range(layout.pp_size) for e in range(ep)}
     ranks = [(f.tp_rank, f.pp_rank, f.ep_rank) for f in plan.files if f.kind == "torch"]

@@ -411,6 +411,6 @@ def test_training_memory_shards_whole_experts_over_the_expert_data_parallel_grou
     with pytest.raises(ConvertError) as e:
         train_memory(inspect_hf(hf), _layout("mixtral", False, 1, ep=4), dp=1)
     assert str(e.value) == (
-        "dp = 1: with ep_size 4 the data-parallel size must be a multiple of 4 "
+        "dp = 1: with ep_size 4 the data-parallel size must be a multiple of 2 "
         "(the expert data-parallel group has dp x 2 / ep ranks)"
     )
