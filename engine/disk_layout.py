@@ -12,6 +12,8 @@ From metadata only (directory names and the rank files' pickles, no tensor bytes
   the end of a stage leaves no trace, and needs none: the keys and tensors are those of
   the same layout without it.
 - The vocabulary padding (`make_vocab_size_divisible_by`) from the embedding's rows.
+- Grouped-GEMM experts from their names (`mlp.experts.weight1`: GroupedMLP; `mlp.experts.linear_fc1.weight0`:
+  TEGroupedMLP), and the experts' TP size from the columns of an expert's down projection on a rank.
 The result is checked like a layout the user gives (open_view compares every key and shape).
 """
 
@@ -21,10 +23,11 @@ import re
 from collections import defaultdict
 
 from .errors import ConvertError
+from .experts import detect as detect_grouped
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import RANK_DIR, MmCheckpoint, read_rank_file
-from .plan import rank_dir_name
+from .plan import _pattern, rank_dir_name
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
 
@@ -99,12 +102,56 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
                 f"(per stage {counts[m.name]}) but {info.field_path(m.layers)} = {real} in {info.hf_dir}/config.json; "
                 f"is hf_config.hf_dir the model this checkpoint holds? (or give parallel_config.{m.name}_pp_layers)"
             )
+    keys = [k for f in files for chunk in f.values() for k in chunk]
+    grouped, _ = detect_grouped(keys)
+    etp = _expert_tp(info, files, len(tps), ep, grouped, f"{field} {ckpt.root}")
     layout = ParallelConfig(
         tp_size=len(tps), ep_size=ep, noop_layers=noops or None,
         make_vocab_size_divisible_by=_vocab_step(info, files[0], len(tps)),
+        moe_grouped_gemm=grouped or False, expert_tp_size=etp,
         **{f"{name}_pp_layers": cells for name, cells in counts.items()},
     )  # fmt: skip
     return layout
+
+
+_FC2 = {
+    None: re.compile(r"(?:^|\.)mlp\.experts\.local_experts\.0\.linear_fc2\.weight$"),
+    "te": re.compile(r"(?:^|\.)mlp\.experts\.linear_fc2\.weight0$"),
+    "legacy": re.compile(r"(?:^|\.)mlp\.experts\.weight2$"),
+}
+
+
+def _expert_tp(
+    info: ModelInfo, files: list[dict[str, dict]], tp: int, ep: int, grouped: str | None, where: str
+) -> int | None:
+    """The routed experts' TP size when it is not the TP size (None: it is), from one expert's down
+    projection: its columns on a rank against the model's (GroupedMLP: weight2's rows per local expert)."""
+    if tp == 1:
+        return None
+    full = None
+    for mp in info.preset.mappings:
+        if "#" in mp.mm and mp.tp == "cols":
+            pat = _pattern(mp.hf[0], mp.bare)
+            full = next((m.shape[1] for name, m in info.tensors.items() if len(m.shape) == 2 and pat.match(name)), None)
+            if full is not None:
+                break
+    found = next(
+        ((k, m.shape) for f in files for chunk in f.values() for k, m in chunk.items() if _FC2[grouped].search(k)),
+        None,
+    )
+    if full is None or found is None:
+        return None
+    key, shape = found
+    per_rank = shape[0] // (info.field_int(next(m.experts for m in info.preset.modules if m.experts)) // ep) \
+        if grouped == "legacy" else shape[1]  # fmt: skip
+    if per_rank == full // tp:
+        return None
+    if per_rank == full:
+        return 1
+    raise ConvertError(
+        f"{where}: {key} holds {per_rank} of an expert's {full} down-projection columns per rank: an expert TP "
+        f"size of {full / max(per_rank, 1):g}; only 1 or the TP size {tp} is read"
+    )
 
 
 def _names(tp: int, pp: int, ep: int) -> list[str]:

@@ -22,15 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cast, fp8
+from . import cast, experts, fp8
 from .cast import is_cast
 from .check import check_plan
 from .dcp_writer import METADATA_NAME, DcpWriter
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
+from .experts import is_transposed
 from .fp8 import is_fp8
 from .hf_source import TensorReader
 from .out_file import Span
-from .plan import Entry, OutputFile, Plan, grid
+from .plan import Entry, OutputFile, Piece, Plan, grid
 from .record_check import Record
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
@@ -50,12 +51,12 @@ def whole_row_spans(
     With `confirms` (a torch zip writer, which sums the CRC-32 of what it copies), an entry that is one
     whole source record is not checked before the copy: its record is put in `confirms`, to be checked
     with the writer's sum, so the bytes are summed once, not twice."""
-    if entry.lora or entry.zero_fill:
-        return None  # merged, or with zero blocks: not a plain copy
+    if entry.lora or entry.zero_fill or entry.stored is not None:
+        return None  # merged, with zero blocks, or transposed: not a plain copy
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
-        if is_fp8(meta) or is_cast(meta):  # dequantised or cast on the way: not a copy of bytes
+        if is_fp8(meta) or is_cast(meta) or is_transposed(meta):  # converted on the way: not a copy of bytes
             return None
         if p.at != at or p.col_at or (p.cols is not None and p.cols != (0, grid(meta.shape)[1])):
             return None
@@ -106,6 +107,9 @@ def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview
     So a writer holds BAND bytes of a tensor it builds, not the tensor: a 72B model's
     down_proj gathered from TP shards is 484 MB.
     """
+    if entry.stored is not None:
+        yield from _transposed_bands(entry, plan, reader)
+        return
     if entry.lora:  # B @ A is added on whole blocks
         yield memoryview(assemble(entry, plan, reader))
         return
@@ -120,6 +124,30 @@ def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview
             out[:] = 0
         _fill_rows(entry, plan.sources, reader, r0, r1, out)
         yield memoryview(out)
+
+
+def _transposed_bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview]:
+    """An entry written transposed (grouped-GEMM experts): each band of written rows is a band of the
+    assembled tensor's columns, built from the pieces that reach them and transposed."""
+    rows, cols = entry.shape
+    item = entry.nbytes // max(1, rows * cols)
+    if entry.lora:  # B @ A is added on whole blocks
+        whole = assemble(entry, plan, reader).reshape(rows, cols, item)
+        yield memoryview(np.ascontiguousarray(whole.transpose(1, 0, 2)).reshape(-1))
+        return
+    step = rows_per_band(rows * item)
+    for a in range(0, cols, step):
+        b = min(cols, a + step)
+        pieces = []
+        for p in entry.pieces:
+            s0, s1 = p.cols or (0, grid(plan.sources[p.source].shape)[1])
+            lo, hi = max(a, p.col_at), min(b, p.col_at + s1 - s0)
+            if lo < hi:
+                c0 = s0 + lo - p.col_at
+                pieces.append(Piece(p.source, p.rows, (c0, c0 + hi - lo), p.at, lo - a))
+        band = Entry(entry.key, (rows, b - a), entry.dtype, tuple(pieces), entry.transform)
+        out = assemble_rows(band, plan.sources, reader, 0, rows).reshape(rows, b - a, item)
+        yield memoryview(np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(-1))
 
 
 def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader, r0: int, r1: int, out) -> None:
@@ -145,6 +173,9 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
             continue
         if is_cast(meta):
             cast.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
+            continue
+        if is_transposed(meta):
+            experts.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
             continue
         if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
             reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))
@@ -289,11 +320,11 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
                 confirms: list[Record] = []
                 spans = whole_row_spans(e, plan, reader, confirms=confirms)
                 if spans is not None:  # copied inside the kernel
-                    refs[e.key] = w.add_spans(spans, e.dtype, e.shape)
+                    refs[e.key] = w.add_spans(spans, e.dtype, e.disk_shape)
                     for record in confirms:  # a whole source record: the copy's CRC is the record's
                         record.confirm(w.last_crc)
                 else:  # built in bands after all (padding): every read of those checks its record
-                    refs[e.key] = w.add_chunks(bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
+                    refs[e.key] = w.add_chunks(bands(e, plan, reader), e.nbytes, e.dtype, e.disk_shape)
                 yield e
             for key in f.empty[i] if f.empty else ():
                 refs[key] = None  # what Transformer Engine saves as an FP8-less module's extra state
@@ -305,7 +336,7 @@ def _write_megatron(plan: Plan, f: OutputFile, path: Path, reader: TensorReader)
 def _write_safetensors(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
     """Header first (the plan fixes every offset), then each tensor in order."""
     entries = f.entries
-    header = header_bytes([(e.key, e.dtype, e.shape, e.nbytes) for e in entries], f.metadata)
+    header = header_bytes([(e.key, e.dtype, e.disk_shape, e.nbytes) for e in entries], f.metadata)
     with SafetensorsWriter(path, header, [e.nbytes for e in entries]) as w:
         for e in entries:
             spans = whole_row_spans(e, plan, reader)
@@ -323,9 +354,9 @@ def _write_dcp(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> I
         for e in f.entries:
             spans = whole_row_spans(e, plan, reader)
             if spans is not None:
-                w.add_spans(("model", e.key), spans, e.dtype, e.shape)
+                w.add_spans(("model", e.key), spans, e.dtype, e.disk_shape)
             else:
-                w.add_chunks(("model", e.key), bands(e, plan, reader), e.nbytes, e.dtype, e.shape)
+                w.add_chunks(("model", e.key), bands(e, plan, reader), e.nbytes, e.dtype, e.disk_shape)
             yield e
         w.add_object(("checkpoint_version",), CHECKPOINT_VERSION)
         w.finish()

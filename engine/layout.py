@@ -8,6 +8,7 @@ name the field, the value, and what would be accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator
 
@@ -35,6 +36,15 @@ class ParallelConfig(BaseModel):
     """Vision-encoder TP size; 0 or unset means tp_size."""
     ep_size: PositiveInt = 1
     """Expert-parallel size (MoE models only)."""
+    expert_tp_size: PositiveInt | None = None
+    """Tensor-parallel size of the routed experts (Megatron's --expert-tensor-parallel-size): 1 (every TP rank
+    holds whole experts) or tp_size; unset means tp_size (MoE models only)."""
+    moe_grouped_gemm: Literal[False, True, "legacy", "te"] = False
+    """Routed experts in a grouped-GEMM layout (MindSpeed-LLM's --moe-grouped-gemm; MoE models only):
+    legacy (or true) is Megatron-Core's GroupedMLP, each layer's local experts as two tensors
+    mlp.experts.weight1 [hidden, experts x fc1 rows] and weight2 [experts x fc2 columns, hidden], each expert's
+    block transposed; te is TEGroupedMLP's mlp.experts.linear_fc1.weightN / linear_fc2.weightN, one per local
+    expert; false keeps SequentialMLP's mlp.experts.local_experts.N.linear_fc1/2."""
     noop_layers: list[NonNegativeInt] | None = None
     """Positions (0-based, counting every layer of llm_pp_layers) of empty language-model layers
     (MindSpeed-LLM's --noop-layers): counted in llm_pp_layers, holding no weights; the layers around
@@ -42,6 +52,18 @@ class ParallelConfig(BaseModel):
     make_vocab_size_divisible_by: PositiveInt | None = None
     """Pad the vocabulary rows of the embedding and output layer with zeros to a multiple of this x tp_size
     (Megatron-LM's rule); unset means no padding (the vocabulary must then divide by tp_size)."""
+
+    @property
+    def grouped(self) -> Literal["legacy", "te"] | None:
+        """The grouped-GEMM layout of the routed experts, or None for SequentialMLP's."""
+        if self.moe_grouped_gemm is True:
+            return "legacy"
+        return self.moe_grouped_gemm or None
+
+    @property
+    def etp(self) -> int:
+        """The routed experts' TP size."""
+        return self.expert_tp_size or self.tp_size
 
     def padded_vocab(self, vocab: int) -> int:
         """Rows of the full embedding in this layout (Megatron-LM: a multiple of divisible_by x TP)."""
@@ -187,6 +209,20 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
     expert_fields = [m.experts for m in info.preset.modules if m.experts]
     if layout.ep_size != 1 and not expert_fields:
         out.append(f"parallel_config.ep_size {layout.ep_size}: {info.preset.title} has no experts; use 1")
+    if layout.grouped and not expert_fields:
+        out.append(
+            f"parallel_config.moe_grouped_gemm {layout.moe_grouped_gemm}: {info.preset.title} has no experts; use false"
+        )
+    if layout.expert_tp_size is not None and not expert_fields and layout.expert_tp_size != layout.tp_size:
+        out.append(
+            f"parallel_config.expert_tp_size {layout.expert_tp_size}: {info.preset.title} has no experts; "
+            "leave it unset"
+        )
+    elif layout.etp not in (1, layout.tp_size):
+        out.append(
+            f"parallel_config.expert_tp_size {layout.expert_tp_size}: the experts' TP size must be 1 or "
+            f"tp_size {layout.tp_size} (as MindSpeed-LLM's --expert-tensor-parallel-size)"
+        )
     for field_name in expert_fields:
         n = info.field_int(field_name)
         if n % layout.ep_size:

@@ -159,7 +159,7 @@ def megatron_args(info: ModelInfo, layout: ParallelConfig) -> argparse.Namespace
 
 
 def _moe_args(info: ModelInfo, layout: ParallelConfig, experts: list, positions: int) -> dict[str, object]:
-    """Megatron-Core MoE fields: SequentialMLP experts (no grouped GEMM), softmax router."""
+    """Megatron-Core MoE fields: the experts' layout (grouped GEMM or SequentialMLP) and TP size, softmax router."""
     fc2 = next(t for t in experts if t.key.endswith("linear_fc2.weight"))
     moe_layers = {t.layer for t in experts}
     noops = set(layout.noops_of("llm"))
@@ -177,6 +177,6 @@ def _moe_args(info: ModelInfo, layout: ParallelConfig, experts: list, positions:
         "moe_layer_freq": 1 if all(freq) else freq,
         "moe_router_pre_softmax": not renormalised,
         "moe_router_score_function": "softmax",
-        "moe_grouped_gemm": False,
-        "expert_tensor_parallel_size": layout.tp_size,
+        "moe_grouped_gemm": layout.grouped is not None,
+        "expert_tensor_parallel_size": layout.etp,
     }

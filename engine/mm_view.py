@@ -13,6 +13,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from .errors import ConvertError
+from .experts import transposed_view
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
@@ -40,6 +41,8 @@ class MmView:
 def _layout_text(layout: ParallelConfig) -> str:
     lists = ", ".join(f"{m}_pp_layers={chunks}" for m, chunks in layout.given().items())
     ep = f", ep_size={layout.ep_size}" if layout.ep_size > 1 else ""
+    ep += f", expert_tp_size={layout.expert_tp_size}" if layout.expert_tp_size is not None else ""
+    ep += f", moe_grouped_gemm={layout.grouped}" if layout.grouped else ""
     return f"tp_size={layout.tp_size}{ep}, {lists}"
 
 
@@ -105,11 +108,13 @@ def open_view(
                         f"{path} [{chunk_name}]: {e.key} is missing; the layout ({_layout_text(layout)}) "
                         "puts it on this rank"
                     )
-                if meta.shape != e.shape:
+                if meta.shape != e.disk_shape:
                     raise ConvertError(
                         f"{path} [{chunk_name}]: {e.key} has shape {list(meta.shape)} on disk, the layout "
-                        f"expects {list(e.shape)}"
+                        f"expects {list(e.disk_shape)}"
                     )
+                if e.stored is not None:  # grouped-GEMM experts: seen as the matrix written transposed
+                    meta = transposed_view(meta, e.shape)
                 sources[meta.name] = meta
                 kept.setdefault(meta.name, False)
                 if e.zero_fill:

@@ -75,6 +75,8 @@ class Entry:
     unless `zero_fill`: then what no piece covers is zero (an adapter's unused rank blocks).
     `lora` lists blocks of canonical tensors that carry a LoRA adapter (`Plan.lora`), in
     this entry's coordinates: their B @ A is added after assembling (engine/lora.py).
+    With `stored`, the tensor assembled (2-D, `shape`) is written transposed and given the
+    shape `stored` (same elements): grouped-GEMM experts (engine/experts.py).
     """
 
     key: str
@@ -85,6 +87,12 @@ class Entry:
     pad_rows: int = 0
     lora: tuple[Piece, ...] = ()
     zero_fill: bool = False
+    stored: tuple[int, ...] | None = None
+
+    @property
+    def disk_shape(self) -> tuple[int, ...]:
+        """The shape written: `shape`, or `stored` for a tensor written transposed."""
+        return self.shape if self.stored is None else self.stored
 
     @property
     def numel(self) -> int:
@@ -521,7 +529,13 @@ def build_plan(
         rows = sum(n for _, _, n in segs)
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
         heads = info.field_int(t.mapping.heads) if t.mapping.head_split and t.mapping.heads else 0
-        for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded, heads)):
+        # routed experts split at their own TP size; with 1, every TP rank holds whole experts
+        split_tp = layout.etp if t.expert is not None else tp
+        splits = _split(t.mapping, segs, split_tp, first, t.key, padded, heads)
+        for r in range(tp):
+            pieces, how, pad = splits[r * split_tp // tp]
+            if split_tp < tp:
+                how = f"{how} · ETP {split_tp}" if how != "copy" else f"whole · ETP {split_tp}"
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
@@ -531,6 +545,10 @@ def build_plan(
             if pp > 1
             else "tied embeddings: no output_layer is written with PP = 1"
         )
+    if layout.grouped:
+        from .experts import group_experts
+
+        group_experts(files, layout.grouped)
     head = rank_head(info, layout, iteration, megatron_args)
     for f in files:
         f.head = head

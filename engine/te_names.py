@@ -96,14 +96,18 @@ def check_preset(info: ModelInfo, impl: TransformerImpl | None, field: str) -> N
 # and the embedding are not TE modules
 _TE_MODULE = re.compile(
     r"^(?:.*\.)?(?:layers\.\d+\.(?:self_attention\.(?:linear_\w+|q_layernorm|k_layernorm|kv_layernorm)"
-    r"|mlp\.(?:linear_fc[12]|shared_experts\.linear_fc[12]|experts\.local_experts\.\d+\.linear_fc[12])"
+    r"|mlp\.(?:linear_fc[12]|shared_experts\.linear_fc[12]|experts\.(?:local_experts\.\d+\.)?linear_fc[12])"
     r"|pre_mlp_layernorm)|final_layernorm)$"
 )
 
 
+_WEIGHT = re.compile(r"^(.*)\.weight\d*$")
+
+
 def extra_state_keys(keys: Iterable[str]) -> list[str]:
-    """`<module>._extra_state` for each Transformer Engine module whose weight is among `keys` (TE names)."""
-    modules = dict.fromkeys(k.removesuffix(".weight") for k in keys if k.endswith(".weight"))
+    """`<module>._extra_state` for each Transformer Engine module whose weight is among `keys` (TE names);
+    a grouped linear (TEGroupedMLP's `linear_fc1.weight0..N`) has one, as TE saves it in a torch checkpoint."""
+    modules = dict.fromkeys(m[1] for k in keys if (m := _WEIGHT.match(k)))
     return [f"{m}._extra_state" for m in modules if _TE_MODULE.match(m)]
 
 

@@ -10,7 +10,8 @@ docs/user-guide/features/dist_optimizer.md and megatron/training/theoretical_mem
 That is 18 bytes per parameter, or with the distributed optimizer 6 + 12/d: the 12 bytes of
 optimizer state are sharded over the d data-parallel ranks, while weights and gradients stay
 whole. Expert weights shard their state over the expert data-parallel group instead, which
-has d / EP ranks (experts are cut by TP like the rest, so the expert TP size is the TP size).
+has d x TP / (EP x expert TP) ranks: d / EP when the experts are cut by TP like the rest, d x TP / EP
+when every TP rank holds whole experts (expert TP 1).
 
 The parameters come from the plan: every entry of a rank's file, in every VPP chunk, with
 vocabulary padding and a tied output layer counted where the rank holds them. The dtype of
@@ -25,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import ConvertError
+from .experts import is_expert_key
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .plan import Plan, build_plan
@@ -59,7 +61,10 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _expert_sources(plan: Plan, ep: int) -> set[str]:
-    """Source tensors only some EP ranks read: the experts. Dense weights are in every EP rank's file."""
+    """Source tensors only some EP ranks read: the experts. Dense weights are in every EP rank's file.
+    `ep` 0: the routed experts by their names (with expert TP 1 their optimizer state is sharded apart even at EP 1)."""
+    if ep == 0:
+        return {src for f in plan.files for e in f.entries if is_expert_key(e.key) for src in e.sources}
     if ep == 1:
         return set()
     readers: dict[tuple[int, int, str], set[int]] = {}
@@ -85,12 +90,15 @@ def train_memory(
     """
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
         raise ConvertError(f"dp = {dp!r}: give the data-parallel size as a whole number >= 1")
-    ep = layout.ep_size
-    if dp % ep:
+    ep, etp = layout.ep_size, layout.etp
+    whole = layout.tp_size // etp  # TP ranks holding the same experts: 1, or TP with expert TP 1
+    if dp * whole % ep:
+        group = "dp / ep" if whole == 1 else f"dp x {whole} / ep"
         raise ConvertError(
-            f"dp = {dp}: with ep_size {ep} the data-parallel size must be a multiple of {ep} "
-            "(the expert data-parallel group has dp / ep ranks)"
+            f"dp = {dp}: with ep_size {ep} the data-parallel size must be a multiple of {ep // math.gcd(ep, whole)} "
+            f"(the expert data-parallel group has {group} ranks)"
         )
+    edp = dp * whole // ep
     plan = build_plan(plan_or_info, layout) if isinstance(plan_or_info, ModelInfo) else plan_or_info
     want = {(t, p, e) for t in range(layout.tp_size) for p in range(layout.pp_size) for e in range(ep)}
     ranks = [(f.tp_rank, f.pp_rank, f.ep_rank) for f in plan.files if f.kind == "torch"]
@@ -101,7 +109,7 @@ def train_memory(
             f"the plan does not match the layout: it holds {len(ranks)} Megatron rank file(s){also}, "
             f"TP {layout.tp_size} x PP {layout.pp_size} x EP {ep} has {len(want)}; give the plan built for this layout"
         )
-    experts = _expert_sources(plan, ep)
+    experts = _expert_sources(plan, ep if etp == layout.tp_size else 0)
     out = []
     for f in plan.files:
         params = expert = 0
@@ -111,7 +119,7 @@ def train_memory(
                 expert += e.numel
         dense = params - expert
         if distributed_optimizer:
-            optimizer = OPTIMIZER_BYTES * (_ceil_div(dense, dp) + _ceil_div(expert, dp // ep))
+            optimizer = OPTIMIZER_BYTES * (_ceil_div(dense, dp) + _ceil_div(expert, edp))
         else:
             optimizer = OPTIMIZER_BYTES * params
         out.append(

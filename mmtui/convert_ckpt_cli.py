@@ -54,7 +54,6 @@ IGNORED_SWITCH = [
 ]  # fmt: skip
 # flags with a meaning we do not convert yet: refused in one line rather than ignored
 UNSUPPORTED_SWITCH = {
-    "--moe-grouped-gemm": "grouped-GEMM expert weights",
     "--moe-tp-extend-ep": "experts spread over the TP group",
     "--mla-mm-split": "MindSpeed-LLM's split MLA up-projections",
 }
@@ -99,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
     p.add_argument("--params-dtype", choices=list(DTYPES), help="weights' dtype (default: as the source)")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    p.add_argument("--moe-grouped-gemm", action="store_true", help="experts as GroupedMLP's weight1/2 (TE: weightN)")
     p.add_argument("--mtp-num-layers", type=int, default=0)
     p.add_argument("--schedules-method", default=None)
     p.add_argument("--ckpt-format", default="torch")
@@ -155,6 +155,10 @@ def _layout(args: argparse.Namespace, layers: int) -> dict[str, Any]:
             fail(f"--target-pipeline-parallel-size {pp}: {total} layers do not divide; give --num-layer-list")
         chunks = [[total // pp] * pp]
     out: dict[str, Any] = {"tp_size": tp, "ep_size": args.target_expert_parallel_size, "llm_pp_layers": chunks}
+    if args.expert_tensor_parallel_size is not None and args.expert_tensor_parallel_size != tp:
+        out["expert_tp_size"] = args.expert_tensor_parallel_size
+    if args.moe_grouped_gemm:  # MindSpeed-LLM: TEGroupedMLP's names with Transformer Engine, else GroupedMLP's
+        out["moe_grouped_gemm"] = "te" if args.transformer_impl == "transformer_engine" else "legacy"
     if noops:
         out["noop_layers"] = noops
     if args.make_vocab_size_divisible_by and args.make_vocab_size_divisible_by > 1:
@@ -169,14 +173,31 @@ def _check_supported(args: argparse.Namespace) -> None:
         if getattr(args, flag.removeprefix("--").replace("-", "_")):
             fail(f"{flag}: {what} are not converted yet")
     etp = args.expert_tensor_parallel_size
-    if etp is not None and etp != args.target_tensor_parallel_size:
-        fail(f"--expert-tensor-parallel-size {etp}: an expert TP other than the TP size is not converted yet")
+    if etp is not None and etp not in (1, args.target_tensor_parallel_size):
+        fail(
+            f"--expert-tensor-parallel-size {etp}: MindSpeed-LLM takes 1 or the TP size "
+            f"(--target-tensor-parallel-size {args.target_tensor_parallel_size})"
+        )
     if args.mtp_num_layers:
         fail(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are not converted yet")
     if args.schedules_method:
         fail(f"--schedules-method {args.schedules_method}: not converted yet")
     if args.ckpt_format != "torch":
         fail(f"--ckpt-format {args.ckpt_format}: only torch (legacy rank files) is converted yet")
+
+
+def _check_moe(args: argparse.Namespace, preset: Any) -> None:
+    """The experts' flags on a model without experts: one line, not a layout error about fields it never named."""
+    if any(m.experts for m in preset.modules):
+        return
+    etp = args.expert_tensor_parallel_size
+    given = {
+        "--moe-grouped-gemm": args.moe_grouped_gemm,
+        "--expert-tensor-parallel-size": etp not in (None, args.target_tensor_parallel_size),
+    }
+    for flag, said in given.items():
+        if said:
+            fail(f"{flag}: {preset.title} has no experts; leave it out")
 
 
 def _layers(preset: Any, hf_dir: Path) -> int:
@@ -218,6 +239,7 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         converter = _converter(args, hf_dir)
         preset = preset_for_converter(converter)
         layers = _layers(preset, hf_dir)
+        _check_moe(args, preset)
         command = "hf_to_mm"
         cfg = {
             "mm_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
@@ -255,6 +277,7 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         converter = _converter(args, hf_dir)
         preset = preset_for_converter(converter)
         layers = _layers(preset, hf_dir)
+        _check_moe(args, preset)
         command = "resplit"
         cfg = {
             "source_dir": str(args.load_dir), "target_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},

@@ -234,6 +234,7 @@ def _one_whole_job(args: list[str], converter: str, command: str, prog: str) -> 
 
 _HINTS = {
     "_pp_layers": "per-stage layer counts, one list per VPP chunk, such as [[1,10,10,7]] (quote it in the shell)",
+    "moe_grouped_gemm": "one of false, true (legacy), legacy (GroupedMLP's weight1/weight2), te (TEGroupedMLP's)",
 }
 
 

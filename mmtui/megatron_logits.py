@@ -70,7 +70,13 @@ def _worker(
         moe_utils.te_general_gemm = None
     arch = GPTArch(**arch_d)
     ep = world // tp
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    etp = (arch.extra or {}).get("expert_tensor_parallel_size")  # with 1, each rank holds whole experts
+    grouped = bool((arch.extra or {}).get("moe_grouped_gemm"))
+    if grouped:
+        _grouped_gemm_shim()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
+    )
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     config_class, extra = TransformerConfig, dict(arch.extra or {})
     if arch.mla is not None:
@@ -128,6 +134,8 @@ def _worker(
         rotary_base=int(arch.rotary_base),
         parallel_output=False,
     ).eval()
+    if grouped:
+        _grouped_mlp_configs(model)
     where = f"{parallel_state.get_tensor_model_parallel_rank()},{parallel_state.get_expert_model_parallel_rank()}"
     state = torch.load(paths[where], weights_only=True)
     result = model.load_state_dict(state, strict=False)
@@ -144,6 +152,37 @@ def _worker(
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+
+
+def _grouped_mlp_configs(model: torch.nn.Module) -> None:
+    """GroupedMLP's forward asserts `config.bf16` (its CUDA kernel's dtype): the experts alone see a copy of the
+    config saying so, and compute in the weights' fp32 through the CPU gmm."""
+    import copy
+
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            module.config = copy.copy(module.config)
+            module.config.bf16 = True
+
+
+def _grouped_gemm_shim() -> None:
+    """Megatron-Core's GroupedMLP on CPU: the `grouped_gemm` package's gmm (CUDA only) as one matmul per
+    expert, on the expert's rows of the permuted tokens (`a[rows of expert i] @ b[i]`, as its kernel computes)."""
+    import types
+
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+        out, start = [], 0
+        for i, n in enumerate(batch_sizes.tolist()):
+            out.append(a[start : start + n] @ (b[i].t() if trans_b else b[i]))
+            start += n
+        return torch.cat(out)
+
+    gg.grouped_gemm = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=gmm))
+    gg.ops = gg.grouped_gemm.ops
 
 
 def _mla_shims() -> None:

@@ -37,7 +37,7 @@ class Form:
     ep: str
     layers: dict[str, list[list[int]]] | None
     cost: str
-    disk: dict[str, Any] = field(default_factory=dict)  # noop layers / vocab padding of the layout read from disk
+    disk: dict[str, Any] = field(default_factory=dict)  # noop layers, vocab padding, experts' layout read from disk
     vit_tokens: str = "1024"  # what one sample holds, for the flops cost model
     llm_tokens: str = "4096"
     dp: str = ""  # data-parallel size (empty: EP, the smallest there is) and device memory (GiB) for "will it fit?"

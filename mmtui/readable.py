@@ -31,7 +31,7 @@ def readable(hint: Any, flag: str = "") -> str:
         inner = readable(args[0], flag) if args else "values"
         return "list of " + (inner.replace("list of ", "lists of ", 1) if inner.startswith("list of ") else inner)
     if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
     if hint in _NAMES:
         return _NAMES[hint]
     if hasattr(hint, "model_fields"):  # a nested pydantic model: given field by field

@@ -161,7 +161,9 @@ def test_the_equivalent_job_is_one_flag_away(tiny_llms: dict[str, Path], tmp_pat
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        (["--moe-grouped-gemm"], "convert-ckpt: error: --moe-grouped-gemm: grouped-GEMM expert weights are not converted yet"),
+        (["--moe-grouped-gemm"], "convert-ckpt: error: --moe-grouped-gemm: Llama has no experts; leave it out"),
+        (["--expert-tensor-parallel-size", "1"], "convert-ckpt: error: --expert-tensor-parallel-size: Llama has no experts; leave it out"),
+        (["--expert-tensor-parallel-size", "3"], "convert-ckpt: error: --expert-tensor-parallel-size 3: MindSpeed-LLM takes 1 or the TP size (--target-tensor-parallel-size 2)"),
         (["--model-type-hf", "bloom"], "convert-ckpt: error: --model-type-hf 'bloom': not a family mmtui converts; one of llama2,"),
         (["--target-tensor-paralel-size", "2"], "--target-tensor-paralel-size is not a flag of MindSpeed-LLM's convert_ckpt that mmtui takes; did you mean --target-tensor-parallel-size?"),
         (["--target-tensor", "2"], "--target-tensor is not a flag of MindSpeed-LLM's convert_ckpt that mmtui takes"),

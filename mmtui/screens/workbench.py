@@ -117,7 +117,7 @@ class WorkbenchScreen(Screen[None]):
         self._opened = 0  # bumped per model opened; an inspection of an earlier one is dropped
         self._planning = False  # a planning worker is running
         self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
-        self._disk: dict[str, Any] = {}  # noop layers / vocab padding of the layout last read from disk
+        self._disk: dict[str, Any] = {}  # noop layers, vocab padding, experts' layout last read from disk
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -357,7 +357,8 @@ class WorkbenchScreen(Screen[None]):
         if info is not self.info or src != self._value("src") or direction != self.direction:
             return  # the fields changed since: this layout is of another question
         layers = {m.name: getattr(layout, f"{m.name}_pp_layers") for m in info.preset.modules}
-        self._disk = layout.model_dump(include={"noop_layers", "make_vocab_size_divisible_by"}, exclude_none=True)
+        kept = {"noop_layers", "make_vocab_size_divisible_by", "moe_grouped_gemm", "expert_tp_size"}
+        self._disk = layout.model_dump(include=kept, exclude_none=True, exclude_defaults=True)
         if direction == "resplit":
             for name, value in (("src_tp", layout.tp_size), ("src_ep", layout.ep_size)):
                 self.query_one(f"#{name}", Input).value = str(value)
