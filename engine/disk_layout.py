@@ -44,6 +44,10 @@ def _signature(chunks: dict[str, dict]) -> dict[str, dict[str, tuple[int, ...]]]
 
 def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> ParallelConfig:
     """The layout the checkpoint was written in, or a ConvertError naming the field the disk cannot give."""
+    if ckpt.dist is not None:  # torch_dist: read as TP 1, one stage
+        from .formats.torch_dist_reader import torch_dist_layout
+
+        return torch_dist_layout(info, ckpt.dist)
     numbers = {name: _numbers(name) for name in ckpt.ranks}
     widths = {len(n) for n in numbers.values()}
     if len(widths) != 1:

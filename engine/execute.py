@@ -262,7 +262,7 @@ def _share(plan: Plan, dest: Path, share: list[int], stop: threading.Event) -> I
             f = plan.files[i]
             yield FileStarted(i, f.path, f.nbytes)
             path = dest / f.path
-            with contextlib.closing(_WRITERS[f.kind](plan, f, path, reader)) as entries:
+            with contextlib.closing(_writer(f.kind)(plan, f, path, reader)) as entries:
                 for e in entries:
                     yield f.path, e
                     if stop.is_set():
@@ -366,6 +366,15 @@ def _write_dcp(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> I
 
 
 _WRITERS = {"torch": _write_megatron, "safetensors": _write_safetensors, "dcp": _write_dcp}
+
+
+def _writer(kind: str):
+    """The writer of an output file's kind; engine/formats/ brings its own (importing this module)."""
+    if kind in _WRITERS:
+        return _WRITERS[kind]
+    from .formats.torch_dist_writer import WRITERS
+
+    return WRITERS[kind]
 
 
 def _mkdirs(root: Path, path: Path) -> None:

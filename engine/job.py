@@ -29,6 +29,7 @@ from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
+OutFormat = Literal["legacy", "torch_dist", "dcp"]
 
 
 class _Config(BaseModel):
@@ -103,6 +104,9 @@ class HfToMmConfig(_Config):
     params_dtype: ParamsDtype | None = None
     """Cast every float weight to this dtype while streaming (MindSpeed-LLM's --params-dtype); unset: each keeps
     its own, and FP8 block-quantised weights (DeepSeek-V3's hub files) are dequantised to bf16."""
+    format: OutFormat = "legacy"
+    """What to write: legacy (mp_rank_* rank files), torch_dist (Megatron-Core's distributed checkpoint, language
+    models), or dcp (one torch.distributed.checkpoint of full tensors, as hf_to_dcp; the layout is not used)."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -171,6 +175,9 @@ class ResplitConfig(_Config):
     """The names source_dir was written with (local, or transformer_engine's fused norms); default: the disk's."""
     transformer_impl: TransformerImpl | None = None
     """The names to write (local, or transformer_engine's fused norms); default: the source's."""
+    format: OutFormat = "legacy"
+    """What to write: legacy (mp_rank_* rank files) or torch_dist (Megatron-Core's distributed checkpoint, language
+    models); the source's format is read from the disk."""
 
     @property
     def out_dir(self) -> Path:
@@ -419,6 +426,9 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         view = open_view(info, ckpt, layout, "source_dir", forward=_forward(info, layout, ckpt.iteration, source_impl))
         iteration = iteration_dir(cfg.iteration, ckpt.iteration)
         plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
+        if cfg.format != "legacy":
+            plan = _formatted(plan, info, cfg.target_parallel_config, cfg.format)
+            return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
         impl = cfg.transformer_impl or source_impl
         check_preset(info, impl, "transformer_impl")
         return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view), impl)
@@ -428,11 +438,25 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
     if cfg.llm_hf_dir:
         llm = inspect_hf(cfg.llm_hf_dir, info.preset)
         info = with_llm_source(info, llm)
+    if cfg.format == "dcp":
+        plan = build_dcp_plan(info, iteration=iteration_dir(cfg.iteration))
+        return info, _merged(plan, _adapter(cfg.lora, info, None))
     plan = build_plan(
         info, cfg.parallel_config, save_vit_only=cfg.save_vit_only, iteration=iteration_dir(cfg.iteration),
         megatron_args=cfg.save_megatron_args,
     )  # fmt: skip
+    if cfg.format == "torch_dist":
+        return info, _merged(_formatted(plan, info, cfg.parallel_config, cfg.format), _adapter(cfg.lora, info, None))
     return info, rename_plan(_merged(plan, _adapter(cfg.lora, info, None)), cfg.transformer_impl)
+
+
+def _formatted(plan: Plan, info: ModelInfo, layout: ParallelConfig, fmt: str) -> Plan:
+    """A legacy plan written in another format (engine/formats/)."""
+    if fmt != "torch_dist":
+        raise ConvertError(f"format = {fmt}: resplit writes legacy or torch_dist")
+    from .formats.torch_dist_writer import to_torch_dist
+
+    return to_torch_dist(plan, info, layout)
 
 
 def _forward(info: ModelInfo, layout: ParallelConfig, iteration: str, impl: TransformerImpl) -> Plan:

@@ -402,6 +402,7 @@ class MmCheckpoint:
     root: Path
     iteration: str  # "release" or "iter_0000123"
     ranks: dict[str, Path]  # rank directory name -> rank file; which ranks a name means depends on the layout
+    dist: Any = None  # a Megatron-Core torch_dist directory: its index (engine/formats/torch_dist_reader.py)
 
 
 def open_checkpoint(mm_dir: Path | str, field: str = "mm_dir") -> MmCheckpoint:
@@ -422,6 +423,11 @@ def open_checkpoint(mm_dir: Path | str, field: str = "mm_dir") -> MmCheckpoint:
     it_dir = root / iteration
     if not it_dir.is_dir():
         raise ConvertError(f"{tracker}: says {text!r} but {it_dir} does not exist")
+    from .formats.torch_dist_reader import detect  # it reads chunk archives with this module
+
+    dist = detect(it_dir)
+    if dist is not None:
+        return MmCheckpoint(root, iteration, {}, dist)
     # mp_rank_00_001 is PP rank 1 or, with PP = 1, EP rank 1: the layout decides (open_view)
     ranks = {d.name: d / CKPT_NAME for d in sorted(it_dir.iterdir()) if RANK_DIR.match(d.name) and d.is_dir()}
     if not ranks:

@@ -52,6 +52,10 @@ def open_view(
     """Check the checkpoint on disk against `layout` and invert the layout's plan (or `forward`, a plan
     of other tensors in that layout, such as a LoRA adapter's)."""
     forward = forward or build_plan(info, layout, iteration=ckpt.iteration)
+    if ckpt.dist is not None:
+        from .formats.torch_dist_reader import torch_dist_view
+
+        return torch_dist_view(info, ckpt, layout, field, forward)
     expected = {f.dir_name: f for f in forward.files}
     missing = sorted(set(expected) - set(ckpt.ranks))
     extra = sorted(set(ckpt.ranks) - set(expected))

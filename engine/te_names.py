@@ -150,6 +150,8 @@ def resolve(
 ) -> TransformerImpl:
     """The names to read `ckpt` with: `given`, checked against the disk, or the disk's when not given."""
     check_preset(info, given, field)
+    if ckpt.dist is not None:  # torch_dist always names norms as TE does, whatever the spec it was trained with;
+        return given or LOCAL  # its reader renames, so it reads like either (and a re-cut defaults to local)
     seen, key = detect(ckpt)
     if given is None:
         impl = seen or LOCAL

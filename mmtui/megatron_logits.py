@@ -60,6 +60,36 @@ def _worker(
     torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embeddings move inv_freq "to the GPU"
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
+
+    model = build_gpt_model(GPTArch(**arch_d), tp, world // tp, len(tokens))
+    where = f"{parallel_state.get_tensor_model_parallel_rank()},{parallel_state.get_expert_model_parallel_rank()}"
+    state = torch.load(paths[where], weights_only=True)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise AssertionError(f"rank {rank}: missing {missing}, unexpected {result.unexpected_keys}")
+    logits = gpt_logits(model, tokens)
+    if rank == 0:
+        torch.save(logits, out)
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def gpt_logits(model, tokens: list[int]) -> torch.Tensor:
+    """The model's logits for one sequence, with an explicit causal mask (no fused CUDA kernels on CPU)."""
+    ids = torch.tensor([tokens])
+    pos = torch.arange(len(tokens)).unsqueeze(0)
+    mask = torch.triu(torch.ones(len(tokens), len(tokens), dtype=torch.bool), diagonal=1)[None, None]
+    with torch.no_grad():
+        logits = model(ids, pos, mask)
+    return logits[0].float().contiguous()
+
+
+def build_gpt_model(arch: GPTArch, tp: int, ep: int, n_tokens: int):
+    """megatron-core's GPTModel for `arch` (local spec, fp32, CPU) in a process whose gloo group is up; sets up
+    megatron's model-parallel state for TP `tp` and EP `ep`."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
@@ -68,8 +98,6 @@ def _worker(
 
     if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 reads it even without Transformer Engine
         moe_utils.te_general_gemm = None
-    arch = GPTArch(**arch_d)
-    ep = world // tp
     etp = (arch.extra or {}).get("expert_tensor_parallel_size")  # with 1, each rank holds whole experts
     grouped = bool((arch.extra or {}).get("moe_grouped_gemm"))
     if grouped:
@@ -128,7 +156,7 @@ def _worker(
         config,
         spec,
         vocab_size=arch.vocab_size,
-        max_sequence_length=max(64, len(tokens)),
+        max_sequence_length=max(64, n_tokens),
         share_embeddings_and_output_weights=arch.tied,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
@@ -136,22 +164,7 @@ def _worker(
     ).eval()
     if grouped:
         _grouped_mlp_configs(model)
-    where = f"{parallel_state.get_tensor_model_parallel_rank()},{parallel_state.get_expert_model_parallel_rank()}"
-    state = torch.load(paths[where], weights_only=True)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise AssertionError(f"rank {rank}: missing {missing}, unexpected {result.unexpected_keys}")
-    ids = torch.tensor([tokens])
-    pos = torch.arange(len(tokens)).unsqueeze(0)
-    mask = torch.triu(torch.ones(len(tokens), len(tokens), dtype=torch.bool), diagonal=1)[None, None]
-    with torch.no_grad():
-        logits = model(ids, pos, mask)
-    if rank == 0:
-        torch.save(logits[0].float().contiguous(), out)
-    torch.distributed.barrier()
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    return model
 
 
 def _grouped_mlp_configs(model: torch.nn.Module) -> None:

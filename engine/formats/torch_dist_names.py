@@ -1,0 +1,172 @@
+"""Where a Megatron rank tensor sits in Megatron-Core's `torch_dist` checkpoint: one rule for writer and reader.
+
+megatron-core 0.16 saves a GPTModel (`dist_checkpointing.save` of `model.sharded_state_dict()`) as global
+tensors that do not depend on the layout it ran with:
+- Homogeneous decoder layers are stacked on a leading axis: `decoder.layers.self_attention.linear_qkv.weight`
+  is `(num_layers, rows, hidden)`; each layer of each TP rank is its own chunk `(1, rows / tp, hidden)` at
+  `(layer, tp_rank * rows / tp, 0)` (TransformerBlock prepends `(0, global layer, num_layers)`). With PP and
+  VPP the layer axis is still the global one.
+- Norms carry Transformer Engine's names even with the local spec (its `sharded_state_dict_keys_map`):
+  `input_layernorm` -> `self_attention.linear_qkv.layer_norm_weight`, `pre_mlp_layernorm` ->
+  `mlp.linear_fc1.layer_norm_weight` (engine/te_names.py).
+- A TP-split tensor's global form is the TP 1 tensor: row split at `rank * rows`, column split at
+  `rank * cols`; the gated `linear_fc1` is `[gate; up]` but each rank holds two chunks, its gate block at
+  `rank * n` and its up block at `tp * n + rank * n` (mlp.py `apply_swiglu_sharded_factory`). Replicated
+  tensors are one chunk, written by TP rank 0 (the main replica).
+- Each linear module's `_extra_state` is a byte entry `<module>._extra_state/shard_<layer>_<num_layers>`
+  (`shard_0_1` outside the layers) holding `torch.save([None])`, written by TP rank 0; GPTModel asks for them.
+- A tied output layer is the embedding (no `output_layer.weight` at all).
+Checked by loading with megatron-core (tests/engine/test_torch_dist.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ConvertError
+from ..hf_source import ModelInfo
+from ..layout import ParallelConfig
+from ..preset import Mapping
+from ..te_names import extra_state_keys, to_te
+from ..tie import is_tied
+
+CONFIG_NAME = "metadata.json"
+COMMON_NAME = "common.pt"
+METADATA_NAME = ".metadata"
+# megatron-core's CheckpointingConfig as `json.dump(asdict(config))` writes it
+CONFIG_TEXT = (
+    '{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", '
+    '"common_backend_version": 1}'
+)
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# what a trained checkpoint holds besides the model: read past, never needed
+NOT_MODEL = ("optimizer.", "rng_state", "rerun_state_machine")
+EXTRA_STATE = "._extra_state"
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk of a global tensor: the rows [rows) of a rank tensor, stored with the layer axis."""
+
+    fqn: str  # the global tensor's name
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]  # where the chunk starts in the global tensor
+    shape: tuple[int, ...]  # the stored chunk's shape (a leading 1 for a layer)
+    rows: tuple[int, int]  # the rank tensor's rows it holds
+
+    @property
+    def label(self) -> str:
+        """A name unique within the checkpoint, for plans and progress: `fqn[3, 128, 0]`."""
+        return f"{self.fqn}{list(self.offset)}"
+
+
+def _mm_pattern(mp: Mapping) -> re.Pattern[str]:
+    body = re.escape(mp.mm).replace(r"\*", r"\d+").replace(r"\#", r"\d+")
+    return re.compile(body + ("$" if mp.bare else r"\.(?:weight|bias)$"))
+
+
+class Chunker:
+    """The torch_dist chunks of each tensor of a legacy plan in `layout` (local names, as build_plan makes them)."""
+
+    def __init__(self, info: ModelInfo, layout: ParallelConfig, field: str = "format") -> None:
+        preset = info.preset
+        if [m.name for m in preset.modules] != ["llm"] or preset.modules[0].target_prefix:
+            raise ConvertError(
+                f"{field} = torch_dist: Megatron-Core's torch_dist is written for GPT language models; "
+                f"{preset.title} is not one (use format legacy)"
+            )
+        if any("#" in mp.mm for mp in preset.mappings):
+            raise ConvertError(
+                f"{field} = torch_dist: {preset.title} has MoE experts, which torch_dist does not write yet "
+                "(use format legacy)"
+            )
+        if layout.noop_layers:
+            raise ConvertError(
+                f"{field} = torch_dist: parallel_config.noop_layers {layout.noop_layers} are MindSpeed-LLM's; "
+                "Megatron-Core's torch_dist has no empty layers"
+            )
+        if layout.ep_size > 1:
+            raise ConvertError(f"{field} = torch_dist: ep_size {layout.ep_size}; a dense model has no experts to split")
+        self.tp = layout.tp_size
+        self.rules = [(_mm_pattern(mp), mp) for mp in preset.mappings]
+        counts = layout.layers_of("llm")
+        self.num_layers = sum(map(sum, counts))
+        self.global_layer: dict[tuple[int, int, int], int] = {}
+        n = 0
+        for c, chunk in enumerate(counts):
+            for s, k in enumerate(chunk):
+                for j in range(k):
+                    self.global_layer[(c, s, j)] = n
+                    n += 1
+        tie = preset.tie
+        self.tied_copy = tie.target if tie and is_tied(info) else None
+
+    def rule(self, key: str) -> Mapping:
+        for pat, mp in self.rules:
+            if pat.match(key):
+                return mp
+        raise ConvertError(f"torch_dist: {key} matches no mapping of the preset")  # a bug: the plan made the key
+
+    def chunks(self, key: str, name: str, shape: tuple[int, ...], cell: tuple[int, int], tp_rank: int) -> list[Chunk]:
+        """The chunks of rank tensor `key` (local name; `name` is its written name) of `shape`, in VPP chunk and
+        PP stage `cell`, on TP rank `tp_rank`; [] when another rank writes it (a replica) or it is not written."""
+        if key == self.tied_copy:
+            return []  # the output layer of a tied model is the embedding
+        mp = self.rule(key)
+        rule = mp.tp if self.tp > 1 or mp.tp == "gated" else "replicate"
+        if rule == "cols" and len(shape) < 2:
+            rule = "replicate"
+        if self.tp > 1 and rule != "replicate" and (mp.uneven or mp.head_split):
+            raise ConvertError(
+                f"format = torch_dist: {key} is split in whole heads or uneven rows, which torch_dist does not "
+                "write yet (use format legacy)"
+            )
+        rows = shape[0] if shape else 1
+        if rule == "replicate":
+            if tp_rank:
+                return []
+            parts = [((0,) * len(shape), shape, (0, rows))]
+        elif rule == "rows":
+            parts = [((tp_rank * rows, *(0,) * (len(shape) - 1)), (rows * self.tp, *shape[1:]), (0, rows))]
+        elif rule == "cols":
+            cols = shape[1]
+            parts = [((0, tp_rank * cols, *(0,) * (len(shape) - 2)), (rows, cols * self.tp, *shape[2:]), (0, rows))]
+        else:  # gated: [gate; up] globally, a gate block and an up block per rank
+            n = rows // 2
+            rest = (0,) * (len(shape) - 1)
+            g = (rows * self.tp, *shape[1:])
+            parts = [((tp_rank * n, *rest), g, (0, n)), ((self.tp * n + tp_rank * n, *rest), g, (n, rows))]
+        m = _LAYER.match(name)
+        out = []
+        for offset, global_shape, (a, b) in parts:
+            local = (b - a, *shape[1:])
+            if m is None:
+                out.append(Chunk(name, tuple(global_shape), tuple(offset), local, (a, b)))
+                continue
+            layer = self.global_layer[(cell[0], cell[1], int(m[1]))]
+            fqn = f"decoder.layers.{m[2]}"
+            out.append(Chunk(fqn, (self.num_layers, *global_shape), (layer, *offset), (1, *local), (a, b)))
+        return out
+
+    def extra_states(self, names: list[str], cell: tuple[int, int], tp_rank: int) -> list[str]:
+        """The `_extra_state/shard_..` byte entries of one legacy chunk's modules (`names`: its written keys)."""
+        if tp_rank:
+            return []
+        out = []
+        for key in extra_state_keys(names):
+            m = _LAYER.match(key)
+            if m is None:
+                out.append(f"{key}/shard_0_1")
+            else:
+                layer = self.global_layer[(cell[0], cell[1], int(m[1]))]
+                out.append(f"decoder.layers.{m[2]}/shard_{layer}_{self.num_layers}")
+        return out
+
+
+def te_names(keys: list[str]) -> dict[str, str]:
+    """{local key: written key}: Transformer Engine's names for the fused norms, the rest unchanged."""
+    renamed = to_te(keys)
+    return {k: renamed.get(k, k) for k in keys}

@@ -1,0 +1,402 @@
+"""Megatron-Core's torch_dist format, written and read: the layout megatron-core 0.16 saves (measured, and
+restated here as the expectation), megatron-core loading our output, our reader taking megatron-core's own
+save back to the original safetensors, round trips through legacy rank files, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import filecmp
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.errors import ConvertError
+from engine.execute import run
+from engine.job import Job, prepare
+from tests.test_cli import _bad, mm_convert
+
+TOKENS = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]
+L, HIDDEN, HEADS, GROUPS, D, FFN, VOCAB = 4, 64, 4, 2, 16, 128, 128  # the tiny Llama (tests/fixtures/tiny_vlm.TEXT)
+CONFIG_JSON = (
+    b'{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", '
+    b'"common_backend_version": 1}'
+)
+LINEARS = ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+
+
+def _job(command: str, cfg: dict, converter: str = "LlamaConverter") -> Job:
+    return Job.model_validate({"converter": converter, "command": command, "cfg": cfg})
+
+
+def convert(command: str, cfg: dict, out: Path, converter: str = "LlamaConverter") -> Path:
+    _, plan = prepare(_job(command, cfg, converter))
+    run(plan, out)
+    return out
+
+
+def hf_to_mm(hf: Path, out: Path, tp: int, pp: list[int], fmt: str) -> Path:
+    cfg = {"mm_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "format": fmt}
+    cfg["parallel_config"] = {"tp_size": tp, "llm_pp_layers": [pp]}
+    return convert("hf_to_mm", cfg, out)
+
+
+def resplit(hf: Path, src: Path, out: Path, tp: int, pp: list[int], fmt: str) -> Path:
+    cfg = {"source_dir": str(src), "target_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "format": fmt}
+    cfg["target_parallel_config"] = {"tp_size": tp, "llm_pp_layers": [pp]}
+    return convert("resplit", cfg, out)
+
+
+def mm_to_hf(hf: Path, src: Path, out: Path) -> Path:
+    return convert("mm_to_hf", {"mm_dir": str(src), "save_hf_dir": str(out), "hf_config": {"hf_dir": str(hf)}}, out)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llms: dict[str, Path]) -> Path:
+    return tiny_llms["llama"]
+
+
+@pytest.fixture(scope="module")
+def outs(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("torch_dist")
+    return {
+        "td_tp1": hf_to_mm(llama, root / "td_tp1", 1, [4], "torch_dist"),
+        "td_tp2pp2": hf_to_mm(llama, root / "td_tp2pp2", 2, [1, 3], "torch_dist"),
+        "legacy_tp2": hf_to_mm(llama, root / "legacy_tp2", 2, [4], "legacy"),
+    }
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+# ---------------------------------------------------------------------------------------
+# the layout, spelled out
+
+
+def _expected_chunks(tp: int) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """{global tensor: [(offset, size)]} as megatron-core 0.16 saves the tiny Llama at TP `tp` (measured)."""
+    qkv = (HEADS + 2 * GROUPS) * D
+    out: dict[str, list] = {
+        "embedding.word_embeddings.weight": [((r * VOCAB // tp, 0), (VOCAB // tp, HIDDEN)) for r in range(tp)],
+        "output_layer.weight": [((r * VOCAB // tp, 0), (VOCAB // tp, HIDDEN)) for r in range(tp)],
+        "decoder.final_layernorm.weight": [((0,), (HIDDEN,))],
+    }
+    layers = {
+        "self_attention.linear_qkv.layer_norm_weight": [((0,), (HIDDEN,))],
+        "mlp.linear_fc1.layer_norm_weight": [((0,), (HIDDEN,))],
+        "self_attention.linear_qkv.weight": [((r * qkv // tp, 0), (qkv // tp, HIDDEN)) for r in range(tp)],
+        "self_attention.linear_proj.weight": [((0, r * HIDDEN // tp), (HIDDEN, HIDDEN // tp)) for r in range(tp)],
+        "mlp.linear_fc1.weight": [  # [gate; up]: each rank's gate block and up block
+            ((half * FFN + r * FFN // tp, 0), (FFN // tp, HIDDEN)) for r in range(tp) for half in (0, 1)
+        ],
+        "mlp.linear_fc2.weight": [((0, r * FFN // tp), (HIDDEN, FFN // tp)) for r in range(tp)],
+    }
+    for name, chunks in layers.items():
+        out[f"decoder.layers.{name}"] = [((layer, *o), (1, *s)) for layer in range(L) for o, s in chunks]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _expected_objects() -> set[str]:
+    layer = {f"decoder.layers.{m}._extra_state/shard_{i}_{L}" for m in LINEARS for i in range(L)}
+    return layer | {"decoder.final_layernorm._extra_state/shard_0_1"}  # TE's norm asks for it; the local spec not
+
+
+def _index(it_dir: Path):
+    with open(it_dir / ".metadata", "rb") as f:
+        return pickle.load(f)  # our own output, read with torch's classes (the reader's own unpickler is tested below)
+
+
+def _structure(md) -> tuple[dict, set[str]]:
+    tensors, objects = {}, set()
+    for k, v in md.state_dict_metadata.items():
+        if hasattr(v, "chunks"):
+            tensors[k] = sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks)
+        else:
+            objects.add(k)
+    return tensors, objects
+
+
+def _naive_global(hf: Path) -> dict[str, torch.Tensor]:
+    """The global tensors built from the HF weights by hand: stacked layers, grouped QKV, [gate; up]."""
+    w = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    def stack(fn) -> torch.Tensor:
+        return torch.stack([fn(f"model.layers.{i}.") for i in range(L)])
+
+    def qkv(p: str) -> torch.Tensor:
+        q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        per = HEADS // GROUPS * D
+        return torch.cat([t for g in range(GROUPS) for t in (q[g * per : (g + 1) * per], k[g * D : (g + 1) * D], v[g * D : (g + 1) * D])])
+
+    return {
+        "embedding.word_embeddings.weight": w["model.embed_tokens.weight"],
+        "output_layer.weight": w["lm_head.weight"],
+        "decoder.final_layernorm.weight": w["model.norm.weight"],
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": stack(lambda p: w[p + "input_layernorm.weight"]),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": stack(lambda p: w[p + "post_attention_layernorm.weight"]),
+        "decoder.layers.self_attention.linear_qkv.weight": stack(qkv),
+        "decoder.layers.self_attention.linear_proj.weight": stack(lambda p: w[p + "self_attn.o_proj.weight"]),
+        "decoder.layers.mlp.linear_fc1.weight": stack(
+            lambda p: torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        ),
+        "decoder.layers.mlp.linear_fc2.weight": stack(lambda p: w[p + "mlp.down_proj.weight"]),
+    }
+
+
+def _dcp_tensors(it_dir: Path) -> dict[str, torch.Tensor]:
+    """Every global tensor, read back by torch's own DCP reader."""
+    import torch.distributed.checkpoint as dcp
+
+    md = _index(it_dir)
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(it_dir), no_dist=True)
+    return sd
+
+
+def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) -> None:
+    out = outs["td_tp2pp2"]
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    it = out / "release"
+    names = ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", ".metadata", "common.pt", "metadata.json"]
+    assert sorted(p.name for p in it.iterdir()) == sorted(names)
+    assert (it / "metadata.json").read_bytes() == CONFIG_JSON
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(it / "common.pt", weights_only=True)
+    assert list(common) == ["args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "content_metadata"]
+    assert (common["checkpoint_version"], common["iteration"], common["num_floating_point_operations_so_far"]) == (3.0, 0, 0)
+    assert common["content_metadata"] == {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    a = common["args"]
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.ckpt_format) == (2, 2, "torch_dist")
+    assert (a.num_layers, a.hidden_size, a.num_query_groups, a.params_dtype) == (L, HIDDEN, GROUPS, torch.float32)
+
+    md = _index(it)
+    tensors, objects = _structure(md)
+    assert tensors == _expected_chunks(2)
+    assert objects == _expected_objects()
+    assert md.planner_data is None and md.storage_meta.checkpoint_id is None
+    files = {k.fqn: set() for k in md.storage_data}
+    for k, v in md.storage_data.items():
+        files[k.fqn].add(v.relative_path)
+    # stage 0 holds layer 0 (ranks 0, 1), stage 1 layers 1-3 (ranks 2, 3); replicas and extra state on TP rank 0
+    assert files["decoder.layers.self_attention.linear_qkv.weight"] == set(names[:4])
+    assert files["decoder.final_layernorm.weight"] == {"__2_0.distcp"}
+    assert files["embedding.word_embeddings.weight"] == {"__0_0.distcp", "__1_0.distcp"}
+    assert files[f"decoder.layers.mlp.linear_fc2._extra_state/shard_3_{L}"] == {"__2_0.distcp"}
+    # the bytes of a module's extra state are torch.save([None])
+    key = next(k for k in md.storage_data if k.fqn.endswith("shard_0_4"))
+    info = md.storage_data[key]
+    raw = (it / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    import io
+
+    assert torch.load(io.BytesIO(raw), weights_only=True) == [None]
+
+    got, want = _dcp_tensors(it), _naive_global(llama)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_tp1_chunks_and_data(outs: dict[str, Path], llama: Path) -> None:
+    it = outs["td_tp1"] / "release"
+    assert sorted(p.name for p in it.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    tensors, objects = _structure(_index(it))
+    assert tensors == _expected_chunks(1)  # fc1 is still two chunks per layer
+    assert objects == _expected_objects()
+    got, want = _dcp_tensors(it), _naive_global(llama)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_same_input_same_bytes_from_any_source(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
+    """torch_dist written from HF and re-cut from another torch_dist or from legacy rank files: identical bytes."""
+    direct = hf_to_mm(llama, tmp_path / "direct", 2, [4], "torch_dist")
+    from_td = resplit(llama, outs["td_tp2pp2"], tmp_path / "from_td", 2, [4], "torch_dist")
+    from_legacy = resplit(llama, outs["legacy_tp2"], tmp_path / "from_legacy", 2, [4], "torch_dist")
+    _same_tree(direct, from_td)
+    _same_tree(direct, from_legacy)
+
+
+def test_legacy_to_torch_dist_and_back_is_byte_identical(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
+    back = resplit(llama, outs["td_tp2pp2"], tmp_path / "back", 2, [4], "legacy")
+    _same_tree(outs["legacy_tp2"], back)
+
+
+def test_way_back_to_hf_is_the_original(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
+    out = mm_to_hf(llama, outs["td_tp2pp2"], tmp_path / "hf")
+    for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+# ---------------------------------------------------------------------------------------
+# megatron-core itself
+
+
+def _arch():
+    from mmtui.megatron_logits import GPTArch
+
+    return GPTArch(
+        num_layers=L, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
+        vocab_size=VOCAB, rotary_base=10000.0, norm_epsilon=1e-6, add_qkv_bias=False, tied=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def megatron(outs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One megatron-core run: load our TP 1 and TP 2 (PP 2) output, and save our legacy TP 2 output itself."""
+    pytest.importorskip("megatron.core")
+    from tests.fixtures.megatron_dist import Load, Save, run_megatron
+
+    root = tmp_path_factory.mktemp("megatron")
+    saved = root / "saved"
+    (saved / "release").mkdir(parents=True)
+    (saved / "latest_checkpointed_iteration.txt").write_text("release")
+    files = []
+    for r in range(2):
+        obj = torch.load(outs["legacy_tp2"] / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)
+        files.append(root / f"rank{r}.pt")
+        torch.save(obj["model"], files[-1])
+    tasks = [Load(outs["td_tp1"] / "release", 1), Load(outs["td_tp2pp2"] / "release", 2), Save(files, saved / "release")]
+    tp1, tp2, _ = run_megatron(_arch(), tasks, TOKENS)
+    return {"logits": {1: tp1, 2: tp2}, "saved": saved}
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_it_strictly_with_transformers_logits(megatron: dict, llama: Path) -> None:
+    """dist_checkpointing.load into GPTModel, load_state_dict(strict=True), at TP 1 and TP 2."""
+    from tests.fixtures.tiny_llm import tiny_llm_model
+
+    model, _ = tiny_llm_model(llama)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([TOKENS])).logits[0]
+    for tp in (1, 2):
+        torch.testing.assert_close(megatron["logits"][tp], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.oracle
+def test_megatron_core_save_reads_back_to_the_original_hf(
+    megatron: dict, outs: dict[str, Path], llama: Path, tmp_path: Path
+) -> None:
+    """dist_checkpointing.save of our legacy TP 2 output loaded into GPTModel: the same index as ours (but the
+    final norm's extra state, which only TE's norm asks for), and mm_to_hf gives the HF files byte for byte."""
+    saved = megatron["saved"]
+    assert sorted(p.name for p in (saved / "release").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp", "common.pt", "metadata.json",
+    ]  # fmt: skip
+    assert (saved / "release" / "metadata.json").read_bytes() == CONFIG_JSON
+    theirs, ours = _structure(_index(saved / "release")), _structure(_index(outs["td_tp2pp2"] / "release"))
+    assert theirs[0] == ours[0] == _expected_chunks(2)
+    assert theirs[1] == ours[1] - {"decoder.final_layernorm._extra_state/shard_0_1"}
+    out = mm_to_hf(llama, saved, tmp_path / "hf")
+    for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.fixture
+def td_copy(outs: dict[str, Path], tmp_path: Path) -> Path:
+    dst = tmp_path / "td"
+    shutil.copytree(outs["td_tp2pp2"], dst)
+    return dst
+
+
+def _read_error(llama: Path, src: Path, tmp_path: Path) -> str:
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("mm_to_hf", {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(llama)}}))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_index(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    (td_copy / "release" / ".metadata").unlink()
+    assert _read_error(llama, td_copy, tmp_path) == (
+        f"{td_copy}/release: metadata.json says torch_dist but its index .metadata is missing"
+    )
+
+
+def test_wrong_metadata_json(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    (td_copy / "release" / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
+    assert _read_error(llama, td_copy, tmp_path) == (
+        f'{td_copy}/release/metadata.json: {{"sharded_backend": "zarr", "sharded_backend_version": 1}}; mmtui '
+        "reads Megatron-Core's torch_dist checkpoints, whose metadata.json is " + CONFIG_JSON.decode()
+    )
+
+
+def test_index_without_metadata_json(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    (td_copy / "release" / "metadata.json").unlink()
+    msg = _read_error(llama, td_copy, tmp_path)
+    assert msg.startswith(f"{td_copy}/release: holds a torch DCP index (.metadata) but no metadata.json")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_index_with_a_forbidden_global_is_refused_and_never_run(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (td_copy / "release" / ".metadata").write_bytes(pickle.dumps({"x": _Evil(marker)}))
+    r = mm_convert(
+        "LlamaConverter", "mm_to_hf", "--cfg.mm_dir", str(td_copy), "--cfg.save_hf_dir", str(tmp_path / "out"),
+        "--cfg.hf_config.hf_dir", str(llama),
+    )  # fmt: skip
+    _bad(r, f"{td_copy}/release/.metadata: refusing to unpickle posix.system", "nothing was executed")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_hostile_index_entries(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    """A chunk stored outside the directory, a truncated data file, a tensor the model does not have."""
+    path = td_copy / "release" / ".metadata"
+    good = path.read_bytes()
+    md = pickle.loads(good)
+    key = next(k for k in md.storage_data if k.fqn == "decoder.final_layernorm.weight")
+    md.storage_data[key].relative_path = "../../etc/passwd"
+    path.write_bytes(pickle.dumps(md))
+    assert _read_error(llama, td_copy, tmp_path) == (
+        f"{path}: decoder.final_layernorm.weight is stored in '../../etc/passwd'; expected a file name in "
+        f"{td_copy}/release"
+    )
+    md = pickle.loads(good)
+    md.state_dict_metadata["decoder.layers.mlp.router.weight"] = md.state_dict_metadata["decoder.final_layernorm.weight"]
+    md.storage_data[dataclasses.replace(key, fqn="decoder.layers.mlp.router.weight")] = md.storage_data[key]
+    path.write_bytes(pickle.dumps(md))
+    assert "decoder.layers.mlp.router.weight is on disk but not in the model" in _read_error(llama, td_copy, tmp_path)
+    path.write_bytes(good)
+    data = td_copy / "release" / "__3_0.distcp"
+    os.truncate(data, data.stat().st_size // 2)
+    assert "past its end (truncated?)" in _read_error(llama, td_copy, tmp_path)
+
+
+def test_writer_refuses_what_it_cannot_write(tiny_llms: dict[str, Path], qwen2vl_dir: Path, tmp_path: Path) -> None:
+    def err(converter: str, hf: Path, **layout: object) -> str:
+        cfg = {"mm_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(hf)}, "format": "torch_dist"}
+        cfg["parallel_config"] = {"llm_pp_layers": [[4]], **layout}
+        with pytest.raises(ConvertError) as e:
+            prepare(_job("hf_to_mm", cfg, converter))
+        return str(e.value)
+
+    assert err("Qwen2VLConverter", qwen2vl_dir, vit_pp_layers=[[3]]) == (
+        "format = torch_dist: Megatron-Core's torch_dist is written for GPT language models; Qwen2-VL is not one "
+        "(use format legacy)"
+    )
+    assert "has MoE experts, which torch_dist does not write yet" in err("MixtralConverter", tiny_llms["mixtral"])
+    assert err("LlamaConverter", tiny_llms["llama"], llm_pp_layers=[[3, 2]], noop_layers=[2]) == (
+        "format = torch_dist: parallel_config.noop_layers [2] are MindSpeed-LLM's; Megatron-Core's torch_dist has "
+        "no empty layers"
+    )
+    assert not (tmp_path / "o").exists()
+    assert json.loads(CONFIG_JSON)  # the expected metadata.json is itself valid JSON
