@@ -111,9 +111,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="mmtui: replace a non-empty --save-dir")
     p.add_argument("--print-job", action="store_true", help="mmtui: print the equivalent mm-convert job and exit")
     p.add_argument(
-        "--part", metavar="i/N", type=_part, help="mmtui: write part i of N (0-based) of a job split over processes or nodes; "
+        "--part",
+        metavar="i/N",
+        type=_part,
+        help="mmtui: write part i of N (0-based) of a job split over processes or nodes; "
         "default: from Slurm's or torchrun's environment; none: the whole job here",
-    )  # fmt: skip
+    )
     for flag in IGNORED_VALUE:
         p.add_argument(flag, help=argparse.SUPPRESS)
     for flag in [*IGNORED_SWITCH, *UNSUPPORTED_SWITCH]:
