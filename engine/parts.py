@@ -252,6 +252,11 @@ def execute_part(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(e, target.parent, plan.nbytes, target.parent) from None
+    mine = shares([f.nbytes for f in plan.files], part.count)[part.index]
+    if not mine:  # more parts than files: the parts that write files complete the job without this one
+        yield Notice(f"part {part}: nothing to write: the plan has {len(plan.files)} files for {part.count} parts")
+        yield PartDone((part.index, part.count), 0, 0, 0.0, {}, None)
+        return
     control = control_dir(target, key)
     out = control / "out"
     who = f"part {part} of job {key}, "
@@ -267,7 +272,6 @@ def execute_part(
         for note in notes:
             yield Notice(note)
         start = time.perf_counter()
-        mine = shares([f.nbytes for f in plan.files], part.count)[part.index]
         todo = [i for i in mine if file_problem(out, plan.files[i]) is not None]
         nbytes = sum(plan.files[i].nbytes for i in todo)
         if len(todo) < len(mine):

@@ -67,7 +67,7 @@ def summary_line(finished: Finished) -> str:
     )
 
 
-def part_line(done: PartDone, out_dir: Path) -> str:
+def part_line(done: PartDone, out_dir: Path, finished: bool) -> str:
     """What a part did and what is left, for a batch log."""
     index, count = done.part
     gbps = done.total_bytes / max(done.seconds, 1e-9) / 1e9
@@ -75,8 +75,10 @@ def part_line(done: PartDone, out_dir: Path) -> str:
     head = f"part {index}/{count}: wrote {files}, {done.total_bytes:,} bytes in {done.seconds:.1f} s ({gbps:.2f} GB/s)"
     if done.completed_by_other:
         return f"{head}; another part had completed {out_dir} meanwhile"
-    if not done.waiting:
+    if finished:
         return f"{head}; the last to finish: checked every part's files and put {out_dir} in place"
+    if not done.waiting:
+        return f"{head}; nothing else to do for this part"
     parts = ", ".join(f"{k}/{count}" for k in done.waiting)
     missing = sum(done.waiting.values())
     return (
@@ -131,7 +133,7 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished | None:
             elif isinstance(event, Finished):
                 finished = event
     if done is not None:
-        print(part_line(done, job.out_dir), flush=True)
+        print(part_line(done, job.out_dir, finished is not None), flush=True)
         if finished is None:
             return None
     assert finished is not None
