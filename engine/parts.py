@@ -47,7 +47,7 @@ from pydantic import AfterValidator
 
 from .check import check_plan
 from .dcp_writer import METADATA_NAME
-from .errors import ConvertError
+from .errors import ConvertError, WriteError
 from .events import Event, Finished, Notice, PartDone
 from .execute import FILE_MODE, _read_files, write_files
 from .plan import OutputFile, Plan
@@ -322,7 +322,7 @@ def _finish(
                 with contextlib.suppress(OSError):
                     os.unlink(out / path)
             waiting, record = record_missing(control, plan, part)
-            raise ConvertError(
+            raise WriteError(
                 f"{out}: {len(bad)} of {len(plan.files)} files are not whole ({bad[0][0]}: {bad[0][1]}); they "
                 f"were removed: rerun part{'s' if len(waiting) > 1 else ''} "
                 f"{', '.join(f'{k}/{part.count}' for k in waiting)} (listed in {record})"

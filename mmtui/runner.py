@@ -22,7 +22,7 @@ from engine.execute import execute
 from engine.job import Job, prepare
 from engine.parts import describe, execute_part, job_key
 
-from .part_env import choose
+from .part_env import Chosen, choose
 
 _TRAIN_FLAGS = re.compile(r"--lora-r \d+ --lora-alpha \S+(?: --lora-use-rslora)?")
 
@@ -88,6 +88,21 @@ def part_line(done: PartDone, out_dir: Path, finished: bool) -> str:
     )
 
 
+@contextlib.contextmanager
+def _kept_note(chosen: Chosen) -> Iterator[None]:
+    """A part stopped or failed: what it finished stays for its rerun (the target is untouched either way)."""
+    try:
+        yield
+    except BaseException:
+        if chosen.part is not None:
+            print(
+                f"note: part {chosen.part} did not finish; the files it completed are kept beside the target "
+                "for its rerun, which writes only the rest",
+                file=sys.stderr,
+            )
+        raise
+
+
 def run_job(job: Job, *, quiet: bool = False) -> Finished | None:
     """Prepare and execute (this process's part of it, when split); progress on stderr when it is a terminal
     (or when not quiet). None when this part is done and others are still missing."""
@@ -117,7 +132,7 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished | None:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Bar(*columns, console=console, disable=quiet, transient=False) as bar:
+    with Bar(*columns, console=console, disable=quiet, transient=False) as bar, _kept_note(chosen):
         task = bar.add_task("converting", total=plan.nbytes)
         for event in events:
             if isinstance(event, PartDone):

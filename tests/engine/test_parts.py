@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine.errors import ConvertError
+from engine.errors import ConvertError, WriteError
 from engine.events import Finished, Notice, PartDone, Progress, Started
 from engine.execute import execute, run
 from engine.job import Job, load_job, prepare
@@ -238,7 +238,7 @@ def test_a_file_that_is_not_whole_is_removed_and_rewritten(vlm, vlm_one: dict, t
     i = shares([f.nbytes for f in plan.files], 3)[0][0]
     damaged = control / "out" / plan.files[i].path
     os.truncate(damaged, damaged.stat().st_size - 100)  # the zip's central directory cut off
-    with pytest.raises(ConvertError) as e:
+    with pytest.raises(WriteError) as e:
         _run_parts(plan, out, 3, key, order=[2])
     assert str(e.value).startswith(
         f"{control / 'out'}: 1 of {len(plan.files)} files are not whole ({plan.files[i].path}: not a whole zip file"
