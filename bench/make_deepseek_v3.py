@@ -6,6 +6,7 @@ preview, `mmtui suggest`), and for memory tests, whose zeros dequantise to zeros
 
     python bench/make_deepseek_v3.py /tmp/dsv3-671b                 # 61 layers, 256 experts: ~690 GB of holes
     python bench/make_deepseek_v3.py /tmp/dsv3-mid --size mid       # ~0.5 GB of FP8, for memory tests
+    python bench/make_deepseek_v3.py /tmp/dsv3-bf16 --bf16          # bf16 weights, as after DeepSeek's fp8_cast_bf16
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ ST = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
 SHARD_BYTES = 5 << 30
 
 
-def config(size: str) -> dict:
-    return {
+def config(size: str, bf16: bool = False) -> dict:
+    c = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "norm_topk_prob": True,
         "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
@@ -48,6 +49,9 @@ def config(size: str) -> dict:
         },
         **SIZES[size],
     }  # fmt: skip
+    if bf16:
+        del c["quantization_config"]
+    return c
 
 
 def tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -56,7 +60,12 @@ def tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     out: dict[str, tuple[str, tuple[int, ...]]] = {"model.embed_tokens.weight": ("BF16", (c["vocab_size"], h))}
 
+    bf16 = "quantization_config" not in c
+
     def linear(name: str, rows: int, cols: int) -> None:
+        if bf16:
+            out[name + ".weight"] = ("BF16", (rows, cols))
+            return
         out[name + ".weight"] = ("F8_E4M3", (rows, cols))
         out[name + ".weight_scale_inv"] = ("F32", (-(-rows // BLOCK), -(-cols // BLOCK)))
 
@@ -96,9 +105,9 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return n
 
 
-def write_sparse(out: Path, size: str = "671b") -> int:
+def write_sparse(out: Path, size: str = "671b", bf16: bool = False) -> int:
     """Write config.json, the index and sparse shards; the tensors' bytes."""
-    c = config(size)
+    c = config(size, bf16)
     all_tensors = tensors(c)
     shards: list[list[str]] = [[]]
     acc = 0
@@ -137,8 +146,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--size", choices=list(SIZES), default="671b")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights, no block scales (the hub's FP8 cast to bf16)")
     args = ap.parse_args()
-    total = write_sparse(args.out, args.size)
+    total = write_sparse(args.out, args.size, args.bf16)
     print(f"{args.out}: {total / 1e9:.1f} GB of tensors (sparse)")
 
 

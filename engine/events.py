@@ -47,4 +47,21 @@ class Notice:
     text: str
 
 
-Event = Notice | Started | FileStarted | Progress | FileDone | Finished
+@dataclass(frozen=True, slots=True)
+class PartDone:
+    """A part of a split job wrote its share, and the job is not complete yet (engine/parts.py).
+
+    `waiting`: the parts (of this part's count) that still have files to write, with how many;
+    `completed_by`: the job was completed meanwhile by another part (nothing was left to do).
+    """
+
+    part: tuple[int, int]  # (index, count)
+    files: int  # files this part wrote
+    total_bytes: int
+    seconds: float
+    waiting: dict[int, int]  # part index -> files missing
+    record: Path | None  # where the missing files are listed
+    completed_by_other: bool = False
+
+
+Event = Notice | Started | FileStarted | Progress | FileDone | Finished | PartDone

@@ -222,19 +222,28 @@ def default_workers() -> int:
 
 
 def write_files(
-    plan: Plan, dest: Path, indices: Iterable[int] | None = None, *, workers: int | None = None
+    plan: Plan,
+    dest: Path,
+    indices: Iterable[int] | None = None,
+    *,
+    workers: int | None = None,
+    stage: Path | None = None,
 ) -> Iterator[Event]:
     """Write the chosen output files of `plan` under `dest`, `workers` files at a time.
 
     Each worker writes whole files in turn (largest first, to the least loaded worker);
     their events come out here as they happen. Closing the generator stops every worker
-    after the tensor it is writing.
+    after the tensor it is writing. With `stage`, each file is written there (same relative
+    path, same file name, so its bytes are the same) and moved under `dest` once complete and
+    synced: a file under `dest` is then always whole (a part of a split job, engine/parts.py).
     """
     chosen = list(range(len(plan.files))) if indices is None else list(indices)
     total = sum(plan.files[i].nbytes for i in chosen)
     yield Started(total, len(chosen))
     for i in chosen:  # directories first: workers must not race to create a shared parent
         _mkdirs(dest, (dest / plan.files[i].path).parent)
+        if stage is not None:
+            _mkdirs(stage, (stage / plan.files[i].path).parent)
     n = max(1, min(workers or default_workers(), len(chosen)))
     shares: list[list[int]] = [[] for _ in range(n)]
     loads = [0] * n
@@ -243,7 +252,7 @@ def write_files(
         shares[w].append(i)
         loads[w] += plan.files[i].nbytes
     stop = threading.Event()
-    streams = [_share(plan, dest, share, stop) for share in shares]
+    streams = [_share(plan, dest, share, stop, stage) for share in shares]
     done = 0
     for item in streams[0] if n == 1 else _merged_streams(streams, stop):
         if isinstance(item, tuple):
@@ -254,23 +263,40 @@ def write_files(
             yield item
 
 
-def _share(plan: Plan, dest: Path, share: list[int], stop: threading.Event) -> Iterator[Event | tuple[str, Entry]]:
+def _share(
+    plan: Plan, dest: Path, share: list[int], stop: threading.Event, stage: Path | None = None
+) -> Iterator[Event | tuple[str, Entry]]:
     """One worker's files, written in turn; (file path, entry) after each tensor."""
     reader = TensorReader()
     try:
         for i in share:
             f = plan.files[i]
             yield FileStarted(i, f.path, f.nbytes)
-            path = dest / f.path
+            path = (stage or dest) / f.path
             with contextlib.closing(_writer(f.kind)(plan, f, path, reader)) as entries:
                 for e in entries:
                     yield f.path, e
                     if stop.is_set():
                         return  # the writer closes its file on the way out
             os.chmod(path, FILE_MODE)
+            if stage is not None:
+                _publish(f, stage, dest)
             yield FileDone(i, f.path)
     finally:
         reader.close()
+
+
+def _publish(f: OutputFile, stage: Path, dest: Path) -> None:
+    """Sync a staged file (a DCP data file with its .metadata) and move it to its place under `dest`."""
+    names = [f.path] + ([str(Path(f.path).parent / METADATA_NAME)] if f.kind == "dcp" else [])
+    for name in names:
+        fd = os.open(stage / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for name in reversed(names):  # the data file last: its presence says the file is done
+        os.replace(stage / name, dest / name)
 
 
 _END = object()
@@ -383,7 +409,7 @@ def _mkdirs(root: Path, path: Path) -> None:
         missing.append(path)
         path = path.parent
     for d in reversed(missing):
-        d.mkdir(mode=DIR_MODE)
+        d.mkdir(mode=DIR_MODE, exist_ok=True)  # parts of a split job make the same directories
         os.chmod(d, DIR_MODE)
 
 

@@ -23,6 +23,7 @@ from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
 from .megatron_args import Iteration, iteration_dir
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
+from .parts import PartText
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
 from .target import check_inputs, check_target
@@ -34,6 +35,14 @@ OutFormat = Literal["legacy", "torch_dist", "dcp"]
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _CommandConfig(_Config):
+    """What every command takes."""
+
+    part: PartText = None
+    """This process's share of a job split over N processes or nodes: i/N, 0-based (as SLURM_ARRAY_TASK_ID and
+    torchrun's RANK); default: read from Slurm's or torchrun's environment; none: the whole job here."""
 
 
 class HfConfig(_Config):
@@ -71,7 +80,7 @@ class CommonModelConfig(_Config):
     """Take the language-model weights from this second HF directory."""
 
 
-class HfToMmConfig(_Config):
+class HfToMmConfig(_CommandConfig):
     """Convert a Hugging Face checkpoint to MindSpeed-MM's Megatron layout."""
 
     mm_dir: Path
@@ -125,7 +134,7 @@ class HfToMmConfig(_Config):
         return self.mm_dir
 
 
-class MmToHfConfig(_Config):
+class MmToHfConfig(_CommandConfig):
     """Convert a MindSpeed-MM (Megatron) checkpoint back to Hugging Face safetensors."""
 
     save_hf_dir: Path
@@ -150,7 +159,7 @@ class MmToHfConfig(_Config):
         return self.save_hf_dir
 
 
-class ResplitConfig(_Config):
+class ResplitConfig(_CommandConfig):
     """Re-cut a MindSpeed-MM (Megatron) checkpoint to another TP / PP / VPP layout."""
 
     source_dir: Path
@@ -184,7 +193,7 @@ class ResplitConfig(_Config):
         return self.target_dir
 
 
-class HfToDcpConfig(_Config):
+class HfToDcpConfig(_CommandConfig):
     """Convert a Hugging Face checkpoint to one torch.distributed.checkpoint directory (re-sharded at load)."""
 
     dcp_dir: Path
@@ -204,7 +213,7 @@ class HfToDcpConfig(_Config):
         return self.dcp_dir
 
 
-class MergeLoraConfig(_Config):
+class MergeLoraConfig(_CommandConfig):
     """Merge a LoRA adapter into a Hugging Face checkpoint: merged HF safetensors, sharded like the base."""
 
     save_hf_dir: Path
@@ -223,7 +232,7 @@ class MergeLoraConfig(_Config):
         return self.save_hf_dir
 
 
-class LoraHfToMmConfig(_Config):
+class LoraHfToMmConfig(_CommandConfig):
     """Write a PEFT LoRA adapter in Megatron/MindSpeed layout (lora_A / lora_B beside each target), unmerged."""
 
     mm_dir: Path
@@ -244,7 +253,7 @@ class LoraHfToMmConfig(_Config):
         return self.mm_dir
 
 
-class LoraMmToHfConfig(_Config):
+class LoraMmToHfConfig(_CommandConfig):
     """Write a Megatron/MindSpeed LoRA checkpoint as a PEFT adapter (adapter_config.json + safetensors), unmerged."""
 
     save_hf_dir: Path

@@ -23,6 +23,7 @@ import fcntl
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .errors import ConvertError, WriteError
 
 TMP_TAG = ".mmtui-tmp-"
 LOCK_TAG = ".mmtui-lock"
+PARTS_TAG = ".mmtui-parts-"  # the shared directory of a job split into parts (engine/parts.py)
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 SLACK = 1 << 20  # bytes beyond the plan's own for directories, trackers and zip records
@@ -203,17 +205,25 @@ def _owner_text(lock_path: Path) -> str:
     return text or "another process"
 
 
-def _take_lock(lock_path: Path, field: str, target: Path) -> int:
+def _take_lock(lock_path: Path, field: str, target: Path, who: str = "", wait: float = 0) -> int:
     """An exclusive flock on the lock file, checked to still be the file at that path (not one a finishing
-    owner just unlinked)."""
-    for _ in range(100):
+    owner just unlinked). `who` is written in it for the next one to read; with `wait`, a lock held by a
+    part of a split job (held for seconds, to check and rename) is waited for up to `wait` seconds."""
+    start = time.monotonic()
+    pause = 0.01
+    for _ in range(1_000_000):
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            owner, waited = _owner_text(lock_path), time.monotonic() - start
+            if waited < wait and (owner.startswith("part ") or (owner == "another process" and waited < 2)):
+                time.sleep(pause)  # "another process": its text is being written; look again
+                pause = min(0.5, pause * 2)
+                continue
             raise ConvertError(
-                f"{field} {target}: another conversion is writing it ({_owner_text(lock_path)}); "
+                f"{field} {target}: another conversion is writing it ({owner}); "
                 "wait for it to finish or choose another directory"
             ) from None
         except OSError:
@@ -225,7 +235,7 @@ def _take_lock(lock_path: Path, field: str, target: Path) -> int:
             same = False
         if same:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"{who}pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             return fd
         os.close(fd)  # the owner finished and removed it between our open and our lock: try again
     raise ConvertError(f"{field} {target}: could not take the lock {lock_path}")  # pragma: no cover
@@ -235,6 +245,73 @@ def _leftovers(target: Path) -> list[Path]:
     prefix = f".{target.name}{TMP_TAG}"
     with os.scandir(target.parent) as it:
         return [Path(e.path) for e in it if e.name.startswith(prefix)]
+
+
+def parts_dirs(target: Path) -> list[Path]:
+    """The shared directories of split jobs to this target (one per job)."""
+    prefix = f".{target.name}{PARTS_TAG}"
+    with os.scandir(target.parent) as it:
+        return sorted(Path(e.path) for e in it if e.name.startswith(prefix))
+
+
+def live_part(control: Path, mine: Path | None = None) -> str | None:
+    """Who holds a part lock in a split job's directory ("part 1/3 pid 42 on node7"), or None: the job's
+    directory belongs to its live parts, not to a pid; with none alive it is debris. Only asked under
+    the target's lock, which every part holds while it takes its own, so the probe races with nobody."""
+    locks = control / "locks"
+    try:
+        names = sorted(os.listdir(locks))
+    except OSError:
+        return None
+    for name in names:
+        path = locks / name
+        if path == mine:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _owner_text(path)
+        finally:
+            os.close(fd)
+    return None
+
+
+def clear_debris(target: Path, field: str, keep: Path | None = None) -> list[str]:
+    """Under the target's lock: remove what owners that are gone left, refuse a split job whose parts live.
+
+    Every `.NAME.mmtui-tmp-*` is debris (a live single run would hold the lock); a split job's
+    directory is debris only when none of its parts holds its part lock. `keep`: the caller's own job.
+    """
+    notes = []
+    for control in parts_dirs(target):
+        if control == keep:
+            continue
+        owner = live_part(control)
+        if owner is not None:
+            raise ConvertError(
+                f"{field} {target}: another conversion split into parts is writing it ({owner}); "
+                "wait for it to finish or choose another directory"
+            )
+        freed = _tree_bytes(control)
+        shutil.rmtree(control, ignore_errors=True)
+        notes.append(
+            f"removed the shared directory {control.name} ({_gb(freed)}) of a conversion split into parts whose "
+            "parts are no longer running"
+        )
+    stale = _leftovers(target)
+    if stale:
+        freed = sum(_tree_bytes(p) for p in stale)
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        notes.append(
+            f"removed {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} "
+            f"({_gb(freed)}) left by an earlier run to {target} that did not finish"
+        )
+    return notes
 
 
 def _tree_bytes(path: Path) -> int:
@@ -271,15 +348,7 @@ def claim(
         raise WriteError(f"{field} {out_dir}: cannot write in {parent} ({e.strerror})") from None
     c = Claim(target, field, overwrite, fd, lock_path)
     try:
-        stale = _leftovers(target)
-        if stale:
-            freed = sum(_tree_bytes(p) for p in stale)
-            for p in stale:
-                shutil.rmtree(p, ignore_errors=True)
-            c.notes.append(
-                f"removed {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} "
-                f"({_gb(freed)}) left by an earlier run to {target} that did not finish"
-            )
+        c.notes += clear_debris(target, field)
         check_target(target, overwrite, field)
         yield c
     finally:
@@ -290,6 +359,25 @@ def claim(
         for d in made if not c.committed else ():
             with contextlib.suppress(OSError):
                 d.rmdir()  # only if still empty
+
+
+@contextlib.contextmanager
+def target_lock(target: Path, field: str, who: str = "", wait: float = 0) -> Iterator[tuple[int, Path]]:
+    """The target's lock alone, as (fd, path): what a part of a split job holds while it checks or renames.
+    Removed on leaving while still held, as `claim` does."""
+    lock_path = target.parent / f".{target.name}{LOCK_TAG}"
+    try:
+        fd = _take_lock(lock_path, field, target, who, wait)
+    except ConvertError:
+        raise
+    except OSError as e:
+        raise WriteError(f"{field} {target}: cannot write in {target.parent} ({e.strerror})") from None
+    try:
+        yield fd, lock_path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def free_bytes(path: Path) -> int:

@@ -18,7 +18,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--replay",
         metavar="JOB",
         help="run a job file (TOML or YAML) headless and exit, as `mm-convert --config JOB` does; "
-        "mm-convert's options may follow it (--cfg.overwrite true, --print_config, ...)",
+        "mm-convert's options may follow it (--cfg.overwrite true, --print_config, ...), and --part i/N "
+        "(--cfg.part) to run one part of a job split over Slurm array tasks or torchrun ranks",
     )
     p.add_argument("--demo", action="store_true", help="open a tiny generated Qwen2-VL checkpoint")
     p.epilog = (
@@ -41,8 +42,21 @@ def _replay(argv: list[str]) -> list[str] | None:
             continue
         if head:
             fail("mmtui", f"--replay runs a job file alone; {' '.join(head)} does not go with it")
-        return ["--config", job, *rest]
+        return ["--config", job, *_part_flags(rest)]
     return None
+
+
+def _part_flags(rest: list[str]) -> list[str]:
+    """`--part i/N` after the job: its `--cfg.part` (one part of a job split over processes or nodes)."""
+    out = []
+    for a in rest:
+        if a == "--part":
+            out.append("--cfg.part")
+        elif a.startswith("--part="):
+            out.append("--cfg.part=" + a.partition("=")[2])
+        else:
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -110,11 +110,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA adapter alone, as PEFT")
     p.add_argument("--overwrite", action="store_true", help="mmtui: replace a non-empty --save-dir")
     p.add_argument("--print-job", action="store_true", help="mmtui: print the equivalent mm-convert job and exit")
+    p.add_argument(
+        "--part",
+        metavar="i/N",
+        type=_part,
+        help="mmtui: write part i of N (0-based) of a job split over processes or nodes; "
+        "default: from Slurm's or torchrun's environment; none: the whole job here",
+    )
     for flag in IGNORED_VALUE:
         p.add_argument(flag, help=argparse.SUPPRESS)
     for flag in [*IGNORED_SWITCH, *UNSUPPORTED_SWITCH]:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _part(text: str) -> str:
+    from engine.parts import parse_part
+
+    try:
+        parse_part(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -289,6 +306,8 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
     _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]), command, cfg)
     if args.overwrite:
         cfg["overwrite"] = True
+    if args.part is not None:
+        cfg["part"] = args.part
     return {"converter": converter, "command": command, "cfg": cfg}
 
 

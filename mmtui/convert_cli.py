@@ -347,6 +347,20 @@ def _known_flags_only(parser: Any, args: list[str], prog: str) -> None:
             fail(prog, with_hint(f"unrecognized arguments: {given}", parser.job_flags))
 
 
+def _instantiated(parser: Any, rest: list[str], prog: str) -> Any:
+    """The command's configuration; a value its schema refuses (`--cfg.part 3/2`, two llm dirs that
+    disagree) is one line naming the field, as jsonargparse's own refusals are."""
+    from pydantic import ValidationError
+
+    try:
+        return parser.instantiate(parser.parse_args(rest)).cfg
+    except ValidationError as e:
+        err = e.errors()[0]
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        fail(prog, f"{'.'.join(['cfg', *map(str, err['loc'])])}{shown}: {err['msg'].removeprefix('Value error, ')}")
+
+
 def main(argv: list[str] | None = None, *, prog: str = "mm-convert") -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     converter, command, rest = route(args, prog)
@@ -359,7 +373,7 @@ def main(argv: list[str] | None = None, *, prog: str = "mm-convert") -> None:
         rest = _inline_configs(rest, converter, command, prog)
         parser = command_parser(converter, command, prog)
         _known_flags_only(parser, rest, prog)
-        cfg = parser.instantiate(parser.parse_args(rest)).cfg
+        cfg = _instantiated(parser, rest, prog)
         job = Job(converter=converter, command=command, cfg=cfg)
     run_job_cli(job, prog=prog)
 

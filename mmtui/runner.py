@@ -8,6 +8,7 @@ SIGTERM, SIGHUP; the temporary output is removed, the target is as it was).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import resource
 import signal
@@ -16,9 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import ConvertError
-from engine.events import FileDone, Finished, Notice, Progress, Started
+from engine.events import FileDone, Finished, Notice, PartDone, Progress, Started
 from engine.execute import execute
 from engine.job import Job, prepare
+from engine.parts import describe, execute_part, job_key
+
+from .part_env import Chosen, choose
 
 _TRAIN_FLAGS = re.compile(r"--lora-r \d+ --lora-alpha \S+(?: --lora-use-rslora)?")
 
@@ -63,15 +67,64 @@ def summary_line(finished: Finished) -> str:
     )
 
 
-def run_job(job: Job, *, quiet: bool = False) -> Finished:
-    """Prepare and execute; progress on stderr when it is a terminal (or when not quiet)."""
+def part_line(done: PartDone, out_dir: Path, finished: bool) -> str:
+    """What a part did and what is left, for a batch log."""
+    index, count = done.part
+    gbps = done.total_bytes / max(done.seconds, 1e-9) / 1e9
+    files = f"{done.files} file{'' if done.files == 1 else 's'}"
+    head = f"part {index}/{count}: wrote {files}, {done.total_bytes:,} bytes in {done.seconds:.1f} s ({gbps:.2f} GB/s)"
+    if done.completed_by_other:
+        return f"{head}; another part had completed {out_dir} meanwhile"
+    if finished:
+        return f"{head}; the last to finish: checked every part's files and put {out_dir} in place"
+    if not done.waiting:
+        return f"{head}; nothing else to do for this part"
+    parts = ", ".join(f"{k}/{count}" for k in done.waiting)
+    missing = sum(done.waiting.values())
+    return (
+        f"{head}; {missing} files of part{'s' if len(done.waiting) > 1 else ''} {parts} are still missing "
+        f"(listed in {done.record}): the last part to finish puts {out_dir} in place; a part that failed "
+        "finishes the job when run again alone"
+    )
+
+
+@contextlib.contextmanager
+def _kept_note(chosen: Chosen) -> Iterator[None]:
+    """A part stopped or failed: what it finished stays for its rerun (the target is untouched either way)."""
+    try:
+        yield
+    except BaseException:
+        if chosen.part is not None:
+            print(
+                f"note: part {chosen.part} did not finish; the files it completed are kept beside the target "
+                "for its rerun, which writes only the rest",
+                file=sys.stderr,
+            )
+        raise
+
+
+def run_job(job: Job, *, quiet: bool = False) -> Finished | None:
+    """Prepare and execute (this process's part of it, when split); progress on stderr when it is a terminal
+    (or when not quiet). None when this part is done and others are still missing."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.progress import Progress as Bar
 
+    chosen = choose(job.cfg.part, os.environ)
+    if chosen.part is not None:  # printed before planning: a Slurm log says at once which part this is
+        print(f"note: part {chosen.part} ({chosen.source}; --cfg.part none runs the whole job here)", file=sys.stderr)
     _, plan = prepare(job)
     console = Console(stderr=True)
     finished: Finished | None = None
+    done: PartDone | None = None
+    if chosen.part is None:
+        events = execute(plan, job.out_dir, overwrite=job.overwrite, field=job.out_field)
+    else:
+        key = job_key(describe(job), plan)
+        events = execute_part(
+            plan, job.out_dir, chosen.part, key, overwrite=job.overwrite, field=job.out_field,
+            description=describe(job),
+        )  # fmt: skip
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -79,10 +132,12 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Bar(*columns, console=console, disable=quiet, transient=False) as bar:
+    with Bar(*columns, console=console, disable=quiet, transient=False) as bar, _kept_note(chosen):
         task = bar.add_task("converting", total=plan.nbytes)
-        for event in execute(plan, job.out_dir, overwrite=job.overwrite, field=job.out_field):
-            if isinstance(event, Notice):
+        for event in events:
+            if isinstance(event, PartDone):
+                done = event
+            elif isinstance(event, Notice):
                 print(f"note: {event.text}", file=sys.stderr)
             elif isinstance(event, Started):
                 bar.update(task, total=event.total_bytes)
@@ -92,16 +147,20 @@ def run_job(job: Job, *, quiet: bool = False) -> Finished:
                 bar.console.log(f"wrote {event.path}") if not quiet else None
             elif isinstance(event, Finished):
                 finished = event
+    if done is not None:
+        print(part_line(done, job.out_dir, finished is not None), flush=True)
+        if finished is None:
+            return None
     assert finished is not None
     for note in plan.notes:  # after success only: a failed run says one line
         print(f"note: {note}", file=sys.stderr)
-    if not quiet:
+    if not quiet and done is None:
         gbps = finished.total_bytes / max(finished.seconds, 1e-9) / 1e9
         console.print(
             f"[green]done[/]: {len(plan.files)} files, {finished.total_bytes / 1e9:.2f} GB in "
             f"{finished.seconds:.1f} s ({gbps:.2f} GB/s) -> {finished.out_dir}"
         )
-    if not sys.stdout.isatty():
+    if not sys.stdout.isatty() and done is None:
         flags = next((m.group(0) for n in plan.notes if (m := _TRAIN_FLAGS.search(n))), None)
         print(summary_line(finished) + (f"; train on with {flags}" if flags else ""), flush=True)
     return finished
