@@ -16,6 +16,7 @@ from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
+from .mtp import is_mtp_target
 from .plan import Piece, Plan, build_plan, grid
 from .safetensors_header import TensorMeta
 from .tie import is_tied
@@ -101,9 +102,11 @@ def open_view(
                     without_output.append(rank)
                     continue
                 if meta is None:
+                    mtp = is_mtp_target(info.preset, e.key)
+                    hint = "; written without its MTP layers? set mtp false" if mtp else ""
                     raise ConvertError(
                         f"{path} [{chunk_name}]: {e.key} is missing; the layout ({_layout_text(layout)}) "
-                        "puts it on this rank"
+                        f"puts it on this rank{hint}"
                     )
                 if meta.shape != e.shape:
                     raise ConvertError(
