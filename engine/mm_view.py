@@ -227,6 +227,7 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.sources = dict(view.sources)
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
+    plan.same = []  # a rank file's tensors were checked when it was written
     plan.notes.extend(view.notes)
     return plan
 

@@ -17,15 +17,16 @@ of each per MTP layer (`embed_tokens`, `shared_head.head`). So, from the preset'
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
 
 if TYPE_CHECKING:
-    from .hf_source import ModelInfo
+    from .hf_source import ModelInfo, TensorReader
     from .layout import Placement
-    from .plan import _Target
+    from .plan import Plan, _Target
     from .preset import Preset
 
 
@@ -82,6 +83,32 @@ def copy_of(info: ModelInfo, name: str) -> str | None:
                 return tie.source
             return source
     return None
+
+
+def same_pairs(info: ModelInfo, dropped: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(copy, the tensor it copies, both named as in the files) for each MTP copy the plan drops."""
+    raw = info.raw_names
+    pairs = [(name, src) for name in info.tensors if name in dropped and (src := copy_of(info, name)) is not None]
+    return [(a, b, f"{raw.get(a, a)} differs from {raw.get(b, b)}") for a, b in pairs]
+
+
+def check_same(plan: Plan, reader: TensorReader) -> None:
+    """Every dropped copy holds the bytes of the tensor written for it (`plan.same`), read in bands;
+    else the way back could not give it back, and Megatron-Core has nowhere to keep it."""
+    band = 16 << 20
+    for copy, source, said in plan.same:
+        a, b = plan.sources[copy], plan.sources[source]
+        fa, sa, na = reader.row_span(a, 0, a.shape[0] if a.shape else 1)
+        fb, sb, nb = reader.row_span(b, 0, b.shape[0] if b.shape else 1)
+        at = 0
+        while at < na:
+            n = min(band, na - at)
+            if na != nb or os.pread(fa, n, sa + at) != os.pread(fb, n, sb + at):
+                raise ConvertError(
+                    f"{a.file}: {said}, which Megatron-Core's MTP layer shares instead of keeping a copy; "
+                    "convert with mtp false to leave the MTP layers out"
+                )
+            at += n
 
 
 def dropped_copies(info: ModelInfo) -> dict[str, str]:

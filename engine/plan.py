@@ -155,6 +155,8 @@ class Plan:
     lora_sources: dict[str, TensorMeta] = field(default_factory=dict)  # the adapter tensors its pieces read
     zero_blocks: set[str] = field(default_factory=set)  # sources whose unread parts are zeros by layout
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (field, directory) the job reads
+    same: list[tuple[str, str, str]] = field(default_factory=list)  # (dropped copy, source written for it, what
+    # they are called): checked equal before writing (engine/mtp.py)
 
     @property
     def nbytes(self) -> int:
@@ -547,6 +549,7 @@ def build_plan(
     for f in files:
         f.head = head
     plan = Plan(files, dict(sources), dropped, iteration, notes)
+    plan.same = mtp_layers.same_pairs(info, dropped)
     plan.texts[TRACKER_NAME] = plan.tracker_text
     return plan
 

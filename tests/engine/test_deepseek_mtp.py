@@ -250,3 +250,118 @@ def test_a_copy_of_another_shape_is_refused(mtp_hf: Path, tmp_path: Path) -> Non
         f"{hf}: model.layers.3.shared_head.head.weight (float32 [64, 64]) should be a copy of lm_head.weight "
         "(float32 [128, 64]), as the MTP layer shares it"
     )
+
+
+def test_a_copy_that_differs_is_refused_before_writing(mtp_hf: Path, tmp_path: Path) -> None:
+    """Megatron-Core keeps one embedding and one output layer: an MTP copy that differs cannot be kept, and
+    dropping it would not come back byte for byte."""
+    hf = _variant(mtp_hf, tmp_path / "hf")
+    state = load_hf_state(hf)
+    state[f"model.layers.{LAYERS}.shared_head.head.weight"][127, 63] += 1
+    for p in hf.glob("*.safetensors"):
+        p.unlink()
+    write_weights(hf, state, 1)
+    out = tmp_path / "mm"
+    with pytest.raises(ConvertError) as e:
+        _convert(hf, "hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1")))
+    assert str(e.value) == (
+        f"{hf / 'model.safetensors'}: model.layers.3.shared_head.head.weight differs from lm_head.weight, which "
+        "Megatron-Core's MTP layer shares instead of keeping a copy; convert with mtp false to leave the MTP "
+        "layers out"
+    )
+    assert not out.exists() and list(tmp_path.iterdir()) == [hf]
+    # with mtp false it converts
+    cfg = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"), mtp=False)
+    _convert(hf, "hf_to_mm", cfg)
+
+
+# ---- convert-ckpt: MindSpeed-LLM's --mtp-num-layers (convert_ckpt_v2.py: default 0, the MTP layers not read) ----
+
+
+def test_convert_ckpt_mtp_num_layers(mtp_hf: Path, tmp_path: Path) -> None:
+    from tests.test_convert_ckpt import _one_line, _ranks, convert_ckpt
+
+    base = ["--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", "deepseek3", "--load-dir",
+            str(mtp_hf), "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,2"]  # fmt: skip
+    r = convert_ckpt(*base, "--save-dir", str(tmp_path / "job"), "--print-job")
+    assert r.returncode == 0 and "  mtp: false\n" in r.stdout, r.stderr
+    line = _one_line(convert_ckpt(*base, "--save-dir", str(tmp_path / "bad"), "--mtp-num-layers", "2"))
+    assert line == (
+        f"convert-ckpt: error: --mtp-num-layers 2: {mtp_hf}/config.json's num_nextn_predict_layers is 1; give 1, "
+        "or 0 to leave them out"
+    )
+    r = convert_ckpt(*base, "--save-dir", str(tmp_path / "mg"), "--mtp-num-layers", "1")
+    assert r.returncode == 0, r.stderr
+    rank = _ranks(tmp_path / "mg", "iter_0000001")["mp_rank_00_001"]
+    assert {k for k in rank["model"] if k.startswith("mtp.")} == {k for k in mtp_state(load_hf_state(mtp_hf))}
+    # Megatron-LM's args for MLA, MTP and the DeepSeek-V3 router (MLATransformerConfig / TransformerConfig names)
+    c = json.loads((mtp_hf / "config.json").read_text())
+    args = vars(rank["args"])
+    assert {k: args[k] for k in (
+        "num_layers", "num_attention_heads", "num_query_groups", "group_query_attention", "kv_channels",
+        "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+        "mtp_num_layers", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+        "moe_router_score_function", "moe_router_pre_softmax", "moe_router_enable_expert_bias",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+        "moe_shared_expert_intermediate_size",
+    )} == {
+        "num_layers": 3, "num_attention_heads": 4, "num_query_groups": 4, "group_query_attention": False,
+        "kv_channels": c["v_head_dim"], "multi_latent_attention": True, "q_lora_rank": 32, "kv_lora_rank": 16,
+        "qk_head_dim": 16, "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "mtp_num_layers": 1, "num_experts": 4,
+        "moe_router_topk": 2, "moe_ffn_hidden_size": 32, "moe_layer_freq": [0, 1, 1],
+        "moe_router_score_function": "sigmoid", "moe_router_pre_softmax": False,
+        "moe_router_enable_expert_bias": True, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+        "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 32,
+    }  # fmt: skip
+    back = tmp_path / "back"
+    r = convert_ckpt("--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "deepseek3",
+                     "--load-dir", str(tmp_path / "mg"), "--save-dir", str(back), "--hf-cfg-dir", str(mtp_hf),
+                     "--mtp-num-layers", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for p in mtp_hf.glob("*.safetensors"):
+        assert (back / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_transformer_engine_names_with_mtp_are_refused(mtp_hf: Path, tmp_path: Path) -> None:
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=mtp_hf), parallel_config=_pc("tp1"),
+        transformer_impl="transformer_engine",
+    )  # fmt: skip
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("hf_to_mm", cfg))
+    assert str(e.value) == (
+        "transformer_impl = transformer_engine: the model has multi-token-prediction layers, whose Transformer "
+        "Engine names are not written yet (MindSpeed-LLM refuses the two together too); use transformer_impl "
+        "local, or mtp false to leave them out"
+    )
+    prepare(_job("hf_to_mm", cfg.model_copy(update={"mtp": False})))  # without them: TE's names as ever
+
+
+def test_fp8_mtp_layer_is_dequantised(tmp_path: Path) -> None:
+    """The hub's DeepSeek-V3 stores the MTP layer's projections (eh_proj too) in FP8 with block scales."""
+    from tests.fixtures.tiny_deepseek import naive_dequantised
+
+    hf = build_tiny_deepseek(tmp_path / "hf", mtp_layers=1, fp8_block=(16, 32))
+    state = load_hf_state(hf)
+    assert state[f"model.layers.{LAYERS}.eh_proj.weight"].dtype == torch.float8_e4m3fn
+    _hf_to_mm(hf, tmp_path / "out", _pc("tp2pp2ep2"))
+    _assert_same(_load_dir(tmp_path / "out"), expected(naive_dequantised(state, (16, 32)), 2, [[1, 2]], 2))
+
+
+# DeepSeek-V3's config.json as published: YaRN rope scaling (config, not weights)
+YARN = {
+    "rope_scaling": {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn",
+    },
+    "max_position_embeddings": 163840,
+}  # fmt: skip
+
+
+def test_yarn_rope_scaling_passes_through(mtp_hf: Path, tmp_path: Path) -> None:
+    """The way back gives config.json as it was, rope_scaling and all (and every other file byte for byte)."""
+    hf = _variant(mtp_hf, tmp_path / "hf", config=YARN)
+    text = (hf / "config.json").read_text()
+    assert json.loads(text)["rope_scaling"]["type"] == "yarn"
+    assert_round_trip(hf, tmp_path / "trip", _pc("tp2"))
+    assert (tmp_path / "trip" / "back" / "config.json").read_text() == text
