@@ -365,3 +365,24 @@ def test_yarn_rope_scaling_passes_through(mtp_hf: Path, tmp_path: Path) -> None:
     assert json.loads(text)["rope_scaling"]["type"] == "yarn"
     assert_round_trip(hf, tmp_path / "trip", _pc("tp2"))
     assert (tmp_path / "trip" / "back" / "config.json").read_text() == text
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_the_mtp_block_strictly(mtp_hf: Path, tmp_path: Path) -> None:
+    """megatron-core 0.16's GPTModel with get_gpt_mtp_block_spec (local spec) takes our TP 1 rank file with no key
+    missing or left over, and its main model still gives transformers' logits."""
+    pytest.importorskip("megatron.core")
+    from mmtui.megatron_logits import megatron_logits
+    from tests.engine.test_family_deepseek import TOKENS, deepseek_arch
+    from tests.fixtures.tiny_deepseek import tiny_deepseek_model
+
+    model = _load_dir(_hf_to_mm(mtp_hf, tmp_path / "mm", _pc("tp1")))["mp_rank_00"]["model"]
+    arch = deepseek_arch(mtp_hf)
+    arch.extra = (arch.extra or {}) | {"mtp_num_layers": 1}
+    got = megatron_logits([model], arch, TOKENS)
+    hf = tmp_path / "hf"  # transformers without the MTP layer it does not build
+    _variant(mtp_hf, hf, config={"num_nextn_predict_layers": 0}, drop=f"model.layers.{LAYERS}.")
+    hf_model, _ = tiny_deepseek_model(hf)
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
