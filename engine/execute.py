@@ -30,6 +30,7 @@ from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, St
 from .experts import is_transposed
 from .fp8 import is_fp8
 from .hf_source import TensorReader
+from .mtp import check_same
 from .out_file import Span
 from .plan import Entry, OutputFile, Piece, Plan, grid
 from .record_check import Record
@@ -437,6 +438,9 @@ def execute(
         needed = plan.nbytes + sum(len(t.encode()) for t in plan.texts.values())
         needed += sum(_size(p) for p in plan.copies.values())
         check_space(needed, owned.target, field, overwrite)
+        if plan.same:  # copies that are not written must be copies (MTP's embedding and output head)
+            with contextlib.closing(TensorReader()) as reader:
+                check_same(plan, reader)
         start = time.perf_counter()
         tmp = owned.make_tmp()
         try:

@@ -18,6 +18,7 @@ from .fp8 import unquantised_config
 from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
 from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
+from .mtp import copy_of, left_out_note
 from .plan import Entry, OutputFile, Piece, Plan
 from .safetensors_header import read_metadata
 from .tie import is_tied
@@ -67,10 +68,13 @@ def build_mm_to_hf_plan(
     for meta in order:
         name = meta.name
         blocks = view.blocks.get(name)
-        how = "join"
+        how, canonical = "join", name
         if blocks is None and tied and preset.tie and name in preset.tie.drop:
             blocks = view.blocks.get(preset.tie.source)
-            how = "tied: copy of the embedding"
+            how, canonical = "tied: copy of the embedding", preset.tie.source
+        elif blocks is None and (shared := copy_of(info, name)) is not None:
+            blocks = view.blocks.get(shared)  # an MTP layer's copy of the embedding or the output head
+            how, canonical = f"MTP: copy of {info.raw_names.get(shared, shared)}", shared
         if blocks is None:
             assert view.checkpoint is not None  # an HF view has every tensor
             raise ConvertError(
@@ -80,7 +84,6 @@ def build_mm_to_hf_plan(
         dtype = view.sources[blocks[0].source].dtype  # open_view checked the blocks agree
         raw = info.raw_names.get(name, name)
         entry = Entry(raw, meta.shape, dtype, blocks, how)
-        canonical = preset.tie.source if how != "join" and preset.tie else name  # a tied output layer: the embedding
         if adapter is not None and canonical in adapter.pairs:
             entry.lora, entry.transform = (Piece(canonical, (0, meta.shape[0])),), f"{how} + LoRA"
         entries.append((meta.file.name, entry))
@@ -112,6 +115,8 @@ def build_mm_to_hf_plan(
         texts[INDEX_NAME] = _index_text(files, original_index)
     copies = non_weight_files(info.hf_dir)
     notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}", *view.notes]
+    if info.left_out:
+        notes.append(f"{left_out_note(info)}; config.json is copied as it is")
     config = unquantised_config(info)
     if config is not None:  # FP8 weights come back dequantised: the config must not call them FP8
         copies.pop("config.json", None)

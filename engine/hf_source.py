@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
 from .fp8 import dequantised
+from .mtp import with_mtp_names
 from .preset import Preset, builtin_presets, with_language_model
 from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, read_header
@@ -44,6 +45,7 @@ class ModelInfo:
     files: list[Path]
     spelling: str  # "canonical" or the alias prefix seen in the files
     raw_names: dict[str, str] = field(default_factory=dict)  # canonical -> name as written in the files
+    left_out: dict[str, str] = field(default_factory=dict)  # tensors deliberately not planned -> why (mtp = false)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -205,6 +207,7 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     where = hf_dir / "config.json"
     preset = with_language_model(preset or detect_preset(config, where), config, where)
     fields = resolve_fields(preset, config, where)
+    preset = with_mtp_names(preset, config, fields, where)
     files, weight_map = weight_files(hf_dir)
     tensors: dict[str, TensorMeta] = {}
     raw_names: dict[str, str] = {}

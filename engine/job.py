@@ -23,6 +23,7 @@ from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
 from .megatron_args import Iteration, iteration_dir
 from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
+from .mtp import without_mtp
 from .parts import PartText
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import preset_for_converter
@@ -116,6 +117,9 @@ class HfToMmConfig(_CommandConfig):
     format: OutFormat = "legacy"
     """What to write: legacy (mp_rank_* rank files), torch_dist (Megatron-Core's distributed checkpoint, language
     models), or dcp (one torch.distributed.checkpoint of full tensors, as hf_to_dcp; the layout is not used)."""
+    mtp: bool = True
+    """Convert the multi-token-prediction layers (DeepSeek-V3's model.layers.61) when the model has them;
+    false leaves them out (MindSpeed-LLM's --mtp-num-layers 0)."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -153,6 +157,9 @@ class MmToHfConfig(_CommandConfig):
     """Merge this LoRA adapter into the weights it targets: W + alpha/r * B @ A, in float32."""
     transformer_impl: TransformerImpl | None = None
     """The names mm_dir was written with (local, or transformer_engine's fused norms); default: read from the disk."""
+    mtp: bool = True
+    """The multi-token-prediction layers are in mm_dir (the default when the model has them); false: mm_dir was
+    written without them, and so is the output."""
 
     @property
     def out_dir(self) -> Path:
@@ -187,6 +194,9 @@ class ResplitConfig(_CommandConfig):
     format: OutFormat = "legacy"
     """What to write: legacy (mp_rank_* rank files) or torch_dist (Megatron-Core's distributed checkpoint, language
     models); the source's format is read from the disk."""
+    mtp: bool = True
+    """The multi-token-prediction layers are in source_dir and are written (when the model has them); false:
+    neither."""
 
     @property
     def out_dir(self) -> Path:
@@ -354,6 +364,11 @@ def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
 
 
 def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
+    info = _inspect_family(job, hf_dir)
+    return info if getattr(job.cfg, "mtp", True) else without_mtp(info)
+
+
+def _inspect_family(job: Job, hf_dir: Path) -> ModelInfo:
     preset = preset_for_converter(job.converter)
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
     if seen and seen not in preset.model_types:

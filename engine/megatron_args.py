@@ -95,11 +95,17 @@ def megatron_args(info: ModelInfo, layout: ParallelConfig) -> argparse.Namespace
             "(the option is for the language-model presets)"
         )
     targets = model_targets(info)
+    mtp = [t for t in targets if t.mtp]
+    targets = [t for t in targets if not t.mtp]
     keys = {t.key for t in targets}
-    heads, groups = info.field_int("llm_heads"), info.field_int("llm_kv_heads")
-    qkv = next(t for t in targets if t.layer == 0 and t.key.endswith("self_attention.linear_qkv.weight"))
-    rows = qkv.sources[0].shape[0]
-    kv_channels = rows // heads if qkv.mapping.kind == "qkv" else rows // (heads + 2 * groups)
+    heads = info.field_int("llm_heads")
+    qkv = next((t for t in targets if t.layer == 0 and t.key.endswith("self_attention.linear_qkv.weight")), None)
+    if qkv is None:  # multi-latent attention: every head its own; Megatron-LM's MLA reads kv_channels as v's size
+        groups, kv_channels = heads, _config(info, "v_head_dim", "v_head_dim")
+    else:
+        groups = info.field_int("llm_kv_heads")
+        rows = qkv.sources[0].shape[0]
+        kv_channels = rows // heads if qkv.mapping.kind == "qkv" else rows // (heads + 2 * groups)
     embedding = next(t for t in targets if t.key == "embedding.word_embeddings.weight")
     vocab = embedding.sources[0].shape[0]
     dtype = embedding.sources[0].dtype
@@ -152,14 +158,33 @@ def megatron_args(info: ModelInfo, layout: ParallelConfig) -> argparse.Namespace
     a["fp16"] = dtype == "float16"
     a["tokenizer_type"] = TOKENIZER_TYPE
     a["ckpt_format"] = "torch"
+    if qkv is None:
+        a |= _mla_args(info)
+    if mtp:
+        a["mtp_num_layers"] = 1 + max(t.layer or 0 for t in mtp)
     experts = [t for t in targets if t.expert is not None]
     if experts:
-        a |= _moe_args(info, layout, experts, positions)
+        a |= _moe_args(info, layout, experts, positions, targets)
     return ns
 
 
-def _moe_args(info: ModelInfo, layout: ParallelConfig, experts: list, positions: int) -> dict[str, object]:
-    """Megatron-Core MoE fields: the experts' layout (grouped GEMM or SequentialMLP) and TP size, softmax router."""
+def _mla_args(info: ModelInfo) -> dict[str, object]:
+    """Megatron-Core's MLATransformerConfig fields (MindSpeed-LLM's deepseek3 reads the same names)."""
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": info.config.get("q_lora_rank"),  # None: the query in one projection
+        "kv_lora_rank": _config(info, "kv_lora_rank", "kv_lora_rank"),
+        "qk_head_dim": _config(info, "qk_nope_head_dim", "qk_head_dim"),
+        "qk_pos_emb_head_dim": _config(info, "qk_rope_head_dim", "qk_pos_emb_head_dim"),
+        "v_head_dim": _config(info, "v_head_dim", "v_head_dim"),
+    }
+
+
+def _moe_args(
+    info: ModelInfo, layout: ParallelConfig, experts: list, positions: int, targets: list
+) -> dict[str, object]:
+    """Megatron-Core MoE fields: the experts' layout (grouped GEMM or SequentialMLP) and TP size; the router as
+    config.json has it."""
     fc2 = next(t for t in experts if t.key.endswith("linear_fc2.weight"))
     moe_layers = {t.layer for t in experts}
     noops = set(layout.noops_of("llm"))
@@ -170,7 +195,7 @@ def _moe_args(info: ModelInfo, layout: ParallelConfig, experts: list, positions:
     # HF renormalises the top-k weights (Mixtral always; Qwen3-MoE with norm_topk_prob): Megatron-LM's
     # softmax over the top-k logits. Without it, the top-k of a softmax over all experts: pre-softmax.
     renormalised = info.config.get("norm_topk_prob", True)
-    return {
+    out: dict[str, object] = {
         "num_experts": info.field_int("num_experts"),
         "moe_router_topk": info.field_int("experts_per_token"),
         "moe_ffn_hidden_size": fc2.sources[0].shape[1],
@@ -180,3 +205,17 @@ def _moe_args(info: ModelInfo, layout: ParallelConfig, experts: list, positions:
         "moe_grouped_gemm": layout.grouped is not None,
         "expert_tensor_parallel_size": layout.etp,
     }
+    c = info.config
+    if c.get("scoring_func") == "sigmoid":  # DeepSeek-V3: sigmoid scores, a bias to pick, group-limited top-k
+        out["moe_router_score_function"] = "sigmoid"
+        out["moe_router_pre_softmax"] = False
+    if any(t.key.endswith("mlp.router.expert_bias") for t in targets):
+        out["moe_router_enable_expert_bias"] = True
+    for hf, megatron in (("n_group", "moe_router_num_groups"), ("topk_group", "moe_router_group_topk"),
+                         ("routed_scaling_factor", "moe_router_topk_scaling_factor")):  # fmt: skip
+        if c.get(hf) is not None:
+            out[megatron] = c[hf]
+    shared = next((t for t in targets if t.key.endswith("mlp.shared_experts.linear_fc2.weight")), None)
+    if shared is not None:
+        out["moe_shared_expert_intermediate_size"] = shared.sources[0].shape[1]
+    return out

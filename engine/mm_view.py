@@ -17,6 +17,7 @@ from .experts import transposed_view
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
+from .mtp import is_mtp_target
 from .plan import Piece, Plan, build_plan, grid
 from .safetensors_header import TensorMeta
 from .tie import is_tied
@@ -108,9 +109,11 @@ def open_view(
                     without_output.append(rank)
                     continue
                 if meta is None:
+                    mtp = is_mtp_target(info.preset, e.key)
+                    hint = "; written without its MTP layers? set mtp false" if mtp else ""
                     raise ConvertError(
                         f"{path} [{chunk_name}]: {e.key} is missing; the layout ({_layout_text(layout)}) "
-                        "puts it on this rank"
+                        f"puts it on this rank{hint}"
                     )
                 if meta.shape != e.disk_shape:
                     raise ConvertError(
@@ -233,6 +236,7 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.sources = dict(view.sources)
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
+    plan.same = []  # a rank file's tensors were checked when it was written
     plan.notes.extend(view.notes)
     return plan
 

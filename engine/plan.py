@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import mtp as mtp_layers
 from .errors import ConvertError
 from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
@@ -162,6 +163,8 @@ class Plan:
     lora_sources: dict[str, TensorMeta] = field(default_factory=dict)  # the adapter tensors its pieces read
     zero_blocks: set[str] = field(default_factory=set)  # sources whose unread parts are zeros by layout
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (field, directory) the job reads
+    same: list[tuple[str, str, str]] = field(default_factory=list)  # (dropped copy, source written for it, what
+    # they are called): checked equal before writing (engine/mtp.py)
 
     @property
     def nbytes(self) -> int:
@@ -350,7 +353,8 @@ class _Target:
     param: str  # "weight", "bias", or "" for a bare tensor
     mapping: Mapping
     sources: list[TensorMeta]
-    order: tuple[int, ...]  # (module, section first/layers/last, layer, expert, mapping, param)
+    order: tuple[int, ...]  # (module, section first/layers/last/mtp, layer, expert, mapping, param)
+    mtp: bool = False  # placed with the MTP block (the module's last layer), `layer` its MTP index
 
     def local_key(self, layer: int | None, expert: int | None) -> str:
         """The key on its rank: layer numbered within the stage, expert within the EP rank."""
@@ -383,10 +387,12 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             if module.name not in wanted:
                 continue
             key = _with_param(_fill(mp.mm, layer, expert), param)
-            section = 1 if layer is not None else 0 if any(key.startswith(p) for p in module.first) else 2
+            mtp = mtp_layers.is_mtp_target(preset, mp.mm)  # after the decoder's last-stage tensors
+            section = 3 if mtp else 1 if layer is not None else 0 if any(key.startswith(p) for p in module.first) else 2
             e = -1 if expert is None else expert
             order = (preset.modules.index(module), section, layer or 0, e, mi, PARAMS.index(param) if param else 0)
-            targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order))
+            targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order, mtp))
+    mtp_layers.rename_with_mtp(preset, targets)
     return targets, claimed
 
 
@@ -405,8 +411,9 @@ def _fill(name: str, layer: int | None, expert: int | None = None) -> str:
 
 def _check_layers(info: ModelInfo, targets: list[_Target]) -> None:
     """The layer (and expert) numbers in the weights are exactly 0..N-1 for the N in config.json."""
+    mtp_layers.check_numbers(info, targets)
     for m in info.preset.modules:
-        layers = {t.layer for t in targets if t.module is m and t.layer is not None}
+        layers = {t.layer for t in targets if t.module is m and t.layer is not None and not t.mtp}
         _check_numbers(info, layers, m.layers, f"{m.title.lower()} layers", "layers")
         if m.experts:
             experts = {t.expert for t in targets if t.module is m and t.expert is not None}
@@ -425,6 +432,8 @@ def _check_numbers(info: ModelInfo, seen: set[int], field: str, what: str, unit:
 def _cell_of(t: _Target, placements: dict[str, Placement]) -> tuple[int, int, int | None] | None:
     """(chunk, stage, stage-local layer index), or None when the module has no layers here."""
     pl = placements[t.module.name]
+    if t.mtp:  # the MTP block sits with the module's last layer, numbered by MTP index
+        return None if pl.last_cell is None else (pl.last_cell[0], pl.last_cell[1], t.layer)
     if t.layer is not None:
         return pl.locate(t.layer)
     for prefixes, cell in ((t.module.first, pl.first_cell), (t.module.last, pl.last_cell)):
@@ -483,6 +492,7 @@ def build_plan(
                 f"{info.raw_names.get(out, out)}, as a tied model's; set {info.preset.fields[preset.tie.field][0]} "
                 "true in config.json if the model ties them"
             )
+    claimed |= mtp_layers.drops(info, dropped, notes)
     unplaced = sorted(set(sources) - claimed)
     if unplaced:
         raise ConvertError(
@@ -508,6 +518,10 @@ def build_plan(
         emb = next(t for t in targets if t.sources[0].name == preset.tie.source)
         tie = _Target(preset.tie.target, emb.module, None, None, emb.param, emb.mapping, emb.sources, (emb.order[0], 3))
         targets.append(tie)
+    mtp_emb = mtp_layers.mtp_embedding(info, targets, placements)
+    if mtp_emb:
+        targets += mtp_emb
+        notes.append(f"MTP: the MTP layers' stage also holds {mtp_emb[0].key}, a copy, as Megatron-Core builds it")
     targets.sort(key=lambda t: t.order)
     for t in targets:
         cell = _cell_of(t, placements)
@@ -553,6 +567,7 @@ def build_plan(
     for f in files:
         f.head = head
     plan = Plan(files, dict(sources), dropped, iteration, notes)
+    plan.same = mtp_layers.same_pairs(info, dropped)
     plan.texts[TRACKER_NAME] = plan.tracker_text
     return plan
 
@@ -623,7 +638,7 @@ def module_weights(info: ModelInfo) -> list[ModuleWeights]:
             if t.module is not m:
                 continue
             n = sum(s.numel for s in t.sources)
-            if t.layer is not None:
+            if t.layer is not None and not t.mtp:
                 layers[t.layer] += n
             elif any(t.key.startswith(p) for p in m.first):
                 first += n

@@ -136,6 +136,25 @@ class LanguageModel(_Strict):
     uneven_vocab: bool = False  # vocabulary rows that do not divide by TP: the first ranks take one more
 
 
+class Mtp(_Strict):
+    """Multi-token-prediction layers (DeepSeek-V3's `model.layers.61`): numbered after the decoder layers.
+
+    Their HF names are read as `canonical` + MTP index (`model.mtp.0.enorm.weight`), so mappings can tell
+    them from decoder layers; each decoder-layer mapping (`model.layers.*.X` -> `decoder.layers.*.Y`) gets
+    a twin `canonical*.X` -> `target_prefix*.transformer_layer` + `Y`. They are placed with the module's
+    last layer. `copies` are tensors HF keeps per MTP layer that Megatron shares with the main model
+    (embedding, output head): not written, and written back from the tensor they copy.
+    """
+
+    field: list[str]  # config.json paths of their count (num_nextn_predict_layers); absent: none
+    hf_prefix: str = "model.layers."  # the HF prefix before the layer index
+    canonical: str = "model.mtp."  # the prefix the mappings name them by
+    target_prefix: str = "mtp.layers."  # the Megatron prefix before the MTP index
+    transformer_layer: str = "transformer_layer."  # the decoder layer's names go under it
+    copies: dict[str, str] = {}  # canonical name with `*` -> the main model's tensor it duplicates
+    renames: dict[str, str] = {}  # target -> target when MTP layers are written (MindSpeed-LLM's final norm)
+
+
 class Preset(_Strict):
     name: str
     title: str
@@ -149,6 +168,8 @@ class Preset(_Strict):
     mappings: list[Mapping]
     tie: Tie | None = None
     language_model: LanguageModel | None = None
+    mtp: Mtp | None = None
+    naming: str = "megatron_core"  # which consumer's names: one preset per (family, naming)
 
     @model_validator(mode="after")
     def _check(self) -> Preset:
@@ -187,6 +208,24 @@ class Preset(_Strict):
         return None
 
 
+def _mtp_twins(data: dict) -> dict:
+    """The preset's mappings plus, with an [mtp] section, each decoder-layer mapping's MTP twin."""
+    mtp, mappings = data.get("mtp"), data.get("mappings")
+    if not isinstance(mtp, dict) or not isinstance(mappings, list):
+        return data
+    layer = next((m.get("layer_prefix") for m in data.get("modules", []) if m.get("name") == "llm"), None)
+    hf, canonical = mtp.get("hf_prefix", "model.layers."), mtp.get("canonical", "model.mtp.")
+    target = mtp.get("target_prefix", "mtp.layers.") + "*." + mtp.get("transformer_layer", "transformer_layer.")
+    twins = []
+    for mp in mappings:
+        names = [mp["hf"]] if isinstance(mp.get("hf"), str) else mp.get("hf") or []
+        mm = mp.get("mm", "")
+        if layer and names and all(n.startswith(hf + "*.") for n in names) and mm.startswith(layer + "*."):
+            hf_twin = [canonical + n[len(hf) :] for n in names]
+            twins.append(mp | {"hf": hf_twin, "mm": target + mm[len(layer) + 2 :]})
+    return data | {"mappings": [*mappings, *twins]}
+
+
 def _read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
@@ -213,6 +252,7 @@ def load_preset_file(path: Path) -> Preset:
         data = parent | data
         if more is not None:
             data["mappings"] = [*data.get("mappings", []), *more]
+    data = _mtp_twins(data)
     try:
         return Preset.model_validate(data)
     except ValidationError as e:

@@ -25,6 +25,7 @@ from typing import Literal
 from .errors import ConvertError
 from .hf_source import ModelInfo
 from .mm_source import MmCheckpoint, read_rank_file
+from .mtp import has_mtp
 from .plan import Plan
 
 TransformerImpl = Literal["local", "transformer_engine"]
@@ -88,6 +89,12 @@ def check_preset(info: ModelInfo, impl: TransformerImpl | None, field: str) -> N
         raise ConvertError(
             f"{field} = transformer_engine: Transformer Engine names are Megatron-LM's GPT language model's; "
             f"{preset.title} is written with MindSpeed-MM's names (local); use transformer_impl local"
+        )
+    if impl == TE and has_mtp(info):  # TE's names for the MTP block are not known from a loader we can run
+        raise ConvertError(
+            f"{field} = transformer_engine: the model has multi-token-prediction layers, whose Transformer Engine "
+            "names are not written yet (MindSpeed-LLM refuses the two together too); use transformer_impl local, "
+            "or mtp false to leave them out"
         )
 
 

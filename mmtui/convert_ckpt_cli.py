@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--params-dtype", choices=list(DTYPES), help="weights' dtype (default: as the source)")
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
     p.add_argument("--moe-grouped-gemm", action="store_true", help="experts as GroupedMLP's weight1/2 (TE: weightN)")
-    p.add_argument("--mtp-num-layers", type=int, default=0)
+    p.add_argument("--mtp-num-layers", type=int, default=0, help="MTP layers to convert: 0 (leave out) or all")
     p.add_argument("--schedules-method", default=None)
     p.add_argument("--ckpt-format", default="torch")
     p.add_argument("--spec", nargs="*", default=None)
@@ -195,8 +195,6 @@ def _check_supported(args: argparse.Namespace) -> None:
             f"--expert-tensor-parallel-size {etp}: MindSpeed-LLM takes 1 or the TP size "
             f"(--target-tensor-parallel-size {args.target_tensor_parallel_size})"
         )
-    if args.mtp_num_layers:
-        fail(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are not converted yet")
     if args.schedules_method:
         fail(f"--schedules-method {args.schedules_method}: not converted yet")
     if args.ckpt_format != "torch":
@@ -222,6 +220,27 @@ def _layers(preset: Any, hf_dir: Path) -> int:
 
     llm = next(m for m in preset.modules if m.name == "llm")
     return int(resolve_fields(preset, read_config(hf_dir), hf_dir / "config.json")[llm.layers])
+
+
+def _mtp(args: argparse.Namespace, converter: str, hf_dir: Path) -> bool | None:
+    """--mtp-num-layers: 0 (MindSpeed-LLM's default) leaves the MTP layers out, else it is config.json's count;
+    None for a family without MTP layers."""
+    from engine.hf_source import read_config
+    from engine.mtp import mtp_count
+    from engine.preset import preset_for_converter
+
+    n, preset = args.mtp_num_layers, preset_for_converter(converter)
+    if preset.mtp is None:
+        if n:
+            fail(f"--mtp-num-layers {n}: {preset.title} has no multi-token-prediction layers; leave it out")
+        return None
+    have = mtp_count(preset, read_config(hf_dir), hf_dir / "config.json")
+    if n and n != have:
+        fail(
+            f"--mtp-num-layers {n}: {hf_dir}/config.json's {preset.mtp.field[0]} is {have}; give {have}, "
+            "or 0 to leave them out"
+        )
+    return n > 0
 
 
 def _check_dtype(args: argparse.Namespace, hf_dir: Path, cfg_command: str, cfg: dict[str, Any]) -> None:
@@ -304,6 +323,9 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
     else:
         fail("--load-model-type hf --save-model-type hf: nothing to convert (one side must be mg)")
     _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]), command, cfg)
+    mtp = _mtp(args, converter, Path(cfg["hf_config"]["hf_dir"]))
+    if mtp is not None and command in ("hf_to_mm", "mm_to_hf", "resplit"):
+        cfg["mtp"] = mtp
     if args.overwrite:
         cfg["overwrite"] = True
     if args.part is not None:

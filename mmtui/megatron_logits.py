@@ -68,6 +68,8 @@ def _worker(
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise AssertionError(f"rank {rank}: missing {missing}, unexpected {result.unexpected_keys}")
+    if getattr(model, "mtp_process", False):  # loaded; the logits are the main model's (MTP's forward wants labels)
+        model.mtp_process, model.config.mtp_num_layers = False, None
     logits = gpt_logits(model, tokens)
     if rank == 0:
         torch.save(logits, out)
@@ -152,9 +154,15 @@ def build_gpt_model(arch: GPTArch, tp: int, ep: int, n_tokens: int):
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    mtp_spec = None
+    if config.mtp_num_layers:  # the MTP block (DeepSeek-V3), on this one stage; its keys must load strictly too
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     model = GPTModel(
         config,
         spec,
+        mtp_block_spec=mtp_spec,
         vocab_size=arch.vocab_size,
         max_sequence_length=max(64, n_tokens),
         share_embeddings_and_output_weights=arch.tied,
