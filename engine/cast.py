@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .fp8 import PARAMS_DTYPES, Fp8Meta
+from .fused_experts import ExpertMeta
 from .safetensors_header import TensorMeta, itemsize
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def with_params_dtype(info: ModelInfo, params_dtype: str | None) -> ModelInfo:
     dtype = PARAMS_DTYPES[params_dtype]
     tensors: dict[str, TensorMeta] = {}
     for name, m in info.tensors.items():
-        if isinstance(m, Fp8Meta):
+        if isinstance(m, (Fp8Meta, ExpertMeta)):  # read by their own fill, which casts too
             tensors[name] = dataclasses.replace(m, dtype=dtype, nbytes=m.numel * itemsize(dtype))
         elif m.dtype in FLOATS and m.dtype != dtype:
             tensors[name] = CastMeta(name, dtype, m.shape, m.file, m.begin, m.numel * itemsize(dtype), raw=m)
