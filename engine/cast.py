@@ -62,12 +62,12 @@ def fill(reader: TensorReader, meta: CastMeta, r0: int, r1: int, c0: int, c1: in
     assert raw is not None
     rows = raw.shape[0] if raw.shape else 1
     row_bytes = raw.nbytes // rows if rows else 0
-    cols = row_bytes // raw.itemsize if row_bytes else 0
+    cols = raw.shape[1] if len(raw.shape) >= 2 else 1  # the block model's columns: dim 1, the rest rides along
     src, out = getattr(torch, raw.dtype), getattr(torch, meta.dtype)
     step = max(1, BAND // max(1, row_bytes))
     for a in range(r0, r1, step):
         b = min(r1, a + step)
         buf = np.empty((b - a) * row_bytes, dtype=np.uint8)
         reader.read_rows_into(raw, a, b, memoryview(buf))
-        values = torch.from_numpy(buf).view(src).reshape(b - a, cols)[:, c0:c1].to(out)
+        values = torch.from_numpy(buf).view(src).reshape(b - a, cols, -1)[:, c0:c1].to(out)  # a conv's 5-D too
         dest[a - r0 : b - r0] = values.contiguous().view(torch.uint8).numpy().reshape(b - a, c1 - c0, -1)

@@ -21,8 +21,9 @@ import numpy as np
 
 from .errors import ConvertError
 from .plan import Entry, Piece
-from .preset import FUSED
+from .preset import FUSED, Mapping
 from .safetensors_header import TensorMeta
+from .shape_check import HIDDEN
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader
@@ -43,16 +44,36 @@ def is_expert(meta: TensorMeta) -> bool:
     return isinstance(meta, ExpertMeta)
 
 
-def _fused_patterns(info: ModelInfo) -> list[tuple[re.Pattern[str], str]]:
-    """(pattern of the fused tensor's name, the config field counting its experts) per fused_experts mapping."""
+def _fused_patterns(info: ModelInfo) -> list[tuple[re.Pattern[str], Mapping]]:
+    """(pattern of the fused tensor's name, its mapping) per fused_experts mapping."""
     out = []
     for mp in info.preset.mappings:
         if mp.kind == "fused_experts":
             body = re.escape(mp.hf[0].removesuffix(FUSED)).replace(r"\*", r"\d+")
-            experts = info.preset.module_of_target(mp.mm).experts
-            assert experts is not None  # the preset schema checks a '#' target's module counts experts
-            out.append((re.compile(body + "$"), experts))
+            out.append((re.compile(body + "$"), mp))
     return out
+
+
+def _check(info: ModelInfo, meta: TensorMeta, mp: Mapping) -> int:
+    """The expert count; the fused tensor must be [experts, in, out] with the module's width where nn.Linear has it
+    (in, or out for a row-parallel `tp = "cols"` layer), so a tensor stored the other way round is one line."""
+    module = info.preset.module_of_target(mp.mm)
+    assert module.experts is not None  # the preset schema checks a '#' target's module counts experts
+    raw = info.raw_names.get(meta.name, meta.name)
+    if type(meta) is not TensorMeta:
+        raise ConvertError(f"{meta.file}: {raw} is stored quantised; fused experts are read in float only")
+    n, hidden = info.field_int(module.experts), HIDDEN[module.name]
+    said, want = [(module.experts, n)], [str(n), "*", "*"]
+    if hidden in info.fields:
+        said.append((hidden, info.field_int(hidden)))
+        want[2 if mp.tp == "cols" else 1] = str(info.field_int(hidden))
+    if len(meta.shape) != 3 or any(w != "*" and int(w) != d for w, d in zip(want, meta.shape, strict=True)):
+        fields = " and ".join(f"{info.field_path(f)} = {v}" for f, v in said)
+        raise ConvertError(
+            f"{meta.file}: {raw} has shape {list(meta.shape)}, but config.json says {fields}, so it must be "
+            f"[{', '.join(want)}] (experts, in, out: each expert transposed relative to nn.Linear)"
+        )
+    return n
 
 
 def split_fused_experts(info: ModelInfo) -> ModelInfo:
@@ -63,19 +84,11 @@ def split_fused_experts(info: ModelInfo) -> ModelInfo:
     tensors: dict[str, TensorMeta] = {}
     raw_names = dict(info.raw_names)
     for name, meta in info.tensors.items():
-        field = next((f for pat, f in patterns if pat.match(name)), None)
-        if field is None:
+        mp = next((m for pat, m in patterns if pat.match(name)), None)
+        if mp is None:
             tensors[name] = meta
             continue
-        raw = info.raw_names.get(name, name)
-        n = info.field_int(field)
-        if type(meta) is not TensorMeta or len(meta.shape) != 3 or meta.shape[0] != n:
-            said = f"{info.field_path(field)} = {n}" if len(meta.shape) == 3 else "it holds every expert"
-            kind = "" if type(meta) is TensorMeta else f" ({meta.dtype} as stored)"
-            raise ConvertError(
-                f"{meta.file}: {raw} has shape {list(meta.shape)}{kind}, but config.json says {said}, "
-                f"so it must be [{n}, in, out] in a plain float dtype"
-            )
+        raw, n = info.raw_names.get(name, name), _check(info, meta, mp)
         _, d_in, d_out = meta.shape
         size = d_in * d_out * meta.itemsize
         for e in range(n):
@@ -95,8 +108,8 @@ def fill(reader: TensorReader, meta: ExpertMeta, r0: int, r1: int, c0: int, c1: 
     raw = meta.raw
     assert raw is not None
     out_dim, in_dim = meta.shape
-    slab = TensorMeta(meta.name, raw.dtype, (in_dim, out_dim), meta.file, meta.begin, meta.nbytes, meta.record)
-    row_bytes = out_dim * raw.itemsize
+    row_bytes = out_dim * raw.itemsize  # as stored: `meta` may show the expert cast to another dtype
+    slab = TensorMeta(meta.name, raw.dtype, (in_dim, out_dim), meta.file, meta.begin, in_dim * row_bytes, meta.record)
     src_t, dst_t = getattr(torch, raw.dtype), getattr(torch, meta.dtype)
     step = max(1, BAND // max(1, row_bytes))
     for a in range(c0, c1, step):

@@ -8,9 +8,11 @@ applied to whole tensors in memory, one step after another as the peer does.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,14 @@ import torch
 
 from engine.errors import ConvertError
 from engine.hf_source import inspect_hf
+from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, Job, LoraConfig, MmToHfConfig
 from engine.layout import ParallelConfig
 from engine.plan import build_plan
+from engine.verify import verify_job
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
-from tests.engine.test_llm_families import _assert_back_to_original, _hf_to_mm, _resplit
+from tests.engine.test_llm_families import _assert_back_to_original, _convert, _hf_to_mm, _resplit
 from tests.engine.test_way_back import _same_tree
+from tests.fixtures.tiny_lora import build_peft_adapter, reference_merge
 from tests.fixtures.tiny_qwen3_vl import build_tiny_qwen3_vl, load_state, tiny_model
 from tests.test_cli import mm_convert
 
@@ -224,10 +229,11 @@ def _split_pp(sd: dict[str, torch.Tensor], vit: list[int], llm: list[int]) -> li
     return out
 
 
-def reference(hf_dir: Path, layout: str) -> dict[str, dict]:
+def reference(hf_dir: Path, layout: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """The rank files of `layout` for the weights of `hf_dir` (or `state`, weights of that model)."""
     tp, ep, (vit,), (llm,) = LAYOUTS[layout]
     cfg = json.loads((hf_dir / "config.json").read_text())
-    sd = _convert_names(load_state(hf_dir), cfg, len(llm))
+    sd = _convert_names(load_state(hf_dir) if state is None else state, cfg, len(llm))
     out = {}
     for e, ep_part in enumerate(_split_ep(sd, ep, cfg["text_config"].get("num_experts", 0))):
         for t, tp_part in enumerate(_split_tp(ep_part, tp)):
@@ -286,6 +292,58 @@ def test_command_line_takes_the_peers_converter_for_both(hf: dict[str, Path], co
     assert "Qwen3VLMegatronConverter  Qwen3-VL / Qwen3-VL-MoE" in r.stdout
 
 
+def test_params_dtype_casts_the_transposed_experts_too(hf: dict[str, Path], tmp_path: Path) -> None:
+    """bf16 output: every tensor (fused experts, the 5-D patch embedding) is the reference's, rounded once."""
+    src = hf["qwen3_vl_moe"]
+    cfg = HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=src), parallel_config=_pc("tp2"))
+    _convert(src, "hf_to_mm", cfg.model_copy(update={"params_dtype": "bf16"}))
+    want = reference(src, "tp2", {k: v.to(torch.bfloat16) for k, v in load_state(src).items()})
+    _assert_same(_load_dir(tmp_path / "mm"), want)
+
+
+def test_verify_and_the_way_back_with_the_layout_read_from_disk(hf: dict[str, Path], converted, tmp_path: Path) -> None:
+    src, mm = hf["qwen3_vl_moe"], converted("qwen3_vl_moe", "tp2ep2pp2")
+    job = Job(
+        converter="Qwen3VLMegatronConverter", command="hf_to_mm",
+        cfg=HfToMmConfig(mm_dir=mm, hf_config=HfConfig(hf_dir=src), parallel_config=_pc("tp2ep2pp2")),
+    )  # fmt: skip
+    n = len(inspect_hf(src).tensors)  # 3 fused tensors x 4 experts in, as 12 per-expert tensors
+    assert verify_job(inspect_hf(src), job) == (True, f"identical: {n} tensors ({n} equal)")
+    back = _convert(
+        src, "mm_to_hf", MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=src))
+    )
+    for f in src.glob("*.safetensors"):
+        assert filecmp.cmp(f, back / f.name, shallow=False), f.name
+
+
+def test_dcp_holds_the_whole_model(hf: dict[str, Path], tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src = hf["qwen3_vl_moe"]
+    _convert(src, "hf_to_dcp", HfToDcpConfig(dcp_dir=tmp_path / "dcp", hf_config=HfConfig(hf_dir=src)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        dcp_to_torch_save(tmp_path / "dcp" / "release", tmp_path / "whole.pt")
+    got = torch.load(tmp_path / "whole.pt", weights_only=True)["model"]
+    want = reference(src, "tp1")["mp_rank_00"]["model"]
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_lora_merged_into_the_layout(hf: dict[str, Path], tmp_path: Path) -> None:
+    """A PEFT adapter on the language model (q/k/v/o, the dense MLP) merged while cutting TP 2 x PP 2."""
+    src = hf["qwen3_vl"]
+    build_peft_adapter(src, tmp_path / "adapter")
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=src), parallel_config=_pc("tp2_vit_split"),
+        lora=LoraConfig(adapter_dir=tmp_path / "adapter"),
+    )  # fmt: skip
+    _convert(src, "hf_to_mm", cfg)
+    merged = reference_merge(load_state(src), tmp_path / "adapter")
+    assert merged.keys() == load_state(src).keys()
+    _assert_same(_load_dir(tmp_path / "mm"), reference(src, "tp2_vit_split", merged))
+
+
 # ---------------------------------------------------------------------------------------
 # bad inputs: one line each
 
@@ -311,7 +369,8 @@ def _copy_with(src: Path, dst: Path, text: dict | None = None, vision: dict | No
         ({"deepstack_visual_indexes": 3}, {}, "vision_config.deepstack_visual_indexes = 3; expected a list of whole numbers >= 0"),
         ({}, {"num_experts": 8},
          "model.language_model.layers.0.mlp.experts.down_proj has shape [4, 24, 64], but config.json says "
-         "text_config.num_experts = 8, so it must be [8, in, out] in a plain float dtype"),
+         "text_config.num_experts = 8 and text_config.hidden_size = 64, so it must be [8, *, 64] (experts, in, out: "
+            "each expert transposed relative to nn.Linear)"),
     ],
 )  # fmt: skip
 def test_bad_config_is_one_line(hf: dict[str, Path], tmp_path: Path, vision: dict, text: dict, message: str) -> None:
@@ -322,10 +381,30 @@ def test_bad_config_is_one_line(hf: dict[str, Path], tmp_path: Path, vision: dic
     assert str(err.value).endswith(message), str(err.value)
 
 
+def test_fused_experts_stored_the_other_way_round_is_one_line(hf: dict[str, Path], tmp_path: Path) -> None:
+    """[experts, 2 x moe_intermediate, hidden] (nn.Linear's orientation, as transformers 5 holds it in memory)."""
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy_with(hf["qwen3_vl_moe"], tmp_path / "bad")
+    key = "model.language_model.layers.2.mlp.experts.gate_up_proj"
+    for f in bad.glob("*.safetensors"):
+        state = load_file(f)
+        if key in state:
+            state[key] = state[key].transpose(1, 2).contiguous()
+            save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(ConvertError) as err:
+        inspect_hf(bad)
+    assert str(err.value).endswith(
+        f"{key} has shape [4, 48, 64], but config.json says text_config.num_experts = 4 and "
+        "text_config.hidden_size = 64, so it must be [4, 64, *] (experts, in, out: each expert transposed relative "
+        "to nn.Linear)"
+    )
+
+
 def test_dense_has_no_experts_and_the_converter_checks_the_family(
     hf: dict[str, Path], tiny_dirs: dict[str, Path]
 ) -> None:
-    from engine.job import HfConfig, HfToMmConfig, Job, prepare
+    from engine.job import prepare
 
     with pytest.raises(ConvertError, match=r"ep_size 2: Qwen3-VL has no experts; use 1$"):
         build_plan(inspect_hf(hf["qwen3_vl"]), _pc("ep2"))
