@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .fp8 import PARAMS_DTYPES, Fp8Meta
+from .fused_experts import ExpertMeta
 from .safetensors_header import TensorMeta, itemsize
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def with_params_dtype(info: ModelInfo, params_dtype: str | None) -> ModelInfo:
     dtype = PARAMS_DTYPES[params_dtype]
     tensors: dict[str, TensorMeta] = {}
     for name, m in info.tensors.items():
-        if isinstance(m, Fp8Meta):
+        if isinstance(m, (Fp8Meta, ExpertMeta)):  # read by their own fill, which casts too
             tensors[name] = dataclasses.replace(m, dtype=dtype, nbytes=m.numel * itemsize(dtype))
         elif m.dtype in FLOATS and m.dtype != dtype:
             tensors[name] = CastMeta(name, dtype, m.shape, m.file, m.begin, m.numel * itemsize(dtype), raw=m)
@@ -61,12 +62,12 @@ def fill(reader: TensorReader, meta: CastMeta, r0: int, r1: int, c0: int, c1: in
     assert raw is not None
     rows = raw.shape[0] if raw.shape else 1
     row_bytes = raw.nbytes // rows if rows else 0
-    cols = row_bytes // raw.itemsize if row_bytes else 0
+    cols = raw.shape[1] if len(raw.shape) >= 2 else 1  # the block model's columns: dim 1, the rest rides along
     src, out = getattr(torch, raw.dtype), getattr(torch, meta.dtype)
     step = max(1, BAND // max(1, row_bytes))
     for a in range(r0, r1, step):
         b = min(r1, a + step)
         buf = np.empty((b - a) * row_bytes, dtype=np.uint8)
         reader.read_rows_into(raw, a, b, memoryview(buf))
-        values = torch.from_numpy(buf).view(src).reshape(b - a, cols)[:, c0:c1].to(out)
+        values = torch.from_numpy(buf).view(src).reshape(b - a, cols, -1)[:, c0:c1].to(out)  # a conv's 5-D too
         dest[a - r0 : b - r0] = values.contiguous().view(torch.uint8).numpy().reshape(b - a, c1 - c0, -1)

@@ -125,6 +125,11 @@ def resolve_fields(preset: Preset, config: dict[str, Any], where: Path) -> dict[
         flag = (preset.tie is not None and name == preset.tie.field) or isinstance(preset.defaults.get(name), bool)
         if flag and type(value) is not bool:
             raise ConvertError(f"{where}: {path} = {value!r}; expected true or false")
+        if isinstance(preset.defaults.get(name), list):  # a list of layer numbers (deepstack_visual_indexes)
+            if not isinstance(value, list) or any(type(v) is not int or v < 0 for v in value):
+                raise ConvertError(f"{where}: {path} = {value!r}; expected a list of whole numbers >= 0")
+            out[name] = value
+            continue
         if not flag and (type(value) is not int or value < 1):  # not 4.5, "4", [4] or True: a count
             raise ConvertError(f"{where}: {path} = {value!r}; expected a whole number > 0 (it is a count)")
         out[name] = value
@@ -229,7 +234,11 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     info = ModelInfo(
         hf_dir, preset, config, fields, tensors, files, "/".join(sorted(s or "canonical" for s in spellings)), raw_names
     )
-    return dequantised(info)  # FP8 weights and their block scales: one bf16 tensor each (engine/fp8.py)
+    from .fused_experts import split_fused_experts  # it builds on the plan's Entry, which needs this module
+
+    # FP8 weights and their block scales: one bf16 tensor each (engine/fp8.py); experts fused in one tensor:
+    # one [out, in] tensor each (engine/fused_experts.py)
+    return split_fused_experts(dequantised(info))
 
 
 class TensorReader:

@@ -26,7 +26,7 @@ from .mm_view import open_view, retarget
 from .mtp import without_mtp
 from .parts import PartText
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
-from .preset import preset_for_converter
+from .preset import builtin_presets, preset_for_converter
 from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
 
@@ -369,12 +369,13 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
 
 
 def _inspect_family(job: Job, hf_dir: Path) -> ModelInfo:
-    preset = preset_for_converter(job.converter)
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
+    preset = preset_for_converter(job.converter, seen)
     if seen and seen not in preset.model_types:
+        same = [p for p in builtin_presets().values() if p.converter == job.converter]  # Qwen3-VL: dense and MoE
         raise ConvertError(
-            f"{hf_dir}/config.json: model_type {seen!r} is not a {preset.title} model "
-            f"(converter {job.converter} expects {', '.join(preset.model_types)})"
+            f"{hf_dir}/config.json: model_type {seen!r} is not a {' or '.join(p.title for p in same)} model "
+            f"(converter {job.converter} expects {', '.join(t for p in same for t in p.model_types)})"
         )
     return inspect_hf(hf_dir, preset)
 

@@ -110,6 +110,11 @@ class Entry:
     def sources(self) -> list[str]:
         return list(dict.fromkeys(p.source for p in self.pieces))
 
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """The shape the pieces tile (engine/fused_experts.py's entries tile another)."""
+        return self.shape
+
 
 @dataclass(slots=True)
 class OutputFile:
@@ -184,7 +189,7 @@ Segment = tuple[str, int, int]  # (source key, first row, row count)
 
 
 def _row_map(mp: Mapping, srcs: list[TensorMeta], info: ModelInfo, key: str) -> list[Segment]:
-    if mp.kind in ("rename",):
+    if mp.kind in ("rename", "fused_experts"):
         (s,) = srcs
         return [(s.name, 0, s.shape[0] if s.shape else 1)]
     if mp.kind == "gate_up":
@@ -326,7 +331,8 @@ def _describe(mp: Mapping, split: str) -> str:
 
 @cache
 def _description(kind: str, split: str) -> str:  # a 671B MoE plan asks 240,000 times for a few dozen texts
-    fuse = {"rename": "", "qkv": "qkv grouped", "qkv_per_head": "qkv per head", "gate_up": "gate+up"}[kind]
+    fuse = {"rename": "", "qkv": "qkv grouped", "qkv_per_head": "qkv per head", "gate_up": "gate+up"}.get(kind, "")
+    fuse = fuse or ("expert transposed" if kind == "fused_experts" else "")
     return " · ".join(p for p in (fuse, split) if p) or "copy"
 
 
@@ -376,10 +382,12 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             if not m:
                 continue
             groups = m.groupdict()
-            layer = int(groups["layer"]) if groups.get("layer") else None
+            layer = hf_layer = int(groups["layer"]) if groups.get("layer") else None
             expert = int(groups["expert"]) if groups.get("expert") else None
             param = groups.get("param") or ""
-            names = [_with_param(_fill(h, layer, expert), param) for h in mp.hf]
+            names = [_with_param(_fill(h, hf_layer, expert), param) for h in mp.hf]
+            if mp.layer_from and hf_layer is not None:
+                layer = _listed_layer(info, mp.layer_from, module, hf_layer, sources[name])
             missing = [n for n in names if n not in sources]
             if missing:
                 raise ConvertError(f"{info.hf_dir}: {names[0]} is present but {missing[0]} is missing")
@@ -394,6 +402,18 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order, mtp))
     mtp_layers.rename_with_mtp(preset, targets)
     return targets, claimed
+
+
+def _listed_layer(info: ModelInfo, field: str, module: Module, i: int, src: TensorMeta) -> int:
+    """Entry i of the config list `field`: the layer a tensor numbered by its place in that list belongs to."""
+    listed, layers = info.fields[field], info.field_int(module.layers)
+    if i >= len(listed) or listed[i] >= layers:
+        why = f"has {len(listed)} entries" if i >= len(listed) else f"names layer {listed[i]} of {layers}"
+        raise ConvertError(
+            f"{src.file}: {info.raw_names.get(src.name, src.name)} is entry {i} of "
+            f"{info.field_path(field)} = {listed}, which {why}"
+        )
+    return listed[i]
 
 
 def model_targets(info: ModelInfo) -> list[_Target]:

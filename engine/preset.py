@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from .errors import ConvertError
 
 TpRule = Literal["rows", "cols", "gated", "replicate"]
-MappingKind = Literal["rename", "qkv", "qkv_per_head", "gate_up"]
+MappingKind = Literal["rename", "qkv", "qkv_per_head", "gate_up", "fused_experts"]
 
-_SOURCES_PER_KIND = {"rename": 1, "qkv": 3, "qkv_per_head": 1, "gate_up": 2}
+_SOURCES_PER_KIND = {"rename": 1, "qkv": 3, "qkv_per_head": 1, "gate_up": 2, "fused_experts": 1}
+FUSED = "[#]"  # a fused_experts hf name ends with it: expert # of the one tensor that holds them all
 
 
 class _Strict(BaseModel):
@@ -51,6 +52,9 @@ class Mapping(_Strict):
     uneven: bool = False  # tp rows that do not divide: the first rows % tp ranks take one more row
     bare: bool = False  # names are whole tensor names (InternViT's ls1, class_embedding), not .weight/.bias prefixes
     inner: bool = False  # reads a width other than the module's hidden state (MLA's up-projections): not shape-checked
+    # A config list (e.g. Qwen3-VL's deepstack_visual_indexes): the hf name's `*` is a position in it, and the
+    # target's `*` the layer that position names, so the tensor lives (and is renumbered) with that layer.
+    layer_from: str | None = None
 
     @field_validator("hf", mode="before")
     @classmethod
@@ -82,6 +86,13 @@ class Mapping(_Strict):
             raise ValueError("a rename with `heads` splits in whole heads: it needs tp = 'rows' or 'cols'")
         if self.blocks != 1 and not (self.kind == "rename" and self.heads and self.tp == "rows"):
             raise ValueError("`blocks` needs kind 'rename', `heads` and tp = 'rows' (e.g. [q; k; v] split by heads)")
+        if self.kind == "fused_experts" and not (self.hf[0].endswith(FUSED) and self.bare and "#" in self.mm):
+            raise ValueError(
+                f"kind 'fused_experts' reads expert # of one [experts, in, out] tensor: hf ends with {FUSED!r}, "
+                "the mm name holds '#', and bare = true"
+            )
+        if self.layer_from and "*" not in self.mm:
+            raise ValueError("`layer_from` maps the layer index: hf and mm need a '*'")
         if self.uneven and (self.kind != "rename" or self.tp != "rows" or self.heads):
             raise ValueError("`uneven` needs kind 'rename' and tp = 'rows' without `heads` (heads split unevenly)")
         return self
@@ -163,7 +174,7 @@ class Preset(_Strict):
     architectures: list[str]
     aliases: dict[str, str] = {}  # other HF spellings of a prefix -> the canonical one
     fields: dict[str, list[str]]  # logical name -> config.json paths, preferred first
-    defaults: dict[str, bool | int | float | str] = {}
+    defaults: dict[str, bool | int | float | str | list[int]] = {}  # a list default makes the field a list
     modules: list[Module]
     mappings: list[Mapping]
     tie: Tie | None = None
@@ -178,7 +189,7 @@ class Preset(_Strict):
         known = set(self.fields)
         used = [m.layers for m in self.modules]
         used += [f for m in self.modules for f in (m.heads, m.vocab, m.experts) if f]
-        used += [f for mp in self.mappings for f in (mp.heads, mp.groups) if f]
+        used += [f for mp in self.mappings for f in (mp.heads, mp.groups, mp.layer_from) if f]
         if self.tie:
             used.append(self.tie.field)
         missing = sorted({f for f in used if f not in known})
@@ -189,6 +200,8 @@ class Preset(_Strict):
                 raise ValueError(f"mapping target {mp.mm!r} belongs to no module's target_prefix")
             if "#" in mp.mm and not self.module_of_target(mp.mm).experts:
                 raise ValueError(f"mapping target {mp.mm!r} has an expert index but its module sets no `experts` field")
+            if mp.layer_from and not isinstance(self.defaults.get(mp.layer_from), list):
+                raise ValueError(f"layer_from {mp.layer_from!r}: give it a list default under [defaults] (e.g. [])")
         return self
 
     def module_of_target(self, key: str) -> Module:
@@ -362,9 +375,11 @@ def with_language_model(preset: Preset, config: dict, where: Path) -> Preset:
     )
 
 
-def preset_for_converter(converter: str) -> Preset:
-    for p in builtin_presets().values():
-        if p.converter == converter:
-            return p
+def preset_for_converter(converter: str, model_type: object = None) -> Preset:
+    """The preset of a converter; one converter may serve several families (Qwen3-VL dense and MoE, as
+    MindSpeed-MM's Qwen3VLMegatronConverter does): then config.json's model_type picks, else the first."""
+    found = [p for p in builtin_presets().values() if p.converter == converter]
+    if found:
+        return next((p for p in found if model_type in p.model_types), found[0])
     names = ", ".join(sorted(p.converter for p in builtin_presets().values()))
     raise ConvertError(f"converter {converter!r} is unknown; available: {names}")

@@ -49,10 +49,14 @@ TOP_FLAGS = ("-h", "--help", "--config", "--print_config")
 
 
 def _converters() -> dict[str, str]:
-    """Converter name -> model family title, one per preset (a new preset file is a new converter)."""
+    """Converter name -> model family title(s): one per preset, or two presets sharing MindSpeed-MM's one
+    converter name (Qwen3VLMegatronConverter: Qwen3-VL dense and MoE, told apart by config.json)."""
     from engine.preset import builtin_presets
 
-    return {p.converter: p.title for p in builtin_presets().values()}
+    out: dict[str, str] = {}
+    for p in builtin_presets().values():
+        out[p.converter] = f"{out[p.converter]} / {p.title}" if p.converter in out else p.title
+    return out
 
 
 def _rows(table: dict[str, str]) -> str:

@@ -410,3 +410,11 @@ async def test_no_argument_opens_a_directory_picker(tiny_dirs: dict[str, Path], 
         assert not isinstance(app.screen, PickDirScreen)
         assert "Qwen2.5-VL" in str(app.screen.query_one("#summary", Static).render())
         assert app.screen.query_one("#hf_dir", Input).value == str(tiny_dirs["qwen2_5_vl"])
+
+
+async def test_qwen3_vl_moe(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE (deepstack mergers, fused experts) at TP 2: Suggest and Run == headless."""
+    from tests.fixtures.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    hf = build_tiny_qwen3_vl(tmp_path / "hf", "qwen3_vl_moe", tied=False)
+    await _suggest_and_run(hf, tmp_path, "Qwen3-VL-MoE", tp=2, files=4)
