@@ -486,7 +486,7 @@ def build_plan(
         if mod is not None and mod not in modules:
             dropped[name] = "save_vit_only: only the vision encoder and projector are written"
 
-    tp, pp, vpp, ep = layout.tp_size, layout.pp_size, layout.vpp_size, layout.ep_size
+    tp, pp, vpp, ep = layout.tp_world, layout.pp_size, layout.vpp_size, layout.ep_size
     placements = {m.name: placement(m.name, layout.layers_of(m.name), layout.noops_of(m.name)) for m in preset.modules}
     files = [
         OutputFile(_rank_path(iteration, r, s, pp, e, ep), r, s, e, [[] for _ in range(vpp)])
@@ -521,7 +521,12 @@ def build_plan(
         rows = sum(n for _, _, n in segs)
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
         heads = info.field_int(t.mapping.heads) if t.mapping.head_split and t.mapping.heads else 0
-        for r, (pieces, how, pad) in enumerate(_split(t.mapping, segs, tp, first, t.key, padded, heads)):
+        mtp = layout.tp_of(t.module.name)  # a module split at a smaller TP repeats its shards (split_by_tp)
+        shards = _split(t.mapping, segs, mtp, first, t.key, padded, heads)
+        for r in range(tp):
+            pieces, how, pad = shards[r % mtp]
+            if r >= mtp:
+                how += f" · repeats TP rank {r % mtp}"
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
