@@ -27,7 +27,7 @@ from .experts import detect as detect_grouped
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
 from .mm_source import RANK_DIR, MmCheckpoint, read_rank_file
-from .plan import _pattern, rank_dir_name
+from .plan import _pattern, build_plan, rank_dir_name
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
 
@@ -109,11 +109,13 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
     keys = [k for f in files for chunk in f.values() for k in chunk]
     grouped, _ = detect_grouped(keys)
     etp = _expert_tp(info, files, len(tps), ep, grouped, f"{field} {ckpt.root}")
+    experts = {"moe_grouped_gemm": grouped or False, "expert_tp_size": etp}
+    layers = {f"{name}_pp_layers": cells for name, cells in counts.items()}
+    sizes = _module_tp(info, files, len(tps), dict(layers, ep_size=ep, noop_layers=noops or None, **experts))
     layout = ParallelConfig(
-        tp_size=len(tps), ep_size=ep, noop_layers=noops or None,
-        make_vocab_size_divisible_by=_vocab_step(info, files[0], len(tps)),
-        moe_grouped_gemm=grouped or False, expert_tp_size=etp,
-        **{f"{name}_pp_layers": cells for name, cells in counts.items()},
+        **sizes, ep_size=ep, noop_layers=noops or None,
+        make_vocab_size_divisible_by=_vocab_step(info, files[0], sizes["tp_size"]),
+        **experts, **layers,
     )  # fmt: skip
     return layout
 
@@ -156,6 +158,56 @@ def _expert_tp(
         f"{where}: {key} holds {per_rank} of an expert's {full} down-projection columns per rank: an expert TP "
         f"size of {full / max(per_rank, 1):g}; only 1 or the TP size {tp} is read"
     )
+
+
+_TP_FIELDS = {"llm": "tp_size", "vit": "vit_tp_size", "audio": "audio_tp_size"}
+
+
+def _module_tp(info: ModelInfo, files: list[dict[str, dict]], world: int, rest: dict) -> dict[str, int]:
+    """Each module's TP size (MindSpeed-MM's vit_tp_size / audio_tp_size), from TP rank 0's shapes.
+
+    Rank 0 holds shard 0 of every module at the module's own size, so the size is the one
+    whose planned shapes match the disk. Only a model with more than one module can differ;
+    the vocabulary rows are left out (their padding is read after, at the language model's size).
+    """
+    sizes = {"tp_size": world}
+    modules = info.preset.modules
+    if world == 1 or len(modules) == 1:
+        return sizes
+    vocab = {mp.mm for mp in info.preset.mappings if mp.pad_vocab}
+    plans: dict[tuple[int, ...], dict | None] = {}
+
+    def shapes(layout: dict[str, int]) -> dict | None:
+        key = tuple(layout.values())
+        if key not in plans:
+            try:
+                plan = build_plan(info, ParallelConfig(**layout, **rest))
+            except ConvertError:
+                plans[key] = None
+            else:
+                plans[key] = {(f.pp_rank, c): {e.key: e.shape for e in entries}
+                              for f in plan.files if f.tp_rank == 0 and f.ep_rank == 0
+                              for c, entries in enumerate(f.chunks)}  # fmt: skip
+        return plans[key]
+
+    chunk_names = list(files[0])
+    for m in modules:
+        for d in sorted((d for d in range(1, world + 1) if world % d == 0), reverse=True):
+            layout = {_TP_FIELDS[n.name]: world for n in modules} | {_TP_FIELDS[m.name]: d}
+            planned = shapes(layout)
+            if planned is not None and all(
+                planned[(s, c)].get(k) == meta.shape
+                for (s, c), _ in planned.items()
+                for k, meta in files[s].get(chunk_names[c], {}).items()
+                if k.startswith(m.target_prefix) and not any(k.startswith(v) for v in vocab)
+            ):
+                if d != world:
+                    sizes[_TP_FIELDS[m.name]] = d
+                break
+    if sizes["tp_size"] != world:  # the language model is at a smaller size: the others say the world
+        for m in modules:
+            sizes.setdefault(_TP_FIELDS[m.name], world)
+    return sizes
 
 
 def _names(tp: int, pp: int, ep: int) -> list[str]:

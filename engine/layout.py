@@ -30,10 +30,17 @@ class ParallelConfig(BaseModel):
     vit_pp_layers: ChunksOrFlat | None = None
     """Vision-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]
     (vision-language models only)."""
+    audio_pp_layers: ChunksOrFlat | None = None
+    """Audio-encoder layers per pipeline stage, one list per virtual-pipeline chunk: [[32,0,0,0]]
+    (models with an audio encoder only, such as Qwen2.5-Omni)."""
     tp_size: PositiveInt = 1
-    """Tensor-parallel size; one rank directory per TP rank."""
+    """Tensor-parallel size of the language model; one rank directory per TP rank of the largest TP size."""
     vit_tp_size: NonNegativeInt | None = None
-    """Vision-encoder TP size; 0 or unset means tp_size."""
+    """Vision-encoder TP size; 0 or unset means tp_size. When it differs, the encoder is split at its own size
+    and its shards repeat over the larger TP group (rank r holds shard r mod vit_tp_size), as MindSpeed-MM's
+    split_by_tp does; every TP size must divide the largest."""
+    audio_tp_size: NonNegativeInt | None = None
+    """Audio-encoder TP size; 0 or unset means tp_size (split and repeated as vit_tp_size)."""
     ep_size: PositiveInt = 1
     """Expert-parallel size (MoE models only)."""
     expert_tp_size: PositiveInt | None = None
@@ -72,7 +79,7 @@ class ParallelConfig(BaseModel):
         step = self.make_vocab_size_divisible_by * self.tp_size
         return -(-vocab // step) * step
 
-    @field_validator("llm_pp_layers", "vit_pp_layers", mode="before")
+    @field_validator("llm_pp_layers", "vit_pp_layers", "audio_pp_layers", mode="before")
     @classmethod
     def _flat_is_one_chunk(cls, v: object) -> object:
         if isinstance(v, list | tuple) and v and all(isinstance(x, int) for x in v):
@@ -84,6 +91,8 @@ class ParallelConfig(BaseModel):
         out = {"llm": self.llm_pp_layers}
         if self.vit_pp_layers is not None:
             out["vit"] = self.vit_pp_layers
+        if self.audio_pp_layers is not None:
+            out["audio"] = self.audio_pp_layers
         return out  # type: ignore[return-value]  # chunked by the validator
 
     def shape_problems(self) -> list[str]:
@@ -111,6 +120,20 @@ class ParallelConfig(BaseModel):
                         f"{pp} (the length of llm_pp_layers[0])"
                     )
         return out
+
+    def tp_of(self, module: str) -> int:
+        """The TP size a module is split at (MindSpeed-MM: vit_tp_size / audio_tp_size, 0 or unset = tp_size)."""
+        own = {"vit": self.vit_tp_size, "audio": self.audio_tp_size}.get(module)
+        return own or self.tp_size
+
+    @property
+    def tp_world(self) -> int:
+        """TP ranks written: the largest module TP size (smaller ones repeat their shards over it)."""
+        return max(self.tp_size, self.vit_tp_size or 0, self.audio_tp_size or 0)
+
+    @property
+    def hetero_tp(self) -> bool:
+        return any(self.tp_of(m) != self.tp_size for m in ("vit", "audio"))
 
     @property
     def pp_size(self) -> int:
@@ -165,7 +188,8 @@ def one_stage(info: ModelInfo, **settings: object) -> ParallelConfig:
     return ParallelConfig(**whole, **settings)  # type: ignore[arg-type]
 
 
-_MODULE_WORDS = {"vit": "vision encoder", "llm": "language model"}
+_MODULE_WORDS = {"vit": "vision encoder", "audio": "audio encoder", "llm": "language model"}
+_TP_FIELDS = {"vit": "vit_tp_size", "audio": "audio_tp_size", "llm": "tp_size"}
 
 
 def _divisors(n: int) -> str:
@@ -200,12 +224,7 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
             )
     if out:
         return out
-    vit_tp = layout.vit_tp_size or layout.tp_size
-    if vit_tp != layout.tp_size:
-        out.append(
-            f"parallel_config.vit_tp_size {layout.vit_tp_size} differs from tp_size {layout.tp_size}; "
-            "a separate vision TP is not supported yet (use 0 or the same value)"
-        )
+    out += _tp_problems(layout, names, info.preset.title)
     expert_fields = [m.experts for m in info.preset.modules if m.experts]
     if layout.ep_size != 1 and not expert_fields:
         out.append(f"parallel_config.ep_size {layout.ep_size}: {info.preset.title} has no experts; use 1")
@@ -251,8 +270,8 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
             )
     if layout.noop_layers and len(set(layout.noop_layers)) != len(layout.noop_layers):
         out.append(f"parallel_config.noop_layers {layout.noop_layers} names a position twice; list each once")
-    tp = layout.tp_size
     for m in info.preset.modules:
+        tp, tp_field = layout.tp_of(m.name), _tp_field(layout, m.name)
         # padding makes the vocabulary divide; an uneven split does not need it to
         vocab = m.vocab if layout.make_vocab_size_divisible_by is None and not info.preset.uneven_vocab(m) else None
         for field_name in (m.heads, vocab):
@@ -263,15 +282,21 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
                 path = info.field_path(field_name)
                 pad = " or pad it with parallel_config.make_vocab_size_divisible_by" if field_name == m.vocab else ""
                 out.append(
-                    f"parallel_config.tp_size {tp} does not divide {path} = {n} ({cfg}); "
-                    f"use a tp_size among: {_divisors(n)}{pad}"
+                    f"parallel_config.{tp_field} {tp} does not divide {path} = {n} ({cfg}); "
+                    f"use a {tp_field} among: {_divisors(n)}{pad}"
                 )
-    for field_name in dict.fromkeys(mp.heads for mp in info.preset.mappings if mp.head_split and mp.heads):
-        n = info.field_int(field_name)
+    seen: set[str] = set()
+    for mp in info.preset.mappings:
+        if not (mp.head_split and mp.heads) or mp.heads in seen:
+            continue
+        seen.add(mp.heads)
+        module = info.preset.module_of_target(mp.mm).name
+        tp, tp_field = layout.tp_of(module), _tp_field(layout, module)
+        n = info.field_int(mp.heads)
         if n < tp:
             out.append(
-                f"parallel_config.tp_size {tp} is more than {info.field_path(field_name)} = {n} ({cfg}); "
-                f"every TP rank needs a whole head: use a tp_size of at most {n}"
+                f"parallel_config.{tp_field} {tp} is more than {info.field_path(mp.heads)} = {n} ({cfg}); "
+                f"every TP rank needs a whole head: use a {tp_field} of at most {n}"
             )
     for c in range(layout.vpp_size):
         for s in range(layout.pp_size):
@@ -280,4 +305,30 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
                 out.append(
                     f"parallel_config: pipeline {where} holds no layers of any module; every stage needs at least one"
                 )
+    return out
+
+
+def _tp_field(layout: ParallelConfig, module: str) -> str:
+    """The field that sets a module's TP size (tp_size unless the module's own field overrides it)."""
+    return _TP_FIELDS[module] if layout.tp_of(module) != layout.tp_size else "tp_size"
+
+
+def _tp_problems(layout: ParallelConfig, modules: set[str], title: str) -> list[str]:
+    """A module's own TP size needs the module, and every size must divide the largest (MindSpeed-MM's rule)."""
+    out = []
+    for m in ("vit", "audio"):
+        value = getattr(layout, _TP_FIELDS[m])
+        if value and m not in modules:
+            out.append(f"parallel_config.{_TP_FIELDS[m]} {value}: {title} has no {_MODULE_WORDS[m]}; leave it unset")
+    if out:
+        return out
+    world = layout.tp_world
+    for m in ("llm", "vit", "audio"):
+        size = layout.tp_of(m)
+        if m in modules and world % size:
+            sizes = ", ".join(f"{_TP_FIELDS[n]} {layout.tp_of(n)}" for n in ("llm", "vit", "audio") if n in modules)
+            out.append(
+                f"parallel_config.{_TP_FIELDS[m]} {size} does not divide the largest TP size {world} ({sizes}); "
+                f"every module's TP size must divide the largest: use one of {_divisors(world)}"
+            )
     return out

@@ -524,7 +524,7 @@ def build_plan(
         if mod is not None and mod not in modules:
             dropped[name] = "save_vit_only: only the vision encoder and projector are written"
 
-    tp, pp, vpp, ep = layout.tp_size, layout.pp_size, layout.vpp_size, layout.ep_size
+    tp, pp, vpp, ep = layout.tp_world, layout.pp_size, layout.vpp_size, layout.ep_size
     placements = {m.name: placement(m.name, layout.layers_of(m.name), layout.noops_of(m.name)) for m in preset.modules}
     files = [
         OutputFile(_rank_path(iteration, r, s, pp, e, ep), r, s, e, [[] for _ in range(vpp)])
@@ -563,13 +563,16 @@ def build_plan(
         rows = sum(n for _, _, n in segs)
         padded = layout.padded_vocab(rows) if t.mapping.pad_vocab else rows
         heads = info.field_int(t.mapping.heads) if t.mapping.head_split and t.mapping.heads else 0
-        # routed experts split at their own TP size; with 1, every TP rank holds whole experts
-        split_tp = layout.etp if t.expert is not None else tp
-        splits = _split(t.mapping, segs, split_tp, first, t.key, padded, heads)
+        # routed experts split at their own TP size (ETP; 1: every TP rank holds whole experts); a module split at
+        # a smaller TP than the world repeats its shards (MindSpeed-MM's split_by_tp)
+        split_tp = layout.etp if t.expert is not None else layout.tp_of(t.module.name)
+        shards = _split(t.mapping, segs, split_tp, first, t.key, padded, heads)
         for r in range(tp):
-            pieces, how, pad = splits[r * split_tp // tp]
-            if split_tp < tp:
+            pieces, how, pad = shards[r % split_tp]
+            if t.expert is not None and split_tp < tp:
                 how = f"{how} · ETP {split_tp}" if how != "copy" else f"whole · ETP {split_tp}"
+            elif r >= split_tp:
+                how += f" · repeats TP rank {r % split_tp}"
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
                 by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))

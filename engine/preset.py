@@ -106,7 +106,7 @@ class Mapping(_Strict):
 class Module(_Strict):
     """A part of the model that is pipelined on its own (vision encoder, language model)."""
 
-    name: Literal["vit", "llm"]  # also the layout field prefix (`vit_pp_layers`)
+    name: Literal["vit", "audio", "llm"]  # also the layout field prefix (`vit_pp_layers`)
     title: str
     target_prefix: str  # every target key of the module starts with it
     hf_prefixes: list[str]  # every source key of the module starts with one of these
