@@ -163,6 +163,11 @@ def file_problem(out: Path, f: OutputFile) -> str | None:
             if fh.read(len(head)) != head:
                 return "its header is not the plan's"
         return None
+    if f.kind.startswith("torch_dist"):  # common.pt and .metadata are small: present (renamed in whole) is done
+        from .formats.torch_dist_writer import KIND, data_size
+
+        want = data_size(f) if f.kind == KIND else size
+        return None if size == want else f"{size} bytes, expected {want}"
     if f.kind == "dcp":
         if not (path.parent / METADATA_NAME).is_file():
             return f"no {METADATA_NAME} beside it"

@@ -71,7 +71,7 @@ def _chunk_entry(e: Entry, c: Chunk) -> ChunkEntry:
     shape = e.shape if whole else (c.rows[1] - c.rows[0], *e.shape[1:])
     pieces = e.pieces if whole else _clip(e.pieces, *c.rows)
     lora = e.lora if whole else _clip(e.lora, *c.rows)
-    return ChunkEntry(c.label, shape, e.dtype, pieces, e.transform, pad, lora, e.zero_fill, c)
+    return ChunkEntry(c.label, shape, e.dtype, pieces, e.transform, pad, lora, e.zero_fill, chunk=c)
 
 
 def data_file_name(rank: int) -> str:
@@ -197,6 +197,11 @@ def _items(f: OutputFile) -> Iterator[tuple[str, int, ChunkEntry | None]]:
     for e in f.chunks[0]:
         assert isinstance(e, ChunkEntry) and e.chunk is not None
         yield e.key, archive_size(e.dtype, e.chunk.shape), e
+
+
+def data_size(f: OutputFile) -> int:
+    """The bytes a `.distcp` file of the plan holds (each archive's length is known from the plan)."""
+    return sum(length for _, length, _ in _items(f))
 
 
 # ---------------------------------------------------------------------------------------

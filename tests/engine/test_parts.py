@@ -92,6 +92,10 @@ def jobs(tiny_llms: dict[str, Path], qwen2vl_dir: Path, tmp_path_factory: pytest
             target_parallel_config={"tp_size": 1, "llm_pp_layers": [[1, 1, 1, 1]]},
         ),
         "hf_to_dcp": _job("hf_to_dcp", "LlamaConverter", dcp_dir="x", hf_config={"hf_dir": hf}),
+        "torch_dist": _job(
+            "hf_to_mm", "LlamaConverter", mm_dir="x", hf_config={"hf_dir": hf}, parallel_config=layout,
+            format="torch_dist",
+        ),
         "merge_lora": _job(
             "merge_lora",
             "LlamaConverter",
@@ -117,7 +121,7 @@ def _run_parts(plan, out: Path, count: int, key: str, order: list[int] | None = 
 
 
 ONE_FILE = ("hf_to_dcp", "lora_mm_to_hf")  # one data file (DCP; a PEFT adapter): one part writes it
-COMMANDS = ["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora", "lora_hf_to_mm", "lora_mm_to_hf"]
+COMMANDS = ["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora", "lora_hf_to_mm", "lora_mm_to_hf", "torch_dist"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
