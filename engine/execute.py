@@ -192,6 +192,7 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
             continue
         if is_transposed(meta):
             experts.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
+            continue
         if is_expert(meta):
             fused_experts.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
             continue
