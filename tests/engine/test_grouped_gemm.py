@@ -414,3 +414,48 @@ def test_training_memory_shards_whole_experts_over_the_expert_data_parallel_grou
         "dp = 1: with ep_size 4 the data-parallel size must be a multiple of 2 "
         "(the expert data-parallel group has dp x 2 / ep ranks)"
     )
+
+
+def _expert_adapter(hf: Path, out: Path) -> Path:
+    """A PEFT adapter on Mixtral's expert w1/w2 of layer 1 (r 2, alpha 4), written by hand: peft targets
+    transformers' fused experts, not the per-expert tensors of these checkpoints."""
+    from safetensors.torch import save_file
+
+    state = load_hf_state(hf)
+    gen, tensors = torch.Generator().manual_seed(5), {}
+    for e in range(4):
+        for w in ("w1", "w2"):
+            base = state[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"]
+            name = f"base_model.model.model.layers.1.block_sparse_moe.experts.{e}.{w}"
+            tensors[f"{name}.lora_A.weight"] = 0.1 * torch.randn(2, base.shape[1], generator=gen)
+            tensors[f"{name}.lora_B.weight"] = 0.1 * torch.randn(base.shape[0], 2, generator=gen)
+    out.mkdir()
+    save_file(tensors, out / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["w1", "w2"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_lora_merged_into_grouped_experts(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Merged while writing GroupedMLP's tensors: the same as merging first (merge_lora) and grouping after."""
+    from engine.job import LoraConfig, LoraHfToMmConfig, MergeLoraConfig
+
+    hf = tiny_llms["mixtral"]
+    adapter = _expert_adapter(hf, tmp_path / "adapter")
+    merged = _convert(
+        hf, "merge_lora",
+        MergeLoraConfig(save_hf_dir=tmp_path / "merged", hf_config=HfConfig(hf_dir=hf), lora=LoraConfig(adapter_dir=adapter)),
+    )  # fmt: skip
+    layout = _layout("mixtral", "legacy", None)
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=layout,
+        lora=LoraConfig(adapter_dir=adapter),
+    )  # fmt: skip
+    got = _load_dir(_convert(hf, "hf_to_mm", cfg))
+    _assert_same(got, _reference("mixtral", merged, "legacy", None))
+    cfg = LoraHfToMmConfig(
+        mm_dir=tmp_path / "lora_mm", hf_config=HfConfig(hf_dir=hf), parallel_config=layout,
+        lora=LoraConfig(adapter_dir=adapter),
+    )  # fmt: skip
+    with pytest.raises(ConvertError, match=r"^decoder\.layers\.1\.mlp\.experts\.weight1: the adapter changes "):
+        prepare(_job_of(hf, "lora_hf_to_mm", cfg))
