@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import ConvertError
-from .hf_source import ModelInfo, TensorReader
 from .experts import is_expert_key
+from .hf_source import ModelInfo, TensorReader
 from .layout import ParallelConfig
 from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
 from .mm_source import MmCheckpoint, open_checkpoint, read_rank_file
