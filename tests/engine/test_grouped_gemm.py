@@ -459,3 +459,20 @@ def test_lora_merged_into_grouped_experts(tiny_llms: dict[str, Path], tmp_path: 
     )  # fmt: skip
     with pytest.raises(ConvertError, match=r"^decoder\.layers\.1\.mlp\.experts\.weight1: the adapter changes "):
         prepare(_job_of(hf, "lora_hf_to_mm", cfg))
+
+
+def test_an_expert_tp_the_disk_reader_does_not_take_is_one_line(tiny_llms, tmp_path: Path) -> None:
+    hf = tiny_llms["mixtral"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", _layout("mixtral", False, None, llm=[[1, 3]]))  # TP x PP x EP names
+    path = mm / "release/mp_rank_00_000_000/model_optim_rng.pt"
+    obj = torch.load(path, weights_only=True)
+    key = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    full = load_hf_state(hf)["model.layers.0.block_sparse_moe.experts.0.w2.weight"].shape[1]
+    obj["model"][key] = obj["model"][key][:, : full // 4].clone()  # a quarter: as if cut at expert TP 4
+    torch.save(obj, path)
+    with pytest.raises(ConvertError) as e:
+        infer_layout(inspect_hf(hf), open_checkpoint(mm))
+    assert str(e.value) == (
+        f"mm_dir {mm}: {key} holds {full // 4} of an expert's {full} down-projection columns per rank: an expert TP "
+        "size of 4; only 1 or the TP size 2 is read"
+    )
