@@ -180,6 +180,17 @@ def test_back_to_hf_is_byte_identical_and_the_layout_is_read_from_the_disk(
     _back_is_original(hf, mm, tmp_path / "back")
 
 
+@pytest.mark.parametrize(("variant", "mode"), [("qwen3_moe", "legacy"), ("qwen2_moe", "te"), ("v2_lite", "legacy")])
+def test_every_moe_family_goes_there_and_back(tiny_llms, tiny_deepseeks, tmp_path: Path, variant: str, mode: str):
+    """Qwen3-MoE (dense layers between), Qwen2-MoE (a gated shared expert), DeepSeek-V2-Lite: the same rule."""
+    hf = tiny_deepseeks[variant] if variant in tiny_deepseeks else tiny_llms[variant]
+    layers = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    layout = ParallelConfig(tp_size=2, ep_size=2, llm_pp_layers=[[layers]], moe_grouped_gemm=mode, expert_tp_size=1)
+    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
+    assert infer_layout(inspect_hf(hf), open_checkpoint(mm)) == layout
+    _back_is_original(hf, mm, tmp_path / "back")
+
+
 def _resplit(hf: Path, src: Path, out: Path, target: ParallelConfig) -> Path:
     cfg = ResplitConfig(source_dir=src, target_dir=out, hf_config=HfConfig(hf_dir=hf), target_parallel_config=target)
     return _convert(hf, "resplit", cfg)
