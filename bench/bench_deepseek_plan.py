@@ -2,6 +2,7 @@
 
 python bench/make_deepseek_v3.py /tmp/dsv3-671b        # sparse: headers only
 python bench/bench_deepseek_plan.py /tmp/dsv3-671b     # TP 8 / EP 8 / PP 8, vocabulary padded
+python bench/bench_deepseek_plan.py /tmp/dsv3-671b --moe-grouped-gemm legacy --expert-tp-size 1
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("hf_dir", type=Path)
+    ap.add_argument("--moe-grouped-gemm", choices=["legacy", "te"], default=None)
+    ap.add_argument("--expert-tp-size", type=int, default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
     from engine.check import check_plan
@@ -26,7 +29,8 @@ def main() -> None:
     info = inspect_hf(args.hf_dir)
     t2 = time.perf_counter()
     layout = ParallelConfig(
-        tp_size=8, ep_size=8, llm_pp_layers=[[7, 8, 8, 8, 8, 8, 7, 7]], make_vocab_size_divisible_by=128
+        tp_size=8, ep_size=8, llm_pp_layers=[[7, 8, 8, 8, 8, 8, 7, 7]], make_vocab_size_divisible_by=128,
+        moe_grouped_gemm=args.moe_grouped_gemm or False, expert_tp_size=args.expert_tp_size,
     )
     plan = build_plan(info, layout)
     t3 = time.perf_counter()
