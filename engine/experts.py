@@ -58,7 +58,7 @@ def group_experts(files: list[OutputFile], mode: Grouped) -> None:
 
 def _te(chunk: list[Entry]) -> list[Entry]:
     for e in chunk:
-        m = _SEQUENTIAL.match(e.key)
+        m = _SEQUENTIAL.match(e.key) if ".local_experts." in e.key else None
         if m:
             e.key = f"{m['pre']}{m['fc']}.{m['param']}{m['e']}"
     return chunk
