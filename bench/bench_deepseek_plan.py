@@ -3,6 +3,7 @@
 python bench/make_deepseek_v3.py /tmp/dsv3-671b        # sparse: headers only
 python bench/bench_deepseek_plan.py /tmp/dsv3-671b     # TP 8 / PP 16 / EP 64, vocabulary padded
 python bench/bench_deepseek_plan.py /tmp/dsv3-671b --pp 8 --ep 8
+python bench/bench_deepseek_plan.py /tmp/dsv3-671b --moe-grouped-gemm legacy --expert-tp-size 1
 
 Each step's wall and CPU time: on a busy machine the CPU time is the work itself.
 """
@@ -22,6 +23,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--pp", type=int, default=16)
     ap.add_argument("--ep", type=int, default=64)
+    ap.add_argument("--moe-grouped-gemm", choices=["legacy", "te"], default=None)
+    ap.add_argument("--expert-tp-size", type=int, default=None)
     args = ap.parse_args()
     marks = [(time.perf_counter(), time.process_time())]
 
@@ -38,7 +41,10 @@ def main() -> None:
     info = inspect_hf(args.hf_dir)
     mark()
     layers = suggest(info, args.pp).layers["llm"]
-    layout = ParallelConfig(tp_size=args.tp, ep_size=args.ep, llm_pp_layers=layers, make_vocab_size_divisible_by=128)
+    layout = ParallelConfig(
+        tp_size=args.tp, ep_size=args.ep, llm_pp_layers=layers, make_vocab_size_divisible_by=128,
+        moe_grouped_gemm=args.moe_grouped_gemm or False, expert_tp_size=args.expert_tp_size,
+    )
     plan = build_plan(info, layout)
     mark()
     problems = check_plan(plan)

@@ -148,8 +148,8 @@ def _expert_tp(
     if full is None or found is None:
         return None
     key, shape = found
-    per_rank = shape[0] // (info.field_int(next(m.experts for m in info.preset.modules if m.experts)) // ep) \
-        if grouped == "legacy" else shape[1]  # fmt: skip
+    local_experts = info.field_int(next(m.experts for m in info.preset.modules if m.experts)) // ep
+    per_rank = shape[0] // local_experts if grouped == "legacy" else shape[1]
     if per_rank == full // tp:
         return None
     if per_rank == full:

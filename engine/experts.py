@@ -58,7 +58,7 @@ def group_experts(files: list[OutputFile], mode: Grouped) -> None:
 
 def _te(chunk: list[Entry]) -> list[Entry]:
     for e in chunk:
-        m = _SEQUENTIAL.match(e.key)
+        m = _SEQUENTIAL.match(e.key) if ".local_experts." in e.key else None
         if m:
             e.key = f"{m['pre']}{m['fc']}.{m['param']}{m['e']}"
     return chunk
@@ -69,7 +69,7 @@ def _legacy(chunk: list[Entry], where: str) -> list[Entry]:
     groups: dict[str, dict[str, list[tuple[int, Entry]]]] = {}
     out: list[Entry | str] = []
     for e in chunk:
-        m = _SEQUENTIAL.match(e.key)
+        m = _SEQUENTIAL.match(e.key) if ".local_experts." in e.key else None  # a 671B plan has 288k entries
         if m is None:
             out.append(e)
             continue
@@ -103,12 +103,16 @@ def _side_by_side(key: str, experts: list[tuple[int, Entry]], where: str) -> Ent
         raise ConvertError(f"{where}: {key}: the experts' blocks differ in shape or dtype; they cannot be grouped")
     rows, cols = first.shape
     n = len(experts)
-    pieces, lora = [], []
+    pieces: list[Piece] = []
+    lora: list[Piece] = []
     for k, e in experts:
         if e.pad_rows or e.zero_fill:
             raise ConvertError(f"{where}: {e.key}: padded or zero-filled expert blocks cannot be grouped")
-        pieces += [Piece(p.source, p.rows, p.cols, p.at, p.col_at + k * cols) for p in e.pieces]
-        lora += [Piece(p.source, p.rows, p.cols, p.at, p.col_at + k * cols) for p in e.lora]
+        off = k * cols
+        for p in e.pieces:
+            pieces.append(Piece(p.source, p.rows, p.cols, p.at, p.col_at + off))
+        if e.lora:  # marked after planning (engine/lora.py attach), so normally none yet
+            lora += [Piece(p.source, p.rows, p.cols, p.at, p.col_at + off) for p in e.lora]
     # GroupedMLP's shapes: weight1 [hidden, E x fc1 rows], weight2 [E x fc2 columns, hidden]
     stored = (cols, n * rows) if key.endswith("weight1") else (n * cols, rows)
     how = f"{n} experts, each transposed · {first.transform}"

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import ConvertError
+from .experts import is_expert_key
 from .hf_source import ModelInfo, TensorReader
 from .layout import ParallelConfig
 from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
@@ -73,6 +74,11 @@ def build_adapter_plan(
 def _lora_entries(e: Entry, adapter: Adapter, k: int, shared: bool, aliases: dict[str, str]) -> list[Entry]:
     order = list(dict.fromkeys(p.source for p in e.pieces))
     adapted = [s for s in order if s in adapter.pairs]
+    if adapted and is_expert_key(e.key) and not e.key.endswith(".weight"):
+        raise ConvertError(
+            f"{e.key}: the adapter changes {adapted[0]}, but LoRA adapters are laid out for SequentialMLP experts "
+            "only; write the adapter with parallel_config.moe_grouped_gemm false"
+        )
     if not adapted or not e.key.endswith(".weight"):
         return []
     r = adapter.config.r

@@ -121,7 +121,7 @@ class PlanPreview(Vertical):
                 if not matches(needle, f, e):
                     continue
                 key = e.key if len(f.chunks) == 1 else f"{name}: {e.key}"
-                table.add_row(key, str(list(e.shape)), e.dtype, size(e.nbytes))
+                table.add_row(key, str(list(e.disk_shape)), e.dtype, size(e.nbytes))
                 self._entries.append(e)
         shown = f"{len(self._entries)} of {len(f.entries)}" if needle else str(len(f.entries))
         table.border_title = escape(f"{f.path}: {shown} tensors")
@@ -138,5 +138,5 @@ class PlanPreview(Vertical):
             box.update("")
             return
         e = self._entries[row]
-        what = f"{list(e.shape)} {e.dtype} {size(e.nbytes)}"
+        what = f"{list(e.disk_shape)} {e.dtype} {size(e.nbytes)}"
         box.update(escape(f"{e.key}\n  {what} · from {', '.join(e.sources)} · {e.transform}"))

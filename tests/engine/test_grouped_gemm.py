@@ -180,6 +180,17 @@ def test_back_to_hf_is_byte_identical_and_the_layout_is_read_from_the_disk(
     _back_is_original(hf, mm, tmp_path / "back")
 
 
+@pytest.mark.parametrize(("variant", "mode"), [("qwen3_moe", "legacy"), ("qwen2_moe", "te"), ("v2_lite", "legacy")])
+def test_every_moe_family_goes_there_and_back(tiny_llms, tiny_deepseeks, tmp_path: Path, variant: str, mode: str):
+    """Qwen3-MoE (dense layers between), Qwen2-MoE (a gated shared expert), DeepSeek-V2-Lite: the same rule."""
+    hf = tiny_deepseeks[variant] if variant in tiny_deepseeks else tiny_llms[variant]
+    layers = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    layout = ParallelConfig(tp_size=2, ep_size=2, llm_pp_layers=[[layers]], moe_grouped_gemm=mode, expert_tp_size=1)
+    mm = _hf_to_mm(hf, tmp_path / "mm", layout)
+    assert infer_layout(inspect_hf(hf), open_checkpoint(mm)) == layout
+    _back_is_original(hf, mm, tmp_path / "back")
+
+
 def _resplit(hf: Path, src: Path, out: Path, target: ParallelConfig) -> Path:
     cfg = ResplitConfig(source_dir=src, target_dir=out, hf_config=HfConfig(hf_dir=hf), target_parallel_config=target)
     return _convert(hf, "resplit", cfg)
@@ -413,4 +424,66 @@ def test_training_memory_shards_whole_experts_over_the_expert_data_parallel_grou
     assert str(e.value) == (
         "dp = 1: with ep_size 4 the data-parallel size must be a multiple of 2 "
         "(the expert data-parallel group has dp x 2 / ep ranks)"
+    )
+
+
+def _expert_adapter(hf: Path, out: Path) -> Path:
+    """A PEFT adapter on Mixtral's expert w1/w2 of layer 1 (r 2, alpha 4), written by hand: peft targets
+    transformers' fused experts, not the per-expert tensors of these checkpoints."""
+    from safetensors.torch import save_file
+
+    state = load_hf_state(hf)
+    gen, tensors = torch.Generator().manual_seed(5), {}
+    for e in range(4):
+        for w in ("w1", "w2"):
+            base = state[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"]
+            name = f"base_model.model.model.layers.1.block_sparse_moe.experts.{e}.{w}"
+            tensors[f"{name}.lora_A.weight"] = 0.1 * torch.randn(2, base.shape[1], generator=gen)
+            tensors[f"{name}.lora_B.weight"] = 0.1 * torch.randn(base.shape[0], 2, generator=gen)
+    out.mkdir()
+    save_file(tensors, out / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["w1", "w2"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_lora_merged_into_grouped_experts(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Merged while writing GroupedMLP's tensors: the same as merging first (merge_lora) and grouping after."""
+    from engine.job import LoraConfig, LoraHfToMmConfig, MergeLoraConfig
+
+    hf = tiny_llms["mixtral"]
+    adapter = _expert_adapter(hf, tmp_path / "adapter")
+    merged = _convert(
+        hf, "merge_lora",
+        MergeLoraConfig(save_hf_dir=tmp_path / "merged", hf_config=HfConfig(hf_dir=hf), lora=LoraConfig(adapter_dir=adapter)),
+    )  # fmt: skip
+    layout = _layout("mixtral", "legacy", None)
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=layout,
+        lora=LoraConfig(adapter_dir=adapter),
+    )  # fmt: skip
+    got = _load_dir(_convert(hf, "hf_to_mm", cfg))
+    _assert_same(got, _reference("mixtral", merged, "legacy", None))
+    cfg = LoraHfToMmConfig(
+        mm_dir=tmp_path / "lora_mm", hf_config=HfConfig(hf_dir=hf), parallel_config=layout,
+        lora=LoraConfig(adapter_dir=adapter),
+    )  # fmt: skip
+    with pytest.raises(ConvertError, match=r"^decoder\.layers\.1\.mlp\.experts\.weight1: the adapter changes "):
+        prepare(_job_of(hf, "lora_hf_to_mm", cfg))
+
+
+def test_an_expert_tp_the_disk_reader_does_not_take_is_one_line(tiny_llms, tmp_path: Path) -> None:
+    hf = tiny_llms["mixtral"]
+    mm = _hf_to_mm(hf, tmp_path / "mm", _layout("mixtral", False, None, llm=[[1, 3]]))  # TP x PP x EP names
+    path = mm / "release/mp_rank_00_000_000/model_optim_rng.pt"
+    obj = torch.load(path, weights_only=True)
+    key = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    full = load_hf_state(hf)["model.layers.0.block_sparse_moe.experts.0.w2.weight"].shape[1]
+    obj["model"][key] = obj["model"][key][:, : full // 4].clone()  # a quarter: as if cut at expert TP 4
+    torch.save(obj, path)
+    with pytest.raises(ConvertError) as e:
+        infer_layout(inspect_hf(hf), open_checkpoint(mm))
+    assert str(e.value) == (
+        f"mm_dir {mm}: {key} holds {full // 4} of an expert's {full} down-projection columns per rank: an expert TP "
+        "size of 4; only 1 or the TP size 2 is read"
     )
