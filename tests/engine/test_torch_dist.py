@@ -264,7 +264,7 @@ def megatron(outs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         obj = torch.load(outs["legacy_tp2"] / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)
         files.append(root / f"rank{r}.pt")
         torch.save(obj["model"], files[-1])
-    tasks = [Load(outs["td_tp1"] / "release", 1), Load(outs["td_tp2pp2"] / "release", 2), Save(files, saved / "release")]
+    tasks = [Load(outs["td_tp1"] / "release", 1), Load(outs["td_tp2pp2"] / "release", 2), Save(files, saved / "release", 2)]
     tp1, tp2, _ = run_megatron(_arch(), tasks, TOKENS)
     return {"logits": {1: tp1, 2: tp2}, "saved": saved}
 
