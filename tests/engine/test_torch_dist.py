@@ -339,19 +339,14 @@ def test_megatron_core_save_reads_back_to_the_original_hf(
 E = 4
 
 
-def _moe_arch(family: str):
-    """Mixtral's; Qwen3-MoE's (dense layer 1: moe_layer_freq [1, 0, 1, 1]) loaded and checked the same way by hand."""
+def _moe_arch(family: str = "mixtral"):
+    """Mixtral's. (Qwen3-MoE's, with moe_layer_freq [1, 0, 1, 1], was loaded and checked the same way by hand.)"""
     from mmtui.megatron_logits import GPTArch
 
-    extra = (
-        {"moe_ffn_hidden_size": FFN}
-        if family == "mixtral"
-        else {"moe_ffn_hidden_size": 48, "moe_layer_freq": [1, 0, 1, 1], "qk_layernorm": True, "kv_channels": D}
-    )
     return GPTArch(
         num_layers=L, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
         vocab_size=VOCAB, rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=False, tied=False, num_moe_experts=E,
-        moe_router_topk=2, **extra,
+        moe_router_topk=2, moe_ffn_hidden_size=FFN,
     )  # fmt: skip
 
 
