@@ -86,6 +86,11 @@ class Chunker:
                 f"{field} = torch_dist: Megatron-Core's torch_dist is written for GPT language models; "
                 f"{preset.title} is not one (use format legacy)"
             )
+        if any(mp.mm.endswith("linear_kv_down_proj") for mp in preset.mappings):
+            raise ConvertError(
+                f"{field} = torch_dist: {preset.title} has multi-latent attention, which torch_dist does not write "
+                "yet (use format legacy)"
+            )
         if layout.noop_layers:
             raise ConvertError(
                 f"{field} = torch_dist: parallel_config.noop_layers {layout.noop_layers} are MindSpeed-LLM's; "
