@@ -114,7 +114,9 @@ def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig, impl: str
     out_plan = replace(plan, files=files, texts={TRACKER_NAME: plan.tracker_text, f"{it}/{CONFIG_NAME}": CONFIG_TEXT})
     out_plan.notes = [
         *plan.notes,
-        f"Megatron-Core torch_dist: {chunker.num_layers} layers stacked per tensor, one .distcp file per TP x PP rank",
+        f"Megatron-Core torch_dist: {chunker.num_layers} layers "
+        + ("stacked per tensor" if chunker.stacked else "each their own tensors (dense and MoE layers mixed)")
+        + ", one .distcp file per TP x PP x EP rank",
     ]
     return out_plan
 
@@ -211,9 +213,11 @@ def write_data(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> I
         at = 0
         for key, length, e in _items(f):
             if e is None:
-                data = object_archive()
-                os.write(fd, data)  # small: a whole write
-                n = len(data)
+                data = memoryview(object_archive())
+                done = 0
+                while done < len(data):  # small: written whole
+                    done += os.write(fd, data[done:])
+                n = done
             else:
                 w = StreamingCheckpointWriter(path, ARCHIVE, fd=fd)
                 try:

@@ -332,6 +332,33 @@ def test_megatron_core_save_reads_back_to_the_original_hf(
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
+def test_training_state_is_read_past(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    """A trained checkpoint's index also lists RNG state (bytes) and optimizer state (tensors): never read."""
+    path = td_copy / "release" / ".metadata"
+    md = pickle.loads(path.read_bytes())
+    key = next(k for k in md.storage_data if k.fqn == "decoder.final_layernorm.weight")
+    extra = next(k for k in md.storage_data if k.fqn.endswith("_extra_state/shard_0_4"))
+    opt = "optimizer.state.exp_avg.decoder.final_layernorm.weight"
+    md.state_dict_metadata[opt] = md.state_dict_metadata[key.fqn]
+    md.storage_data[dataclasses.replace(key, fqn=opt)] = md.storage_data[key]
+    md.state_dict_metadata["rng_state/shard_0.0_1.2"] = md.state_dict_metadata[extra.fqn]
+    md.storage_data[dataclasses.replace(extra, fqn="rng_state/shard_0.0_1.2")] = md.storage_data[extra]
+    path.write_bytes(pickle.dumps(md))
+    out = mm_to_hf(llama, td_copy, tmp_path / "hf")
+    for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+def test_format_dcp_is_hf_to_dcp(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
+    """hf_to_mm --cfg.format dcp writes what hf_to_dcp writes (the layout is not used); resplit writes no DCP."""
+    a = hf_to_mm(llama, tmp_path / "a", 2, [2, 2], "dcp")
+    b = convert("hf_to_dcp", {"dcp_dir": str(tmp_path / "b"), "hf_config": {"hf_dir": str(llama)}}, tmp_path / "b")
+    _same_tree(a, b)
+    with pytest.raises(ConvertError) as e:
+        resplit(llama, outs["legacy_tp2"], tmp_path / "c", 1, [4], "dcp")
+    assert str(e.value) == "format = dcp: resplit writes legacy or torch_dist"
+
+
 # ---------------------------------------------------------------------------------------
 # MoE: an expert axis after the layer axis; mixed dense / MoE layers are not stacked
 
