@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -163,7 +164,15 @@ def main() -> None:
     if {"mm_to_hf", "resplit"} & set(names) and not (mm / "latest_checkpointed_iteration.txt").exists():
         shutil.rmtree(mm, ignore_errors=True)
         subprocess.run(convert_cmd(args.hf_dir, mm, "tp2pp4"), check=True)
-    llm = make_llm(args.hf_dir, args.work / "qwen2-lm") if any(n.startswith("llm_") for n in names) else None
+    llm = None
+    if any(n.startswith("llm_") for n in names):
+        llm = args.work / "qwen2-lm"
+        # in a child: the tensors it loads would otherwise count in every later child's peak RSS (inherited)
+        child = multiprocessing.get_context("spawn").Process(target=make_llm, args=(args.hf_dir, llm))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise SystemExit(f"making {llm} failed")
     sources = [*args.hf_dir.iterdir(), *(p for p in mm.rglob("*") if p.is_file())]
     sources += [*llm.iterdir()] if llm else []
     for f in [] if args.cold else sources:  # warm the page cache for the sources, as a re-run would find them
