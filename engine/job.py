@@ -452,7 +452,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         iteration = iteration_dir(cfg.iteration, ckpt.iteration)
         plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
         if cfg.format != "legacy":
-            plan = _formatted(plan, info, cfg.target_parallel_config, cfg.format)
+            plan = _formatted(plan, info, cfg.target_parallel_config, cfg.format, cfg.transformer_impl or source_impl)
             return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
         impl = cfg.transformer_impl or source_impl
         check_preset(info, impl, "transformer_impl")
@@ -471,17 +471,18 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         megatron_args=cfg.save_megatron_args,
     )  # fmt: skip
     if cfg.format == "torch_dist":
-        return info, _merged(_formatted(plan, info, cfg.parallel_config, cfg.format), _adapter(cfg.lora, info, None))
+        plan = _formatted(plan, info, cfg.parallel_config, cfg.format, cfg.transformer_impl)
+        return info, _merged(plan, _adapter(cfg.lora, info, None))
     return info, rename_plan(_merged(plan, _adapter(cfg.lora, info, None)), cfg.transformer_impl)
 
 
-def _formatted(plan: Plan, info: ModelInfo, layout: ParallelConfig, fmt: str) -> Plan:
+def _formatted(plan: Plan, info: ModelInfo, layout: ParallelConfig, fmt: str, impl: TransformerImpl) -> Plan:
     """A legacy plan written in another format (engine/formats/)."""
     if fmt != "torch_dist":
         raise ConvertError(f"format = {fmt}: resplit writes legacy or torch_dist")
     from .formats.torch_dist_writer import to_torch_dist
 
-    return to_torch_dist(plan, info, layout)
+    return to_torch_dist(plan, info, layout, impl)
 
 
 def _forward(info: ModelInfo, layout: ParallelConfig, iteration: str, impl: TransformerImpl) -> Plan:

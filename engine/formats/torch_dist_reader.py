@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -34,7 +36,16 @@ from ..regular_file import open_regular, read_regular
 from ..safetensors_header import TensorMeta
 from ..te_names import to_local
 from ..torch_zip import STORAGES
-from .torch_dist_names import CONFIG_NAME, CONFIG_TEXT, EXTRA_STATE, METADATA_NAME, NOT_MODEL, Chunk, Chunker, te_names
+from .torch_dist_names import (
+    CONFIG_NAME,
+    CONFIG_TEXT,
+    EXTRA_STATE,
+    METADATA_NAME,
+    NOT_MODEL,
+    Chunk,
+    Chunker,
+    written_names,
+)
 from .torch_dist_pickle import Record, load_index
 
 EXPECTED_CONFIG = json.loads(CONFIG_TEXT)
@@ -265,7 +276,10 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             f"{where}: a torch_dist checkpoint, whose tensors do not depend on a layout; leave the source "
             "parallel_config out (it is read from the disk)"
         )
-    chunker = Chunker(info, layout, field)
+    fqns = list(index.tensors)
+    stacked = not any(re.match(r"decoder\.layers\.\d+\.", k) for k in fqns)  # mixed dense / MoE layers
+    impl = "transformer_engine" if any("pre_mlp_layernorm." in k for k in fqns) else "local"  # MoE norm's name
+    chunker = Chunker(info, layout, field, stacked)
     reader = _ChunkReader(index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
@@ -276,11 +290,11 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             for ci, chunk in enumerate(f.chunks):
                 local = to_local([e.key for e in chunk])
                 keys = [local.get(e.key, e.key) for e in chunk]
-                names = te_names(keys)
+                names = written_names(keys, impl)
                 for key, e in zip(keys, chunk, strict=True):
                     if e.lora or e.zero_fill:
                         raise ConvertError(f"{where}: a torch_dist checkpoint is read as a model, not as an adapter")
-                    for c in chunker.chunks(key, names[key], e.shape, (ci, f.pp_rank), f.tp_rank):
+                    for c in chunker.chunks(key, names[key], e.shape, (ci, f.pp_rank), f.tp_rank, f.ep_rank):
                         expected.add(c.fqn)
                         _place(index, reader, e, c, where, sources, blocks, padding)
     finally:
@@ -363,14 +377,13 @@ def _place(
             f"{where}: {c.fqn} has shape {list(t.shape)} on disk, the model ({e.key} {list(e.shape)}) expects "
             f"{list(c.global_shape)}"
         )
-    layer_axis = len(c.shape) == len(e.shape) + 1  # a stacked layer tensor: drop its leading axis
-    lead = 1 if layer_axis else 0
+    lead = len(c.shape) - len(e.shape)  # the axes megatron-core prepends (layer, expert): one index each here
     want_lo = c.offset[lead:]
     want_hi = tuple(o + s for o, s in zip(want_lo, c.shape[lead:], strict=True))
     rows_real = (e.shape[0] if e.shape else 1) - e.pad_rows
     covered: list[Rect] = []
     for d in t.chunks:
-        if layer_axis and not d.offset[0] <= c.offset[0] < d.offset[0] + d.size[0]:
+        if not all(d.offset[i] <= c.offset[i] < d.offset[i] + d.size[i] for i in range(lead)):
             continue
         lo = tuple(max(a, b) for a, b in zip(want_lo, d.offset[lead:], strict=True))
         hi = tuple(min(a, b + s) for a, b, s in zip(want_hi, d.offset[lead:], d.size[lead:], strict=True))
@@ -379,11 +392,14 @@ def _place(
         if len(lo) > 2 and (lo[2:] != want_lo[2:] or hi[2:] != want_hi[2:]):
             raise ConvertError(f"{where}: {c.fqn} is chunked along dim 3 or later, which is not read")
         meta = reader.meta(t, d)
-        if layer_axis:  # the layer's own slice of the chunk
-            per = meta.nbytes // d.size[0]
-            k = c.offset[0] - d.offset[0]
-            name = f"{d.file}/{c.fqn}{list(d.offset)}" + (f"/{k}" if d.size[0] > 1 else "")
-            meta = TensorMeta(name, meta.dtype, d.size[1:], meta.file, meta.begin + k * per, per, meta.record)
+        if lead:  # this layer's (and expert's) own slice of the chunk
+            blocks_in = math.prod(d.size[:lead])
+            k = 0
+            for i in range(lead):
+                k = k * d.size[i] + c.offset[i] - d.offset[i]
+            per = meta.nbytes // blocks_in
+            name = f"{d.file}/{c.fqn}{list(d.offset)}" + (f"/{k}" if blocks_in > 1 else "")
+            meta = TensorMeta(name, meta.dtype, d.size[lead:], meta.file, meta.begin + k * per, per, meta.record)
         else:
             meta = TensorMeta(f"{d.file}/{meta.name}", meta.dtype, meta.shape, meta.file, meta.begin, meta.nbytes,
                               meta.record)  # fmt: skip

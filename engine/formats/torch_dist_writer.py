@@ -37,7 +37,7 @@ from .torch_dist_names import (
     METADATA_NAME,
     Chunk,
     Chunker,
-    te_names,
+    written_names,
 )
 
 KIND = "torch_dist"  # a `.distcp` data file
@@ -78,8 +78,9 @@ def data_file_name(rank: int) -> str:
     return f"__{rank}_0.distcp"
 
 
-def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig) -> Plan:
-    """The legacy plan (local names) as a torch_dist plan in the same directory (`release/` or `iter_N/`)."""
+def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig, impl: str = "local") -> Plan:
+    """The legacy plan (local names) as a torch_dist plan in the same directory (`release/` or `iter_N/`), for
+    Megatron-LM's --transformer-impl `impl` (it names an MoE layer's pre-MLP norm)."""
     chunker = Chunker(info, layout)
     it = plan.iteration
     files: list[OutputFile] = []
@@ -88,14 +89,14 @@ def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig) -> Plan:
         extra: list[str] = []
         for ci, chunk in enumerate(f.chunks):
             cell = (ci, f.pp_rank)
-            names = te_names([e.key for e in chunk])
+            names = written_names([e.key for e in chunk], impl)
             for e in chunk:
-                for c in chunker.chunks(e.key, names[e.key], e.shape, cell, f.tp_rank):
+                for c in chunker.chunks(e.key, names[e.key], e.shape, cell, f.tp_rank, f.ep_rank):
                     entries.append(_chunk_entry(e, c))
-            extra += chunker.extra_states(list(names.values()), cell, f.tp_rank)
+            extra += chunker.extra_states(list(names.values()), cell, f.tp_rank, f.ep_rank)
         if not entries and not extra:
             continue
-        rank = f.pp_rank * layout.tp_size + f.tp_rank  # Megatron's order: TP fastest
+        rank = (f.pp_rank * layout.ep_size + f.ep_rank) * layout.tp_size + f.tp_rank  # TP fastest, as Megatron
         out = OutputFile(f"{it}/{data_file_name(rank)}", f.tp_rank, f.pp_rank, f.ep_rank, [entries], KIND)
         out.empty = [extra]
         files.append(out)
@@ -113,7 +114,9 @@ def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig) -> Plan:
     out_plan = replace(plan, files=files, texts={TRACKER_NAME: plan.tracker_text, f"{it}/{CONFIG_NAME}": CONFIG_TEXT})
     out_plan.notes = [
         *plan.notes,
-        f"Megatron-Core torch_dist: {chunker.num_layers} layers stacked per tensor, one .distcp file per TP x PP rank",
+        f"Megatron-Core torch_dist: {chunker.num_layers} layers "
+        + ("stacked per tensor" if chunker.stacked else "each their own tensors (dense and MoE layers mixed)")
+        + ", one .distcp file per TP x PP x EP rank",
     ]
     return out_plan
 
@@ -215,9 +218,11 @@ def write_data(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> I
         at = 0
         for key, length, e in _items(f):
             if e is None:
-                data = object_archive()
-                os.write(fd, data)  # small: a whole write
-                n = len(data)
+                data = memoryview(object_archive())
+                done = 0
+                while done < len(data):  # small: written whole
+                    done += os.write(fd, data[done:])
+                n = done
             else:
                 w = StreamingCheckpointWriter(path, ARCHIVE, fd=fd)
                 try:

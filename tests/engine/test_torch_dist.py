@@ -136,7 +136,13 @@ def _naive_global(hf: Path) -> dict[str, torch.Tensor]:
     def qkv(p: str) -> torch.Tensor:
         q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
         per = HEADS // GROUPS * D
-        return torch.cat([t for g in range(GROUPS) for t in (q[g * per : (g + 1) * per], k[g * D : (g + 1) * D], v[g * D : (g + 1) * D])])
+        return torch.cat(
+            [
+                t
+                for g in range(GROUPS)
+                for t in (q[g * per : (g + 1) * per], k[g * D : (g + 1) * D], v[g * D : (g + 1) * D])
+            ]
+        )
 
     return {
         "embedding.word_embeddings.weight": w["model.embed_tokens.weight"],
@@ -158,7 +164,11 @@ def _dcp_tensors(it_dir: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     md = _index(it_dir)
-    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+    sd = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if hasattr(v, "size")
+    }
     dcp.load(sd, storage_reader=dcp.FileSystemReader(it_dir), no_dist=True)
     return sd
 
@@ -172,8 +182,18 @@ def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) ->
     assert (it / "metadata.json").read_bytes() == CONFIG_JSON
     with torch.serialization.safe_globals([argparse.Namespace]):
         common = torch.load(it / "common.pt", weights_only=True)
-    assert list(common) == ["args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "content_metadata"]
-    assert (common["checkpoint_version"], common["iteration"], common["num_floating_point_operations_so_far"]) == (3.0, 0, 0)
+    assert list(common) == [
+        "args",
+        "checkpoint_version",
+        "iteration",
+        "num_floating_point_operations_so_far",
+        "content_metadata",
+    ]
+    assert (common["checkpoint_version"], common["iteration"], common["num_floating_point_operations_so_far"]) == (
+        3.0,
+        0,
+        0,
+    )
     assert common["content_metadata"] == {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     a = common["args"]
     assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.ckpt_format) == (2, 2, "torch_dist")
@@ -250,23 +270,35 @@ def _arch():
 
 
 @pytest.fixture(scope="module")
-def megatron(outs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One megatron-core run: load our TP 1 and TP 2 (PP 2) output, and save our legacy TP 2 output itself."""
+def megatron(outs: dict[str, Path], moe: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One megatron-core run: load our TP 1, TP 2 (PP 2) and MoE EP 2 outputs, and save our legacy TP 2 and
+    Mixtral EP 2 outputs itself."""
     pytest.importorskip("megatron.core")
     from tests.fixtures.megatron_dist import Load, Save, run_megatron
 
     root = tmp_path_factory.mktemp("megatron")
-    saved = root / "saved"
-    (saved / "release").mkdir(parents=True)
-    (saved / "latest_checkpointed_iteration.txt").write_text("release")
-    files = []
-    for r in range(2):
-        obj = torch.load(outs["legacy_tp2"] / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)
-        files.append(root / f"rank{r}.pt")
-        torch.save(obj["model"], files[-1])
-    tasks = [Load(outs["td_tp1"] / "release", 1), Load(outs["td_tp2pp2"] / "release", 2), Save(files, saved / "release")]
-    tp1, tp2, _ = run_megatron(_arch(), tasks, TOKENS)
-    return {"logits": {1: tp1, 2: tp2}, "saved": saved}
+    saved = {}
+    files: dict[str, list[Path]] = {}
+    for name, ranks in (("llama", ["mp_rank_00", "mp_rank_01"]), ("mixtral", ["mp_rank_00_000", "mp_rank_00_001"])):
+        src = outs["legacy_tp2"] if name == "llama" else moe["mixtral_legacy"]
+        saved[name] = root / name
+        (saved[name] / "release").mkdir(parents=True)
+        (saved[name] / "latest_checkpointed_iteration.txt").write_text("release")
+        files[name] = []
+        for r in ranks:
+            files[name].append(root / f"{name}_{r}.pt")
+            torch.save(
+                torch.load(src / "release" / r / "model_optim_rng.pt", weights_only=True)["model"], files[name][-1]
+            )
+    tasks = [
+        Load(outs["td_tp1"] / "release", _arch(), 1),
+        Load(outs["td_tp2pp2"] / "release", _arch(), 2),
+        Load(moe["mixtral"] / "release", _moe_arch("mixtral"), 1, 2),
+        Save(files["llama"], saved["llama"] / "release", _arch(), 2),
+        Save(files["mixtral"], saved["mixtral"] / "release", _moe_arch("mixtral"), 1, 2),
+    ]
+    tp1, tp2, mixtral, _, _ = run_megatron(tasks, TOKENS)
+    return {"logits": {"tp1": tp1, "tp2": tp2, "mixtral": mixtral}, "saved": saved}
 
 
 @pytest.mark.oracle
@@ -277,7 +309,7 @@ def test_megatron_core_loads_it_strictly_with_transformers_logits(megatron: dict
     model, _ = tiny_llm_model(llama)
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
-    for tp in (1, 2):
+    for tp in ("tp1", "tp2"):
         torch.testing.assert_close(megatron["logits"][tp], want, rtol=0, atol=1e-5)
 
 
@@ -287,7 +319,7 @@ def test_megatron_core_save_reads_back_to_the_original_hf(
 ) -> None:
     """dist_checkpointing.save of our legacy TP 2 output loaded into GPTModel: the same index as ours (but the
     final norm's extra state, which only TE's norm asks for), and mm_to_hf gives the HF files byte for byte."""
-    saved = megatron["saved"]
+    saved = megatron["saved"]["llama"]
     assert sorted(p.name for p in (saved / "release").iterdir()) == [
         ".metadata", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp", "common.pt", "metadata.json",
     ]  # fmt: skip
@@ -297,6 +329,181 @@ def test_megatron_core_save_reads_back_to_the_original_hf(
     assert theirs[1] == ours[1] - {"decoder.final_layernorm._extra_state/shard_0_1"}
     out = mm_to_hf(llama, saved, tmp_path / "hf")
     for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+def test_training_state_is_read_past(td_copy: Path, llama: Path, tmp_path: Path) -> None:
+    """A trained checkpoint's index also lists RNG state (bytes) and optimizer state (tensors): never read."""
+    path = td_copy / "release" / ".metadata"
+    md = pickle.loads(path.read_bytes())
+    key = next(k for k in md.storage_data if k.fqn == "decoder.final_layernorm.weight")
+    extra = next(k for k in md.storage_data if k.fqn.endswith("_extra_state/shard_0_4"))
+    opt = "optimizer.state.exp_avg.decoder.final_layernorm.weight"
+    md.state_dict_metadata[opt] = md.state_dict_metadata[key.fqn]
+    md.storage_data[dataclasses.replace(key, fqn=opt)] = md.storage_data[key]
+    md.state_dict_metadata["rng_state/shard_0.0_1.2"] = md.state_dict_metadata[extra.fqn]
+    md.storage_data[dataclasses.replace(extra, fqn="rng_state/shard_0.0_1.2")] = md.storage_data[extra]
+    path.write_bytes(pickle.dumps(md))
+    out = mm_to_hf(llama, td_copy, tmp_path / "hf")
+    for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+def test_format_dcp_is_hf_to_dcp(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
+    """hf_to_mm --cfg.format dcp writes what hf_to_dcp writes (the layout is not used); resplit writes no DCP."""
+    a = hf_to_mm(llama, tmp_path / "a", 2, [2, 2], "dcp")
+    b = convert("hf_to_dcp", {"dcp_dir": str(tmp_path / "b"), "hf_config": {"hf_dir": str(llama)}}, tmp_path / "b")
+    _same_tree(a, b)
+    with pytest.raises(ConvertError) as e:
+        resplit(llama, outs["legacy_tp2"], tmp_path / "c", 1, [4], "dcp")
+    assert str(e.value) == "format = dcp: resplit writes legacy or torch_dist"
+
+
+# ---------------------------------------------------------------------------------------
+# MoE: an expert axis after the layer axis; mixed dense / MoE layers are not stacked
+
+
+E = 4
+
+
+def _moe_arch(family: str = "mixtral"):
+    """Mixtral's. (Qwen3-MoE's, with moe_layer_freq [1, 0, 1, 1], was loaded and checked the same way by hand.)"""
+    from mmtui.megatron_logits import GPTArch
+
+    return GPTArch(
+        num_layers=L, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=FFN,
+        vocab_size=VOCAB, rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=False, tied=False, num_moe_experts=E,
+        moe_router_topk=2, moe_ffn_hidden_size=FFN,
+    )  # fmt: skip
+
+
+def _moe_cfg(hf: Path, out: Path, fmt: str, **extra: object) -> dict:
+    layout = {"ep_size": 2, "llm_pp_layers": [[L]]}
+    return {"mm_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": fmt, **extra}
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_llms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("torch_dist_moe")
+    out = {}
+    for name, converter in (("mixtral", "MixtralConverter"), ("qwen3_moe", "Qwen3MoeConverter")):
+        out[name] = convert("hf_to_mm", _moe_cfg(tiny_llms[name], root / name, "torch_dist"), root / name, converter)
+    out["mixtral_legacy"] = root / "mixtral_legacy"
+    convert(
+        "hf_to_mm",
+        _moe_cfg(tiny_llms["mixtral"], out["mixtral_legacy"], "legacy"),
+        out["mixtral_legacy"],
+        "MixtralConverter",
+    )
+    return out
+
+
+def test_moe_layout(moe: dict[str, Path], tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    it = moe["mixtral"] / "release"
+    assert sorted(p.name for p in it.iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "common.pt",
+        "metadata.json",
+    ]
+    md = _index(it)
+    tensors, objects = _structure(md)
+    experts = "decoder.layers.mlp.experts.experts."
+    assert {k: md.state_dict_metadata[k].size for k in tensors if k.startswith(experts)} == {
+        experts + "linear_fc1.weight": (L, E, 2 * FFN, HIDDEN),
+        experts + "linear_fc2.weight": (L, E, HIDDEN, FFN),
+    }
+    assert tensors[experts + "linear_fc1.weight"] == sorted(
+        ((layer, e, half * FFN, 0), (1, 1, FFN, HIDDEN)) for layer in range(L) for e in range(E) for half in (0, 1)
+    )
+    assert tensors["decoder.layers.mlp.router.weight"] == [((layer, 0, 0), (1, E, HIDDEN)) for layer in range(L)]
+    # the local spec saves an MoE layer's pre-MLP norm under the fc1 name all the same
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in tensors
+    assert not any("pre_mlp_layernorm" in k for k in tensors)
+    expert_objects = {k for k in objects if k.startswith(experts)}
+    assert expert_objects == {
+        f"{experts}linear_fc{i}._extra_state/shard_{layer}.{e}_{L}.{E}"
+        for i in (1, 2)
+        for layer in range(L)
+        for e in range(E)
+    }
+    files = {
+        v.relative_path
+        for k, v in md.storage_data.items()
+        if k.fqn == experts + "linear_fc2.weight" and k.offset[1] >= 2
+    }
+    assert files == {"__1_0.distcp"}  # experts 2 and 3 on EP rank 1
+    w = {k: v for f in sorted(tiny_llms["mixtral"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = _dcp_tensors(it)[experts + "linear_fc1.weight"]
+    p = "model.layers.{}.block_sparse_moe.experts.{}."
+    want = torch.stack([
+        torch.stack([torch.cat([w[p.format(i, e) + "w1.weight"], w[p.format(i, e) + "w3.weight"]]) for e in range(E)])
+        for i in range(L)
+    ])  # fmt: skip
+    assert torch.equal(got, want)
+
+    # dense and MoE layers mixed: each layer its own tensors, experts still on an axis
+    tensors, _ = _structure(_index(moe["qwen3_moe"] / "release"))
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in tensors and "decoder.layers.mlp.router.weight" not in tensors
+    assert tensors["decoder.layers.0.mlp.experts.experts.linear_fc2.weight"] == [
+        ((e, 0, 0), (1, HIDDEN, 48)) for e in range(E)
+    ]
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_moe_back_to_hf_and_to_legacy(
+    moe: dict[str, Path], tiny_llms: dict[str, Path], tmp_path: Path, impl: str
+) -> None:
+    """Transformer Engine's spec keeps an MoE layer's pre_mlp_layernorm: written so with that impl, read either way."""
+    hf = tiny_llms["mixtral"]
+    src = moe["mixtral"]
+    if impl != "local":
+        src = convert(
+            "hf_to_mm",
+            _moe_cfg(hf, tmp_path / "te", "torch_dist", transformer_impl=impl),
+            tmp_path / "te",
+            "MixtralConverter",
+        )
+        assert "decoder.layers.pre_mlp_layernorm.weight" in _index(src / "release").state_dict_metadata
+    out = convert(
+        "mm_to_hf",
+        {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}},
+        tmp_path / "hf",
+        "MixtralConverter",
+    )
+    for f in hf.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+    cfg = {"source_dir": str(src), "target_dir": str(tmp_path / "legacy"), "hf_config": {"hf_dir": str(hf)}}
+    cfg["target_parallel_config"] = {"ep_size": 2, "llm_pp_layers": [[L]]}
+    _same_tree(
+        moe["mixtral_legacy"],
+        convert("resplit", cfg | {"transformer_impl": "local"}, tmp_path / "legacy", "MixtralConverter"),
+    )
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_moe_and_its_save_reads_back(
+    megatron: dict, moe: dict[str, Path], tiny_llms: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.fixtures.tiny_llm import tiny_llm_model
+
+    model, _ = tiny_llm_model(tiny_llms["mixtral"])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([TOKENS])).logits[0]
+    torch.testing.assert_close(megatron["logits"]["mixtral"], want, rtol=0, atol=1e-5)
+    saved = megatron["saved"]["mixtral"]
+    theirs, ours = _structure(_index(saved / "release")), _structure(_index(moe["mixtral"] / "release"))
+    assert theirs[0] == ours[0]
+    assert theirs[1] == ours[1] - {"decoder.final_layernorm._extra_state/shard_0_1"}
+    hf = tiny_llms["mixtral"]
+    out = convert(
+        "mm_to_hf",
+        {"mm_dir": str(saved), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}},
+        tmp_path / "hf",
+        "MixtralConverter",
+    )
+    for f in hf.glob("*.safetensors"):
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
@@ -313,7 +520,12 @@ def td_copy(outs: dict[str, Path], tmp_path: Path) -> Path:
 
 def _read_error(llama: Path, src: Path, tmp_path: Path) -> str:
     with pytest.raises(ConvertError) as e:
-        prepare(_job("mm_to_hf", {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(llama)}}))
+        prepare(
+            _job(
+                "mm_to_hf",
+                {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(llama)}},
+            )
+        )
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -371,7 +583,9 @@ def test_hostile_index_entries(td_copy: Path, llama: Path, tmp_path: Path) -> No
         f"{td_copy}/release"
     )
     md = pickle.loads(good)
-    md.state_dict_metadata["decoder.layers.mlp.router.weight"] = md.state_dict_metadata["decoder.final_layernorm.weight"]
+    md.state_dict_metadata["decoder.layers.mlp.router.weight"] = md.state_dict_metadata[
+        "decoder.final_layernorm.weight"
+    ]
     md.storage_data[dataclasses.replace(key, fqn="decoder.layers.mlp.router.weight")] = md.storage_data[key]
     path.write_bytes(pickle.dumps(md))
     assert "decoder.layers.mlp.router.weight is on disk but not in the model" in _read_error(llama, td_copy, tmp_path)
@@ -381,7 +595,9 @@ def test_hostile_index_entries(td_copy: Path, llama: Path, tmp_path: Path) -> No
     assert "past its end (truncated?)" in _read_error(llama, td_copy, tmp_path)
 
 
-def test_writer_refuses_what_it_cannot_write(tiny_llms: dict[str, Path], qwen2vl_dir: Path, tmp_path: Path) -> None:
+def test_writer_refuses_what_it_cannot_write(
+    tiny_llms: dict[str, Path], tiny_deepseeks: dict[str, Path], qwen2vl_dir: Path, tmp_path: Path
+) -> None:
     def err(converter: str, hf: Path, **layout: object) -> str:
         cfg = {"mm_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(hf)}, "format": "torch_dist"}
         cfg["parallel_config"] = {"llm_pp_layers": [[4]], **layout}
@@ -393,7 +609,9 @@ def test_writer_refuses_what_it_cannot_write(tiny_llms: dict[str, Path], qwen2vl
         "format = torch_dist: Megatron-Core's torch_dist is written for GPT language models; Qwen2-VL is not one "
         "(use format legacy)"
     )
-    assert "has MoE experts, which torch_dist does not write yet" in err("MixtralConverter", tiny_llms["mixtral"])
+    assert "has multi-latent attention, which torch_dist does not write yet" in err(
+        "DeepseekV3Converter", tiny_deepseeks["v3"], llm_pp_layers=[[3]]
+    )
     assert err("LlamaConverter", tiny_llms["llama"], llm_pp_layers=[[3, 2]], noop_layers=[2]) == (
         "format = torch_dist: parallel_config.noop_layers [2] are MindSpeed-LLM's; Megatron-Core's torch_dist has "
         "no empty layers"
