@@ -49,10 +49,10 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class PartDone:
-    """A part of a split job wrote its share, and the job is not complete yet (engine/parts.py).
+    """A part of a split job wrote its share (engine/parts.py); Finished follows when this part completed the job.
 
     `waiting`: the parts (of this part's count) that still have files to write, with how many;
-    `completed_by`: the job was completed meanwhile by another part (nothing was left to do).
+    `completed_by_other`: another part completed the job meanwhile (nothing was left to do).
     """
 
     part: tuple[int, int]  # (index, count)

@@ -212,8 +212,12 @@ def _part_lock(control: Path, part: Part, field: str, target: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as e:
         os.close(fd)
+        if not isinstance(e, BlockingIOError):
+            raise WriteError(
+                f"{field} {target}: cannot lock {path} ({e.strerror}); parts need a filesystem with flock"
+            ) from None
         try:
             owner = path.read_text().strip()
         except OSError:

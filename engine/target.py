@@ -254,7 +254,7 @@ def parts_dirs(target: Path) -> list[Path]:
         return sorted(Path(e.path) for e in it if e.name.startswith(prefix))
 
 
-def live_part(control: Path, mine: Path | None = None) -> str | None:
+def live_part(control: Path) -> str | None:
     """Who holds a part lock in a split job's directory ("part 1/3 pid 42 on node7"), or None: the job's
     directory belongs to its live parts, not to a pid; with none alive it is debris. Only asked under
     the target's lock, which every part holds while it takes its own, so the probe races with nobody."""
@@ -265,16 +265,16 @@ def live_part(control: Path, mine: Path | None = None) -> str | None:
         return None
     for name in names:
         path = locks / name
-        if path == mine:
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # for writing: NFS emulates flock with POSIX locks, which want it for an exclusive lock
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return _owner_text(path)
+        except OSError:  # no flock here: no part could hold one either
+            continue
         finally:
             os.close(fd)
     return None
