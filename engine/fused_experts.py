@@ -131,7 +131,7 @@ class TransposedEntry(Entry):
         return (n * d_out, d_in)
 
 
-def fused_entries(info: ModelInfo, view: MmView, raw: TensorMeta) -> TransposedEntry:
+def fused_entry(info: ModelInfo, view: MmView, raw: TensorMeta) -> TransposedEntry:
     """The fused tensor `raw` (canonical name) for the way back, from its experts' blocks in `view`."""
     n, _, d_out = raw.shape
     pieces: list[Piece] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ConvertError
 from .fp8 import unquantised_config
-from .fused_experts import ExpertMeta, fused_entries
+from .fused_experts import ExpertMeta, fused_entry
 from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
 from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
@@ -70,7 +70,7 @@ def build_mm_to_hf_plan(
         if isinstance(meta, ExpertMeta):  # experts fused in one HF tensor: written whole, with the first expert
             if meta.expert == 0:
                 assert meta.raw is not None
-                entries.append((meta.file.name, fused_entries(info, view, meta.raw)))
+                entries.append((meta.file.name, fused_entry(info, view, meta.raw)))
             continue
         name = meta.name
         blocks = view.blocks.get(name)

@@ -401,6 +401,22 @@ def test_fused_experts_stored_the_other_way_round_is_one_line(hf: dict[str, Path
     )
 
 
+@pytest.mark.parametrize(("top", "text"), [(None, None), (None, True), (False, True), (True, False)])
+def test_tie_is_read_as_transformers_reads_it(hf: dict[str, Path], tmp_path: Path, top: bool | None, text: bool | None):
+    """Only the top-level key counts (transformers 5's Qwen3VLConfig; MindSpeed-MM's ConvertVppMMConfigQwen3 too)."""
+    import transformers
+
+    from engine.tie import is_tied
+
+    d = _copy_with(hf["qwen3_vl"], tmp_path / "hf", {} if text is None else {"tie_word_embeddings": text})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("tie_word_embeddings")
+    (d / "config.json").write_text(json.dumps(cfg | ({} if top is None else {"tie_word_embeddings": top})))
+    cls = transformers.Qwen3VLForConditionalGeneration
+    model = cls(cls.config_class.from_pretrained(d))
+    assert is_tied(inspect_hf(d)) is (model.lm_head.weight is model.model.language_model.embed_tokens.weight)
+
+
 def test_dense_has_no_experts_and_the_converter_checks_the_family(
     hf: dict[str, Path], tiny_dirs: dict[str, Path]
 ) -> None:
