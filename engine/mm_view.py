@@ -224,6 +224,7 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.sources = dict(view.sources)
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
+    plan.zero_blocks |= view.zero_blocks
     plan.notes.extend(view.notes)
     return plan
 

@@ -51,6 +51,9 @@ class Mapping(_Strict):
     uneven: bool = False  # tp rows that do not divide: the first rows % tp ranks take one more row
     bare: bool = False  # names are whole tensor names (InternViT's ls1, class_embedding), not .weight/.bias prefixes
     inner: bool = False  # reads a width other than the module's hidden state (MLA's up-projections): not shape-checked
+    # kind qkv: a k bias the model does not have (Whisper's k_proj has none) is zeros in the fused bias,
+    # as MindSpeed-MM's QVToQKVMergeOp writes it; the way back checks those rows are zero and drops them
+    zero_k: bool = False
 
     @field_validator("hf", mode="before")
     @classmethod
@@ -74,6 +77,8 @@ class Mapping(_Strict):
             raise ValueError(f"kind {self.kind!r} needs `heads` (a config field name)")
         if self.kind == "qkv" and not self.groups:
             raise ValueError("kind 'qkv' needs `groups` (the key/value heads config field)")
+        if self.zero_k and self.kind != "qkv":
+            raise ValueError("zero_k needs kind 'qkv' (a fused q, k, v whose k has no bias)")
         if self.kind == "gate_up" and self.tp != "gated":
             raise ValueError("kind 'gate_up' needs tp = 'gated'")
         if self.pad_vocab and (self.kind != "rename" or self.tp != "rows"):
@@ -149,6 +154,9 @@ class Preset(_Strict):
     mappings: list[Mapping]
     tie: Tie | None = None
     language_model: LanguageModel | None = None
+    # HF prefixes of weights the target model has no place for (Qwen2.5-Omni's talker and token2wav):
+    # not written, said in the plan's notes, and copied back from hf_dir on the way back
+    ignore: list[str] = []
 
     @model_validator(mode="after")
     def _check(self) -> Preset:
