@@ -320,3 +320,73 @@ def test_verify_finds_the_hf_model_in_the_checkpoint(omni_dirs: dict, converted:
         compare(open_side(hf, None, None, "hf"), open_side(converted[("talker", "tp2_audio1_pp2")], info, None, "mm"))
     )
     assert len(rows) == len(load_hf(hf)) and identical(rows)
+
+
+@pytest.mark.oracle
+def test_megatron_reproduces_the_thinkers_logits(omni_dirs: dict, converted: dict) -> None:
+    """The language model of a TP 2 checkpoint (encoders at TP 1) in megatron-core's GPTModel gives the
+    thinker's logits on text tokens (fp32, 1e-5): the Qwen2 language model's renames, QKV fusion and splits."""
+    pytest.importorskip("megatron.core")
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from mmtui.megatron_logits import GPTArch, megatron_logits
+    from tests.fixtures.tiny_omni import HUB_NAMES
+
+    hf = omni_dirs["thinker"]
+    got_dir = converted[("thinker", "tp2_enc1")]
+    ranks = []
+    for r in range(2):
+        state = torch.load(got_dir / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt", weights_only=True)
+        ranks.append({k[len("text_decoder.") :]: v for k, v in state["model"].items() if k.startswith("text_decoder.")})
+    arch = GPTArch(
+        num_layers=TEXT["num_hidden_layers"], hidden_size=TEXT["hidden_size"], num_attention_heads=4,
+        num_query_groups=2, ffn_hidden_size=TEXT["intermediate_size"], vocab_size=TEXT["vocab_size"],
+        rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=True, tied=False,
+    )  # fmt: skip
+    tokens = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]
+    got = megatron_logits(ranks, arch, tokens)
+
+    thinker = json.loads((hf / "config.json").read_text())["thinker_config"]
+    model = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(**thinker)).eval()
+    back = {old: new for new, old in HUB_NAMES}
+    state = {}
+    for k, v in load_hf(hf).items():
+        old = next(o for o in back if k.startswith(o))
+        state[back[old] + k[len(old) :]] = v
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_zero_k_is_only_for_a_fused_qkv(tmp_path: Path) -> None:
+    from engine.errors import ConvertError
+    from engine.preset import load_preset_file
+
+    text = (Path(__file__).parents[2] / "presets" / "qwen2_5_omni.toml").read_text()
+    old = 'hf = "thinker.audio_tower.conv1"\n'
+    path = tmp_path / "broken.toml"
+    path.write_text(text.replace(old, old + "zero_k = true\n", 1))
+    with pytest.raises(ConvertError) as err:
+        load_preset_file(path)
+    assert str(err.value).endswith(
+        "(the mapping to 'audio_encoder.encoder.conv1'): zero_k needs kind 'qkv' (a fused q, k, v whose k has no bias)"
+    )
+
+
+def test_only_a_missing_k_bias_is_zeros(omni_dirs: dict, tmp_path: Path) -> None:
+    """A missing k *weight* is a broken checkpoint, not a zero: refused with the names."""
+    from safetensors.torch import save_file
+
+    from engine.errors import ConvertError
+
+    hf = tmp_path / "hf"
+    shutil.copytree(omni_dirs["talker"], hf)
+    state = load_file(hf / "model.safetensors")
+    del state["thinker.audio_tower.layers.1.self_attn.k_proj.weight"]
+    save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match=r"thinker.audio_tower.layers.1.self_attn.q_proj.weight is present but "
+                       r"thinker.audio_tower.layers.1.self_attn.k_proj.weight is missing"):  # fmt: skip
+        prepare(Job(converter=CONVERTER, command="hf_to_mm", cfg=HfToMmConfig(
+            mm_dir=tmp_path / "o", hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"))))  # fmt: skip

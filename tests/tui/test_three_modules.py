@@ -71,3 +71,33 @@ async def test_no_audio_field_for_a_model_without_audio(qwen2vl_dir: Path, tmp_p
         await settle(pilot, app)
         field = app.screen.query_one("#src_audio", Input)
         assert "no-audio" in app.screen.classes and field.parent is not None and not field.parent.display
+
+
+async def test_megatron_to_hf_reads_three_modules_and_their_tp_from_the_disk(omni_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint with the audio encoder at TP 1 beside TP 2: the grid and the sizes come from the disk,
+    and Run gives the HF files back."""
+    import filecmp
+
+    from engine.execute import run
+    from engine.hf_source import inspect_hf
+    from engine.layout import ParallelConfig
+    from engine.plan import build_plan
+
+    on_disk = {"vit": [[2, 0]], "audio": [[3, 0]], "llm": [[1, 2]]}
+    layout = ParallelConfig(tp_size=2, audio_tp_size=1, **{f"{m}_pp_layers": v for m, v in on_disk.items()})
+    run(build_plan(inspect_hf(omni_dir), layout), tmp_path / "mm")
+    app = make_app(omni_dir, out_dir=tmp_path / "back")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        screen.query_one("#direction", Select).value = "mm_to_hf"
+        await settle(pilot, app)
+        screen.query_one("#src", Input).value = str(tmp_path / "mm")
+        await settle(pilot, app)
+        assert screen.query_one(StageGrid).read() == on_disk
+        said = str(screen.query_one("#problems").render())
+        assert said.startswith("layout OK"), said
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+    for f in omni_dir.iterdir():
+        assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False), f.name
