@@ -100,7 +100,9 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
                 f"is hf_config.hf_dir the model this checkpoint holds? (or give parallel_config.{m.name}_pp_layers)"
             )
     layers = {f"{name}_pp_layers": cells for name, cells in counts.items()}
-    sizes = _module_tp(info, files, len(tps), dict(layers, ep_size=ep, noop_layers=noops or None))
+    rest = dict(layers, ep_size=ep, noop_layers=noops or None)  # vocabulary padding as it is at the largest TP:
+    rest["make_vocab_size_divisible_by"] = _vocab_step(info, files[0], len(tps))  # the planned rows divide then
+    sizes = _module_tp(info, files, len(tps), rest)
     layout = ParallelConfig(
         **sizes, ep_size=ep, noop_layers=noops or None,
         make_vocab_size_divisible_by=_vocab_step(info, files[0], sizes["tp_size"]),

@@ -110,10 +110,6 @@ class ParallelConfig(BaseModel):
         return max(self.tp_size, self.vit_tp_size or 0, self.audio_tp_size or 0)
 
     @property
-    def hetero_tp(self) -> bool:
-        return any(self.tp_of(m) != self.tp_size for m in ("vit", "audio"))
-
-    @property
     def pp_size(self) -> int:
         return len(self.llm_pp_layers[0])
 
