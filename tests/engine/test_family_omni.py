@@ -390,3 +390,17 @@ def test_only_a_missing_k_bias_is_zeros(omni_dirs: dict, tmp_path: Path) -> None
                        r"thinker.audio_tower.layers.1.self_attn.k_proj.weight is missing"):  # fmt: skip
         prepare(Job(converter=CONVERTER, command="hf_to_mm", cfg=HfToMmConfig(
             mm_dir=tmp_path / "o", hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"))))  # fmt: skip
+
+
+def test_a_thinker_saved_alone_converts_the_same(omni_dirs: dict, converted: dict, tmp_path: Path) -> None:
+    """transformers' Qwen2_5OmniThinkerForConditionalGeneration saved alone (config at the top, model.* names):
+    the same rank files as the hub's layout of the same weights, and its own files back byte for byte."""
+    hf = build_tiny_omni(tmp_path / "hf", thinker_only=True, shards=2)
+    assert not any(k.startswith("thinker.") for k in load_hf(hf))
+    cfg = HfToMmConfig(mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp2_pp2"))
+    run(prepare(Job(converter=CONVERTER, command="hf_to_mm", cfg=cfg))[1], tmp_path / "mm")
+    _assert_same(_load_dir(tmp_path / "mm"), _load_dir(converted[("thinker", "tp2_pp2")]))
+    back = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=hf))
+    run(prepare(Job(converter=CONVERTER, command="mm_to_hf", cfg=back))[1], tmp_path / "back")
+    for f in hf.iterdir():
+        assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False), f.name
