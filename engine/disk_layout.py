@@ -111,7 +111,10 @@ def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> 
     etp = _expert_tp(info, files, len(tps), ep, grouped, f"{field} {ckpt.root}")
     experts = {"moe_grouped_gemm": grouped or False, "expert_tp_size": etp}
     layers = {f"{name}_pp_layers": cells for name, cells in counts.items()}
-    sizes = _module_tp(info, files, len(tps), dict(layers, ep_size=ep, noop_layers=noops or None, **experts))
+    rest = dict(layers, ep_size=ep, noop_layers=noops or None, **experts)
+    # vocabulary padding as it is at the largest TP: the planned rows divide then
+    rest["make_vocab_size_divisible_by"] = _vocab_step(info, files[0], len(tps))
+    sizes = _module_tp(info, files, len(tps), rest)
     layout = ParallelConfig(
         **sizes, ep_size=ep, noop_layers=noops or None,
         make_vocab_size_divisible_by=_vocab_step(info, files[0], sizes["tp_size"]),

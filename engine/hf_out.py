@@ -21,7 +21,7 @@ from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
 from .mtp import copy_of, left_out_note
 from .plan import Entry, OutputFile, Piece, Plan
-from .safetensors_header import read_metadata
+from .safetensors_header import TensorMeta, read_metadata
 from .tie import is_tied
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -66,6 +66,7 @@ def build_mm_to_hf_plan(
     tied = is_tied(info)
     order = sorted(info.tensors.values(), key=lambda m: (info.files.index(m.file), m.begin))
     entries: list[tuple[str, Entry]] = []  # (original file name, entry)
+    kept: dict[str, TensorMeta] = {}  # tensors the Megatron model has no place for, copied from hf_dir
     for meta in order:
         if isinstance(meta, ExpertMeta):  # experts fused in one HF tensor: written whole, with the first expert
             if meta.expert == 0:
@@ -75,6 +76,8 @@ def build_mm_to_hf_plan(
         name = meta.name
         blocks = view.blocks.get(name)
         how, canonical = "join", name
+        if blocks is None and preset.ignore and name.startswith(tuple(preset.ignore)):
+            blocks, how, kept[name] = (Piece(name, (0, meta.shape[0] if meta.shape else 1)),), "copy of hf_dir's", meta
         if blocks is None and tied and preset.tie and name in preset.tie.drop:
             blocks = view.blocks.get(preset.tie.source)
             how, canonical = "tied: copy of the embedding", preset.tie.source
@@ -87,7 +90,7 @@ def build_mm_to_hf_plan(
                 f"mm_dir {view.checkpoint.root}: holds no part of {info.raw_names.get(name, name)} "
                 "(a checkpoint written with save_vit_only cannot be turned back into a full HF model)"
             )
-        dtype = view.sources[blocks[0].source].dtype  # open_view checked the blocks agree
+        dtype = meta.dtype if name in kept else view.sources[blocks[0].source].dtype  # open_view checked them
         raw = info.raw_names.get(name, name)
         entry = Entry(raw, meta.shape, dtype, blocks, how)
         if adapter is not None and canonical in adapter.pairs:
@@ -130,8 +133,11 @@ def build_mm_to_hf_plan(
         notes.append("FP8 weights are written dequantised; config.json loses its quantization_config")
     if tied and any(e.transform.startswith("tied") for _, e in entries):
         notes.append("tied embeddings: the output layer is written from the embedding")
-    plan = Plan(files, dict(view.sources), dict(view.dropped), "release", notes, texts, copies)
-    plan.padding = dict(view.padding)
+    if kept:
+        notes.append(f"{len(kept)} tensors the Megatron model does not hold ({', '.join(preset.ignore)}) "
+                     f"are copied from {info.hf_dir}")  # fmt: skip
+    plan = Plan(files, dict(view.sources) | kept, dict(view.dropped), "release", notes, texts, copies)
+    plan.padding, plan.zero_blocks = dict(view.padding), set(view.zero_blocks)
     return merging(plan, adapter) if adapter is not None else plan
 
 

@@ -29,6 +29,7 @@ from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
 from .preset import builtin_presets, preset_for_converter
 from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
+from .zero_parts import check_zero_parts
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
 OutFormat = Literal["legacy", "torch_dist", "dcp"]
@@ -412,6 +413,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         layout = cfg.parallel_config or infer_layout(info, ckpt)
         impl = resolve(info, ckpt, cfg.transformer_impl, "transformer_impl", "mm_dir")
         view = open_view(info, ckpt, layout, forward=_forward(info, layout, ckpt.iteration, impl))
+        check_zero_parts(view, "mm_dir")
         adapter = _adapter(cfg.lora, info, layout)
         return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
     if isinstance(cfg, MergeLoraConfig):
@@ -449,6 +451,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         layout = cfg.source_parallel_config or infer_layout(info, ckpt, "source_dir")
         source_impl = resolve(info, ckpt, cfg.source_transformer_impl, "source_transformer_impl", "source_dir")
         view = open_view(info, ckpt, layout, "source_dir", forward=_forward(info, layout, ckpt.iteration, source_impl))
+        check_zero_parts(view, "source_dir")
         iteration = iteration_dir(cfg.iteration, ckpt.iteration)
         plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
         if cfg.format != "legacy":

@@ -132,10 +132,6 @@ class ParallelConfig(BaseModel):
         return max(self.tp_size, self.vit_tp_size or 0, self.audio_tp_size or 0)
 
     @property
-    def hetero_tp(self) -> bool:
-        return any(self.tp_of(m) != self.tp_size for m in ("vit", "audio"))
-
-    @property
     def pp_size(self) -> int:
         return len(self.llm_pp_layers[0])
 
@@ -192,6 +188,10 @@ _MODULE_WORDS = {"vit": "vision encoder", "audio": "audio encoder", "llm": "lang
 _TP_FIELDS = {"vit": "vit_tp_size", "audio": "audio_tp_size", "llm": "tp_size"}
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -213,7 +213,7 @@ def layout_problems(layout: ParallelConfig, info: ModelInfo) -> list[str]:
     for m in info.preset.modules:
         if m.name not in layout.given():
             out.append(
-                f"parallel_config.{m.name}_pp_layers is missing; {info.preset.title} has a {m.title.lower()} "
+                f"parallel_config.{m.name}_pp_layers is missing; {info.preset.title} has {_a(m.title.lower())} "
                 "whose layers need a per-stage list, e.g. [[32,0,0,0]]"
             )
     for m in layout.given():

@@ -237,6 +237,7 @@ def retarget(plan: Plan, view: MmView) -> Plan:
     plan.dropped = dict(view.dropped)
     plan.padding = dict(view.padding)
     plan.same = []  # a rank file's tensors were checked when it was written
+    plan.zero_blocks |= view.zero_blocks
     plan.notes.extend(view.notes)
     return plan
 

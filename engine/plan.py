@@ -186,6 +186,7 @@ class Plan:
 # row maps: the full (unsplit) target as an ordered list of source row ranges
 
 Segment = tuple[str, int, int]  # (source key, first row, row count)
+ZEROS = ""  # the source of rows that are zeros (a fused bias's missing k part); never read
 
 
 def _row_map(mp: Mapping, srcs: list[TensorMeta], info: ModelInfo, key: str) -> list[Segment]:
@@ -197,19 +198,21 @@ def _row_map(mp: Mapping, srcs: list[TensorMeta], info: ModelInfo, key: str) -> 
         return [(gate.name, 0, gate.shape[0]), (up.name, 0, up.shape[0])]
     heads = info.field_int(mp.heads or "")
     if mp.kind == "qkv":
-        q, k, v = srcs
+        q, k, v = srcs if len(srcs) == 3 else (srcs[0], None, srcs[1])  # no k: zero_k's zeros
         groups = info.field_int(mp.groups or "")
         if heads % groups or q.shape[0] % heads:
             raise ConvertError(f"{key}: {heads} heads, {groups} KV heads and {q.shape[0]} q rows do not form groups")
         d = q.shape[0] // heads
-        if k.shape[0] != groups * d or v.shape[0] != groups * d:
-            raise ConvertError(
-                f"{k.name}: {k.shape[0]} rows, expected {groups} KV heads x head size {d} = {groups * d}"
-            )
+        for kv in (k, v):
+            if kv is not None and kv.shape[0] != groups * d:
+                raise ConvertError(
+                    f"{kv.name}: {kv.shape[0]} rows, expected {groups} KV heads x head size {d} = {groups * d}"
+                )
         per = heads // groups
+        k_name = k.name if k is not None else ZEROS
         segs: list[Segment] = []
         for g in range(groups):
-            segs += [(q.name, g * per * d, per * d), (k.name, g * d, d), (v.name, g * d, d)]
+            segs += [(q.name, g * per * d, per * d), (k_name, g * d, d), (v.name, g * d, d)]
         return segs
     # qkv_per_head: one [q; k; v] source, written [q_h; k_h; v_h] for each head h
     (s,) = srcs
@@ -388,6 +391,8 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             names = [_with_param(_fill(h, hf_layer, expert), param) for h in mp.hf]
             if mp.layer_from and hf_layer is not None:
                 layer = _listed_layer(info, mp.layer_from, module, hf_layer, sources[name])
+            if mp.zero_k and param == "bias" and names[1] not in sources:
+                names.pop(1)  # the model has no k bias: zeros in its place
             missing = [n for n in names if n not in sources]
             if missing:
                 raise ConvertError(f"{info.hf_dir}: {names[0]} is present but {missing[0]} is missing")
@@ -513,6 +518,16 @@ def build_plan(
                 "true in config.json if the model ties them"
             )
     claimed |= mtp_layers.drops(info, dropped, notes)
+    ignored = [name for name in sources if name.startswith(tuple(preset.ignore))] if preset.ignore else []
+    if ignored:
+        claimed |= set(ignored)
+        for name in ignored:
+            dropped[name] = "not part of the target model (copied back from hf_dir on the way back)"
+        prefixes = ", ".join(f"{p}*" for p in preset.ignore if any(n.startswith(p) for n in ignored))
+        notes.append(
+            f"{len(ignored)} tensors of {prefixes} are not written: {preset.title}'s Megatron model has no place for "
+            "them (the way back copies them from hf_dir)"
+        )
     unplaced = sorted(set(sources) - claimed)
     if unplaced:
         raise ConvertError(
@@ -574,8 +589,12 @@ def build_plan(
             elif r >= split_tp:
                 how += f" · repeats TP rank {r % split_tp}"
             shape, stacked = _shape(pieces, first, pad), stack(pieces)
+            zeros = any(p.source == ZEROS for p in stacked)
+            if zeros:  # the rows stay where they are; what no piece covers is written as zeros
+                stacked, how = tuple(p for p in stacked if p.source != ZEROS), how + " · zero k"
             for e in ep_ranks:  # one Entry per file: retargeting a plan rewrites entries in place
-                by_rank[(r, s, e)].chunks[c].append(Entry(key, shape, dtype, stacked, how + tie_note, pad))
+                entry = Entry(key, shape, dtype, stacked, how + tie_note, pad, zero_fill=zeros)
+                by_rank[(r, s, e)].chunks[c].append(entry)
     if preset.tie and tied:
         notes.append(
             "tied embeddings: output_layer.weight is written on the last LLM stage"

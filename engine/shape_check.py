@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .safetensors_header import TensorMeta
 
 # each module's width, by the field name the presets give it
-HIDDEN = {"llm": "hidden_size", "vit": "vit_hidden"}
+HIDDEN = {"llm": "hidden_size", "vit": "vit_hidden", "audio": "audio_hidden"}
 INTERMEDIATE = "intermediate_size"
 MOE_INTERMEDIATE = "moe_intermediate_size"
 

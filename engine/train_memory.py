@@ -100,14 +100,14 @@ def train_memory(
         )
     edp = dp * whole // ep
     plan = build_plan(plan_or_info, layout) if isinstance(plan_or_info, ModelInfo) else plan_or_info
-    want = {(t, p, e) for t in range(layout.tp_size) for p in range(layout.pp_size) for e in range(ep)}
+    want = {(t, p, e) for t in range(layout.tp_world) for p in range(layout.pp_size) for e in range(ep)}
     ranks = [(f.tp_rank, f.pp_rank, f.ep_rank) for f in plan.files if f.kind == "torch"]
     if set(ranks) != want or len(plan.files) != len(want):
         other = Counter(f.kind for f in plan.files if f.kind != "torch")
         also = "".join(f" and {n} {kind} file(s)" for kind, n in sorted(other.items()))
         raise ConvertError(
             f"the plan does not match the layout: it holds {len(ranks)} Megatron rank file(s){also}, "
-            f"TP {layout.tp_size} x PP {layout.pp_size} x EP {ep} has {len(want)}; give the plan built for this layout"
+            f"TP {layout.tp_world} x PP {layout.pp_size} x EP {ep} has {len(want)}; give the plan built for this layout"
         )
     experts = _expert_sources(plan, ep if etp == layout.tp_size else 0)
     out = []

@@ -65,7 +65,11 @@ def mm_side(
     forward = rename_plan(build_plan(info, layout, iteration=ckpt.iteration), impl)
     view = open_view(info, ckpt, layout, label, forward=forward)
     tensors = {name: (info.tensors[name].shape, view.dtypes[name], blocks) for name, blocks in view.blocks.items()}
-    return Side(label, dict(view.sources), tensors)
+    sources = dict(view.sources)
+    for name, m in info.tensors.items():  # what the way back adds from hf_dir (Qwen2.5-Omni's talker)
+        if info.preset.ignore and name.startswith(tuple(info.preset.ignore)):
+            tensors[name], sources[name] = (m.shape, m.dtype, (Piece(name, (0, m.shape[0] if m.shape else 1)),)), m
+    return Side(label, sources, tensors)
 
 
 def open_side(

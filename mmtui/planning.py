@@ -42,6 +42,7 @@ class Form:
     llm_tokens: str = "4096"
     dp: str = ""  # data-parallel size (empty: EP, the smallest there is) and device memory (GiB) for "will it fit?"
     device_gib: str = ""  # noop layers / vocab padding of the layout read from disk
+    src_audio: str = ""  # the source layout's audio-encoder lists (a model with an audio encoder)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Planned:
 _FIELD_WORDS = {
     "tp_size": "tp",
     "vit_tp_size": "tp",
+    "audio_tp_size": "tp",
+    "audio_pp_layers": "audio",
     "ep_size": "ep",
     "llm_pp_layers": "llm",
     "vit_pp_layers": "vit",
@@ -79,7 +82,8 @@ _FIELD_WORDS = {
 def _fields_of(message: str, source_side: bool) -> set[str]:
     out = {f for w, f in _FIELD_WORDS.items() if w in message}
     if source_side:  # a message about the source checkpoint's layout names the source inputs
-        out = {{"tp": "src_tp", "ep": "src_ep", "llm": "src_llm", "vit": "src_vit"}.get(f, f) for f in out} | {"src"}
+        source = {"tp": "src_tp", "ep": "src_ep", "llm": "src_llm", "vit": "src_vit", "audio": "src_audio"}
+        out = {source.get(f, f) for f in out} | {"src"}
     return out
 
 
@@ -141,13 +145,16 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
             return Planned(["LoRA alpha is a number, e.g. 16"], {"lora_alpha"}, None, None, cells)
     else:
         try:
-            src_layers = {"llm": json.loads(form.src_llm or "null"), "vit": json.loads(form.src_vit or "null")}
+            src_layers = {
+                m: json.loads(text or "null")
+                for m, text in (("llm", form.src_llm), ("vit", form.src_vit), ("audio", form.src_audio))
+            }
             given = {k: v for k, v in src_layers.items() if v is not None}
             src = _layout(form.src_tp, form.src_ep, given, form.disk)
         except (ValueError, ValidationError, TypeError):
             return Planned(
                 ["Source TP and EP are positive numbers; Source LLM / ViT look like [[1,3]] (one list per VPP chunk)"],
-                {"src_tp", "src_ep", "src_llm", "src_vit"},
+                {"src_tp", "src_ep", "src_llm", "src_vit", "src_audio"},
                 None,
                 None,
                 cells,

@@ -56,11 +56,11 @@ DIRECTIONS = [
 ]
 COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
 # the inputs a problem can mark
-INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "out", "hf_dir")
+INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "src_audio", "out", "hf_dir")
 INPUTS += ("lora", "lora_r", "lora_alpha", "vit_tokens", "llm_tokens", "dp", "device_gib")
 DISK_FILLS = ("mm_to_hf", "resplit", "lora_mm_to_hf")  # directions whose source layout is on a disk
 TABS = ["source", "layout", "preview", "run"]
-SHORT = {"vit": "ViT", "llm": "LLM"}
+SHORT = {"vit": "ViT", "audio": "Audio", "llm": "LLM"}
 OUT_SUFFIX = {
     "hf_to_mm": "-mm",
     "mm_to_hf": "-hf",
@@ -135,6 +135,8 @@ class WorkbenchScreen(Screen[None]):
                     yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
                     src_vit = Input(id="src_vit", placeholder="[[3,0]]")
                     yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
+                    src_audio = Input(id="src_audio", placeholder="[[1,2]]")
+                    yield _field("Source audio", src_audio, "needs-src-layout", "needs-audio")
                     lora = Input(id="lora", placeholder="optional: a PEFT adapter to merge in")
                     yield _field("LoRA adapter", lora, "needs-lora")
                     rank = Input(id="lora_r", placeholder="only for an adapter mmtui did not write", restrict=r"\d*")
@@ -229,6 +231,7 @@ class WorkbenchScreen(Screen[None]):
             return  # another model was asked for since
         self.info = info
         self.set_class(not any(m.name == "vit" for m in info.preset.modules), "no-vit")
+        self.set_class(not any(m.name == "audio" for m in info.preset.modules), "no-audio")
         self.set_class(not any(m.experts for m in info.preset.modules), "no-experts")
         files = summary.files if len(summary.files) <= 2 else [summary.files[0], f"… {len(summary.files)} files"]
         modules = summary.modules
@@ -357,12 +360,13 @@ class WorkbenchScreen(Screen[None]):
         if info is not self.info or src != self._value("src") or direction != self.direction:
             return  # the fields changed since: this layout is of another question
         layers = {m.name: getattr(layout, f"{m.name}_pp_layers") for m in info.preset.modules}
-        kept = {"noop_layers", "make_vocab_size_divisible_by", "moe_grouped_gemm", "expert_tp_size"}
+        kept = {"noop_layers", "make_vocab_size_divisible_by", "moe_grouped_gemm", "expert_tp_size", "vit_tp_size",
+                "audio_tp_size"}  # fmt: skip
         self._disk = layout.model_dump(include=kept, exclude_none=True, exclude_defaults=True)
         if direction == "resplit":
             for name, value in (("src_tp", layout.tp_size), ("src_ep", layout.ep_size)):
                 self.query_one(f"#{name}", Input).value = str(value)
-            for m in ("llm", "vit"):  # the modules a model can have (presets/*.toml)
+            for m in ("llm", "vit", "audio"):  # the modules a model can have (presets/*.toml)
                 text = json.dumps(layers[m], separators=(",", ":")) if m in layers else ""
                 self.query_one(f"#src_{m}", Input).value = text
             self.replan()
@@ -401,6 +405,7 @@ class WorkbenchScreen(Screen[None]):
             src_ep=self._value("src_ep"),
             src_llm=self._value("src_llm"),
             src_vit=self._value("src_vit"),
+            src_audio=self._value("src_audio"),
             out=self._value("out"),
             lora=self._value("lora"),
             lora_r=self._value("lora_r"),

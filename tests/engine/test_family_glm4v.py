@@ -305,3 +305,41 @@ def test_a_wrong_family_is_named(glm_dirs: dict, tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="model_type 'glm4v' is not a Qwen2-VL model"):
         prepare(Job(converter="Qwen2VLConverter", command="hf_to_mm", cfg=HfToMmConfig(
             mm_dir=tmp_path / "o", hf_config=HfConfig(hf_dir=glm_dirs["tied"]), parallel_config=_pc("tp1"))))  # fmt: skip
+
+
+def test_lora_both_ways(glm_dirs: dict, converted: dict, tmp_path: Path) -> None:
+    """A PEFT adapter on the language model (fused gate_up_proj included) and the vision encoder's qkv and MLP:
+    cut for TP 2 / PP 2 and back gives the adapter's file byte for byte; merged on the way, the checkpoint is
+    the conversion of the merged HF model."""
+    from engine.job import LoraConfig, LoraHfToMmConfig, LoraMmToHfConfig, MergeLoraConfig
+    from tests.fixtures.tiny_lora import build_peft_adapter
+
+    hf = glm_dirs["untied"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "qkv", "gate_proj", "up_proj"]
+    build_peft_adapter(hf, tmp_path / "peft", target_modules=targets)
+    lora = LoraConfig(adapter_dir=tmp_path / "peft")
+    jobs = [
+        ("lora_hf_to_mm", LoraHfToMmConfig(mm_dir=tmp_path / "lora_mm", hf_config=HfConfig(hf_dir=hf), lora=lora,
+                                           parallel_config=_pc("tp2_pp2"))),
+        ("lora_mm_to_hf", LoraMmToHfConfig(save_hf_dir=tmp_path / "lora_back", hf_config=HfConfig(hf_dir=hf),
+                                           lora=LoraConfig(adapter_dir=tmp_path / "lora_mm"))),
+        ("merge_lora", MergeLoraConfig(save_hf_dir=tmp_path / "merged", hf_config=HfConfig(hf_dir=hf), lora=lora)),
+        ("hf_to_mm", HfToMmConfig(mm_dir=tmp_path / "on_the_way", hf_config=HfConfig(hf_dir=hf), lora=lora,
+                                  parallel_config=_pc("tp2_pp2"))),
+        ("hf_to_mm", HfToMmConfig(mm_dir=tmp_path / "of_merged", hf_config=HfConfig(hf_dir=tmp_path / "merged"),
+                                  parallel_config=_pc("tp2_pp2"))),
+    ]  # fmt: skip
+    for command, cfg in jobs:
+        _, plan = prepare(Job(converter=CONVERTER, command=command, cfg=cfg))
+        assert check_plan(plan) == [], command
+        run(plan, cfg.out_dir)
+    name = "adapter_model.safetensors"
+    assert filecmp.cmp(tmp_path / "peft" / name, tmp_path / "lora_back" / name, shallow=False)
+    a, b = _load_dir(tmp_path / "on_the_way"), _load_dir(tmp_path / "of_merged")
+    assert sorted(a) == sorted(b)
+    for rank in a:
+        assert a[rank]["model"].keys() == b[rank]["model"].keys()
+        assert all(torch.equal(a[rank]["model"][k], b[rank]["model"][k]) for k in a[rank]["model"]), rank
+    qkv = "image_encoder.encoder.blocks.layers.0.self_attention.qkv.weight"  # replicated, and adapted
+    plain = _load_dir(converted[("untied", "tp2_pp2")])["mp_rank_00_000"]["model"][qkv]
+    assert not torch.equal(a["mp_rank_00_000"]["model"][qkv], plain)

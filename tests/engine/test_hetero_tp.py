@@ -216,3 +216,22 @@ def test_mm_convert_refuses_a_size_that_does_not_divide(tiny_dirs: dict[str, Pat
     )  # fmt: skip
     _bad(r, "parallel_config.tp_size 2 does not divide the largest TP size 3")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["tp2_vit1", "tp1_vit2"])
+def test_vocabulary_padding_is_read_at_the_language_models_size(
+    tiny_dirs: dict[str, Path], tmp_path: Path, layout: str
+) -> None:
+    """The embedding is padded for the language model's TP (not the largest); the disk says both back."""
+    hf = tiny_dirs["qwen2_vl"]
+    pc = _pc(layout).model_copy(update={"make_vocab_size_divisible_by": 3})
+    mm = _hf_to_mm(hf, tmp_path / "mm", pc)
+    rows = 3 * pc.tp_size * -(-128 // (3 * pc.tp_size))  # 129 at TP 1, 132 at TP 2
+    emb = _load_dir(mm)["mp_rank_01"]["model"]["text_decoder.embedding.word_embeddings.weight"]
+    assert emb.shape[0] == rows // pc.tp_size
+    got = infer_layout(inspect_hf(hf), open_checkpoint(mm))
+    assert (got.tp_size, got.tp_of("vit"), got.padded_vocab(128)) == (pc.tp_size, pc.tp_of("vit"), rows)
+    cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=hf))
+    run(prepare(Job(converter="Qwen2VLConverter", command="mm_to_hf", cfg=cfg))[1], tmp_path / "back")
+    for f in hf.iterdir():
+        assert filecmp.cmp(f, tmp_path / "back" / f.name, shallow=False), f.name
