@@ -25,11 +25,12 @@ from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
 from .mtp import without_mtp
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
-from .preset import preset_for_converter
+from .preset import DEFAULT_NAMING, preset_for_converter
 from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
+Naming = Literal["megatron_core", "mindspeed_llm"]
 
 
 class _Config(BaseModel):
@@ -107,6 +108,9 @@ class HfToMmConfig(_Config):
     mtp: bool = True
     """Convert the multi-token-prediction layers (DeepSeek-V3's model.layers.61) when the model has them;
     false leaves them out (MindSpeed-LLM's --mtp-num-layers 0)."""
+    naming: Naming = "megatron_core"
+    """Whose key names: Megatron-Core's, or MindSpeed-LLM's where they differ (DeepSeek: MLA's fused linear_qkv,
+    the final norms with MTP layers); the same for the other families."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -147,6 +151,9 @@ class MmToHfConfig(_Config):
     mtp: bool = True
     """The multi-token-prediction layers are in mm_dir (the default when the model has them); false: mm_dir was
     written without them, and so is the output."""
+    naming: Naming = "megatron_core"
+    """The key names mm_dir was written with: Megatron-Core's, or MindSpeed-LLM's where they differ (DeepSeek:
+    MLA's fused linear_qkv, the final norms with MTP layers); the same for the other families."""
 
     @property
     def out_dir(self) -> Path:
@@ -181,6 +188,9 @@ class ResplitConfig(_Config):
     mtp: bool = True
     """The multi-token-prediction layers are in source_dir and are written (when the model has them); false:
     neither."""
+    naming: Naming = "megatron_core"
+    """The key names source_dir has and the target gets: Megatron-Core's, or MindSpeed-LLM's where they differ
+    (DeepSeek: MLA's fused linear_qkv, the final norms with MTP layers)."""
 
     @property
     def out_dir(self) -> Path:
@@ -353,7 +363,7 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
 
 
 def _inspect_family(job: Job, hf_dir: Path) -> ModelInfo:
-    preset = preset_for_converter(job.converter)
+    preset = preset_for_converter(job.converter, getattr(job.cfg, "naming", DEFAULT_NAMING))
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
     if seen and seen not in preset.model_types:
         raise ConvertError(

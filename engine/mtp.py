@@ -57,7 +57,7 @@ def with_mtp_names(preset: Preset, config: dict[str, Any], fields: dict[str, Any
 
 
 def is_mtp_target(preset: Preset, mm: str) -> bool:
-    return preset.mtp is not None and mm.startswith(preset.mtp.target_prefix)
+    return preset.mtp is not None and mm.startswith(preset.mtp.block)
 
 
 def has_mtp(info: ModelInfo) -> bool:
@@ -211,14 +211,17 @@ def past_decoder_error(info: ModelInfo, layers: list[int], field: str) -> Conver
     )
 
 
-def rename_with_mtp(preset: Preset, targets: list[_Target]) -> None:
-    """Targets a naming moves when MTP layers are written (MindSpeed-LLM's final norm), renamed in place."""
+def renamed(preset: Preset, targets: list[_Target]) -> dict[str, str]:
+    """{key: key written} for the targets a naming moves when MTP layers are written (MindSpeed-LLM's final
+    norm goes from the decoder to the model: `final_layernorm`); placed as before."""
     if preset.mtp is None or not preset.mtp.renames or not any(t.mtp for t in targets):
-        return
+        return {}
+    out = {}
     for t in targets:
         for old, new in preset.mtp.renames.items():
-            if t.key.startswith(old + "."):
-                t.key = new + t.key[len(old) :]
+            if t.layer is None and t.key.startswith(old + "."):
+                out[t.key] = new + t.key[len(old) :]
+    return out
 
 
 def mtp_embedding(info: ModelInfo, targets: list[_Target], placements: dict[str, Placement]) -> list[_Target]:

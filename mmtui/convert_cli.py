@@ -50,9 +50,9 @@ TOP_FLAGS = ("-h", "--help", "--config", "--print_config")
 
 def _converters() -> dict[str, str]:
     """Converter name -> model family title, one per preset (a new preset file is a new converter)."""
-    from engine.preset import builtin_presets
+    from engine.preset import default_presets
 
-    return {p.converter: p.title for p in builtin_presets().values()}
+    return {p.converter: p.title for p in default_presets()}
 
 
 def _rows(table: dict[str, str]) -> str:
