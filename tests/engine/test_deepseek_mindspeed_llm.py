@@ -290,3 +290,64 @@ def test_convert_ckpt_mtp_num_layers(hfs: dict[str, Path], tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     for p in hf.glob("*.safetensors"):
         assert (back / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+# ---- the preset machinery a naming uses: without, extends chains, concat ----
+
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
+
+
+def _preset(tmp_path: Path, files: dict[str, str]) -> Path:
+    import shutil
+
+    for name in ("deepseek_v3", "deepseek_v3_mindspeed_llm"):
+        shutil.copy(PRESETS / f"{name}.toml", tmp_path / f"{name}.toml")
+    for name, text in files.items():
+        (tmp_path / f"{name}.toml").write_text(text)
+    return tmp_path / f"{list(files)[-1]}.toml"
+
+
+def test_without_names_only_the_bases_targets(tmp_path: Path) -> None:
+    from engine.preset import load_preset_file
+
+    path = _preset(tmp_path, {"x": 'extends = "deepseek_v3"\nname = "x"\nwithout = ["decoder.layers.*.nope"]\n'})
+    with pytest.raises(ConvertError) as e:
+        load_preset_file(path)
+    assert str(e.value) == f"{path}: without names 'decoder.layers.*.nope', which no mapping of 'deepseek_v3' targets"
+    path = _preset(tmp_path, {"y": 'name = "y"\nwithout = ["output_layer"]\n'})
+    with pytest.raises(ConvertError) as e:
+        load_preset_file(path)
+    assert str(e.value) == f"{path}: without takes from the mappings of the preset it extends; set `extends`"
+
+
+def test_extends_may_chain_but_not_loop(tmp_path: Path) -> None:
+    from engine.preset import load_preset_file
+
+    path = _preset(tmp_path, {"b": 'extends = "a"\nname = "b"\n', "a": 'extends = "b"\nname = "a"\n'})
+    with pytest.raises(ConvertError) as e:
+        load_preset_file(path)
+    assert str(e.value) == f"{tmp_path / 'a.toml'}: extends itself through a -> b"
+    chained = load_preset_file(_preset(tmp_path, {"c": 'extends = "deepseek_v3_mindspeed_llm"\nname = "c"\n'}))
+    base = load_preset_file(PRESETS / "deepseek_v3_mindspeed_llm.toml")
+    assert chained.mappings == base.mappings and chained.naming == "mindspeed_llm"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ('tp = "gated"', "kind 'concat' needs tp = 'rows' or 'replicate'"),
+        ("", "kind 'concat' takes two or more hf names, got 1: ['model.layers.*.self_attn.q_a_proj']"),
+    ],
+)
+def test_a_broken_concat_is_one_line(tmp_path: Path, edit: str, message: str) -> None:
+    from engine.preset import load_preset_file
+
+    text = (PRESETS / "deepseek_v3_mindspeed_llm.toml").read_text()
+    old = 'hf = ["model.layers.*.self_attn.q_a_proj", "model.layers.*.self_attn.kv_a_proj_with_mqa"]'
+    assert old in text
+    new = old + "\n" + edit if edit else 'hf = ["model.layers.*.self_attn.q_a_proj"]'
+    path = _preset(tmp_path, {"deepseek_v3_mindspeed_llm": text.replace(old, new)})
+    with pytest.raises(ConvertError) as e:
+        load_preset_file(path)
+    assert str(e.value).startswith(f"{path}: mappings[")
+    assert str(e.value).endswith(f"(the mapping to 'decoder.layers.*.self_attention.linear_qkv'): {message}")
