@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .layout import Placement
     from .plan import Plan, _Target
     from .preset import Preset
+    from .safetensors_header import TensorMeta
 
 
 def mtp_count(preset: Preset, config: dict[str, Any], where: object) -> int:
@@ -95,20 +96,29 @@ def same_pairs(info: ModelInfo, dropped: dict[str, str]) -> list[tuple[str, str,
 def check_same(plan: Plan, reader: TensorReader) -> None:
     """Every dropped copy holds the bytes of the tensor written for it (`plan.same`), read in bands;
     else the way back could not give it back, and Megatron-Core has nowhere to keep it."""
-    band = 16 << 20
     for copy, source, said in plan.same:
-        a, b = plan.sources[copy], plan.sources[source]
-        fa, sa, na = reader.row_span(a, 0, a.shape[0] if a.shape else 1)
-        fb, sb, nb = reader.row_span(b, 0, b.shape[0] if b.shape else 1)
-        at = 0
-        while at < na:
-            n = min(band, na - at)
-            if na != nb or os.pread(fa, n, sa + at) != os.pread(fb, n, sb + at):
-                raise ConvertError(
-                    f"{a.file}: {said}, which Megatron-Core's MTP layer shares instead of keeping a copy; "
-                    "convert with mtp false to leave the MTP layers out"
-                )
-            at += n
+        a, b = _stored(plan.sources[copy]), _stored(plan.sources[source])
+        if len(a) != len(b) or not all(_same_bytes(reader, x, y) for x, y in zip(a, b, strict=True)):
+            raise ConvertError(
+                f"{a[0].file}: {said}, which Megatron-Core's MTP layer shares instead of keeping a copy; "
+                "convert with mtp false to leave the MTP layers out"
+            )
+
+
+def _stored(meta: TensorMeta) -> list[TensorMeta]:
+    """The tensors as stored in the files: a cast or dequantised view's raw tensor (and its block scales)."""
+    raw = getattr(meta, "raw", None) or meta
+    scale = getattr(meta, "scale", None)
+    return [raw, scale] if scale is not None else [raw]
+
+
+def _same_bytes(reader: TensorReader, a: TensorMeta, b: TensorMeta, band: int = 16 << 20) -> bool:
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    fa, sa, n = reader.row_span(a, 0, a.shape[0] if a.shape else 1)
+    fb, sb, _ = reader.row_span(b, 0, b.shape[0] if b.shape else 1)
+    return all(os.pread(fa, min(band, n - at), sa + at) == os.pread(fb, min(band, n - at), sb + at)
+               for at in range(0, n, band))  # fmt: skip
 
 
 def dropped_copies(info: ModelInfo) -> dict[str, str]:

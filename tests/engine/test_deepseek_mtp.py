@@ -270,6 +270,10 @@ def test_a_copy_that_differs_is_refused_before_writing(mtp_hf: Path, tmp_path: P
         "layers out"
     )
     assert not out.exists() and list(tmp_path.iterdir()) == [hf]
+    # cast while streaming: the stored bytes are compared, so the same answer
+    cast = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"), params_dtype="bf16")
+    with pytest.raises(ConvertError, match=r"shared_head\.head\.weight differs from lm_head\.weight"):
+        _convert(hf, "hf_to_mm", cast)
     # with mtp false it converts
     cfg = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"), mtp=False)
     _convert(hf, "hf_to_mm", cfg)
@@ -339,3 +343,13 @@ def test_megatron_core_loads_the_mtp_block_strictly(mtp_hf: Path, tmp_path: Path
     with torch.no_grad():
         want = hf_model(input_ids=torch.tensor([TOKENS])).logits[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_cast_while_streaming_checks_the_stored_copies(mtp_hf: Path, tmp_path: Path) -> None:
+    """--cfg.params_dtype shows every tensor in bf16; the copies are still compared as stored (float32)."""
+    cfg = HfToMmConfig(
+        mm_dir=tmp_path / "mm", hf_config=HfConfig(hf_dir=mtp_hf), parallel_config=_pc("tp1"), params_dtype="bf16"
+    )
+    model = _load_dir(_convert(mtp_hf, "hf_to_mm", cfg))["mp_rank_00"]["model"]
+    hf = load_hf_state(mtp_hf)
+    assert torch.equal(model["mtp.layers.0.eh_proj.weight"], hf["model.layers.3.eh_proj.weight"].to(torch.bfloat16))
