@@ -4,7 +4,7 @@
 The data are holes (zeros, no disk used): enough for everything that reads metadata (inspect, plan,
 preview, `mmtui suggest`), and for memory tests, whose zeros dequantise to zeros.
 
-    python bench/make_deepseek_v3.py /tmp/dsv3-671b                 # 61 layers, 256 experts: ~690 GB of holes
+    python bench/make_deepseek_v3.py /tmp/dsv3-671b                 # 61 layers + MTP, 256 experts: ~700 GB of holes
     python bench/make_deepseek_v3.py /tmp/dsv3-mid --size mid       # ~0.5 GB of FP8, for memory tests
     python bench/make_deepseek_v3.py /tmp/dsv3-bf16 --bf16          # bf16 weights, as after DeepSeek's fp8_cast_bf16
 """
@@ -24,6 +24,7 @@ SIZES = {
         "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3,
         "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
         "v_head_dim": 128, "vocab_size": 129280, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+        "num_nextn_predict_layers": 1,  # the hub's model.layers.61
     },
     # ~0.5 GB of FP8 weights: a memory test's model
     "mid": {
@@ -31,6 +32,7 @@ SIZES = {
         "moe_intermediate_size": 1024, "n_routed_experts": 16, "n_shared_experts": 1, "first_k_dense_replace": 1,
         "q_lora_rank": 512, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
         "v_head_dim": 64, "vocab_size": 32000, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "num_nextn_predict_layers": 0,
     },
 }  # fmt: skip
 BLOCK = 128
@@ -43,7 +45,7 @@ def config(size: str, bf16: bool = False) -> dict:
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "norm_topk_prob": True,
         "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-        "num_nextn_predict_layers": 0, "max_position_embeddings": 163840,
+        "max_position_embeddings": 163840,
         "quantization_config": {
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK],
         },
@@ -74,8 +76,14 @@ def tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
         linear(prefix + "up_proj", inter, h)
         linear(prefix + "down_proj", h, inter)
 
-    for i in range(c["num_hidden_layers"]):
+    for i in range(c["num_hidden_layers"] + c["num_nextn_predict_layers"]):
         p = f"model.layers.{i}."
+        mtp = i >= c["num_hidden_layers"]  # the hub's model.layers.61: an MoE layer with the MTP module's own
+        if mtp:
+            out[p + "embed_tokens.weight"] = ("BF16", (c["vocab_size"], h))
+            out[p + "enorm.weight"] = ("BF16", (h,))
+            out[p + "hnorm.weight"] = ("BF16", (h,))
+            linear(p + "eh_proj", h, 2 * h)
         out[p + "input_layernorm.weight"] = ("BF16", (h,))
         linear(p + "self_attn.q_a_proj", c["q_lora_rank"], h)
         out[p + "self_attn.q_a_layernorm.weight"] = ("BF16", (c["q_lora_rank"],))
@@ -93,6 +101,9 @@ def tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
         for e in range(c["n_routed_experts"]):
             mlp(p + f"mlp.experts.{e}.", c["moe_intermediate_size"])
         mlp(p + "mlp.shared_experts.", c["moe_intermediate_size"] * c["n_shared_experts"])
+        if mtp:
+            out[p + "shared_head.norm.weight"] = ("BF16", (h,))
+            out[p + "shared_head.head.weight"] = ("BF16", (c["vocab_size"], h))
     out["model.norm.weight"] = ("BF16", (h,))
     out["lm_head.weight"] = ("BF16", (c["vocab_size"], h))
     return out

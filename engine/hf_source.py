@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConvertError
 from .fp8 import dequantised
 from .mtp import with_mtp_names
-from .preset import Preset, builtin_presets, with_language_model
+from .preset import Preset, default_presets, with_language_model
 from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, read_header
 from .strict_json import parse_json
@@ -90,10 +90,10 @@ def detect_preset(config: dict[str, Any], where: Path) -> Preset:
     """Pick the family from model_type, else architectures[0]."""
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    for p in builtin_presets().values():
+    for p in default_presets():
         if model_type in p.model_types or (archs and archs[0] in p.architectures):
             return p
-    known = ", ".join(t for p in builtin_presets().values() for t in p.model_types)
+    known = ", ".join(t for p in default_presets() for t in p.model_types)
     raise ConvertError(
         f"{where}: model_type {model_type!r} (architectures {archs}) is not a supported family; "
         f"supported model_type values: {known}"

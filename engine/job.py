@@ -26,13 +26,14 @@ from .mm_view import open_view, retarget
 from .mtp import without_mtp
 from .parts import PartText
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
-from .preset import builtin_presets, preset_for_converter
+from .preset import DEFAULT_NAMING, builtin_presets, preset_for_converter
 from .target import check_inputs, check_target
 from .te_names import TransformerImpl, check_preset, rename_plan, resolve
 from .zero_parts import check_zero_parts
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
 OutFormat = Literal["legacy", "torch_dist", "dcp"]
+Naming = Literal["megatron_core", "mindspeed_llm"]
 
 
 class _Config(BaseModel):
@@ -121,6 +122,9 @@ class HfToMmConfig(_CommandConfig):
     mtp: bool = True
     """Convert the multi-token-prediction layers (DeepSeek-V3's model.layers.61) when the model has them;
     false leaves them out (MindSpeed-LLM's --mtp-num-layers 0)."""
+    naming: Naming = "megatron_core"
+    """Whose key names: Megatron-Core's, or MindSpeed-LLM's where they differ (DeepSeek: MLA's fused linear_qkv,
+    the final norms with MTP layers); the same for the other families."""
 
     @model_validator(mode="after")
     def _one_llm_dir(self) -> HfToMmConfig:
@@ -161,6 +165,9 @@ class MmToHfConfig(_CommandConfig):
     mtp: bool = True
     """The multi-token-prediction layers are in mm_dir (the default when the model has them); false: mm_dir was
     written without them, and so is the output."""
+    naming: Naming = "megatron_core"
+    """The key names mm_dir was written with: Megatron-Core's, or MindSpeed-LLM's where they differ (DeepSeek:
+    MLA's fused linear_qkv, the final norms with MTP layers); the same for the other families."""
 
     @property
     def out_dir(self) -> Path:
@@ -198,6 +205,9 @@ class ResplitConfig(_CommandConfig):
     mtp: bool = True
     """The multi-token-prediction layers are in source_dir and are written (when the model has them); false:
     neither."""
+    naming: Naming = "megatron_core"
+    """The key names source_dir has and the target gets: Megatron-Core's, or MindSpeed-LLM's where they differ
+    (DeepSeek: MLA's fused linear_qkv, the final norms with MTP layers)."""
 
     @property
     def out_dir(self) -> Path:
@@ -371,7 +381,7 @@ def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
 
 def _inspect_family(job: Job, hf_dir: Path) -> ModelInfo:
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
-    preset = preset_for_converter(job.converter, seen)
+    preset = preset_for_converter(job.converter, seen, getattr(job.cfg, "naming", DEFAULT_NAMING))
     if seen and seen not in preset.model_types:
         same = [p for p in builtin_presets().values() if p.converter == job.converter]  # Qwen3-VL: dense and MoE
         raise ConvertError(

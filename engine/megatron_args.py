@@ -100,7 +100,8 @@ def megatron_args(info: ModelInfo, layout: ParallelConfig) -> argparse.Namespace
     keys = {t.key for t in targets}
     heads = info.field_int("llm_heads")
     qkv = next((t for t in targets if t.layer == 0 and t.key.endswith("self_attention.linear_qkv.weight")), None)
-    if qkv is None:  # multi-latent attention: every head its own; Megatron-LM's MLA reads kv_channels as v's size
+    mla = qkv is None or qkv.mapping.kind == "concat"  # MindSpeed-LLM's MLA: linear_qkv = [q_a; kv_a]
+    if mla:  # multi-latent attention: every head its own; Megatron-LM's MLA reads kv_channels as v's size
         groups, kv_channels = heads, _config(info, "v_head_dim", "v_head_dim")
     else:
         groups = info.field_int("llm_kv_heads")
@@ -158,7 +159,7 @@ def megatron_args(info: ModelInfo, layout: ParallelConfig) -> argparse.Namespace
     a["fp16"] = dtype == "float16"
     a["tokenizer_type"] = TOKENIZER_TYPE
     a["ckpt_format"] = "torch"
-    if qkv is None:
+    if mla:
         a |= _mla_args(info)
     if mtp:
         a["mtp_num_layers"] = 1 + max(t.layer or 0 for t in mtp)

@@ -19,6 +19,7 @@ from .layout import ParallelConfig
 from .mm_source import MmCheckpoint, read_rank_file
 from .mtp import is_mtp_target
 from .plan import Piece, Plan, build_plan, grid
+from .preset import builtin_presets
 from .safetensors_header import TensorMeta
 from .tie import is_tied
 
@@ -101,7 +102,7 @@ def open_view(
             if extra_keys:
                 raise ConvertError(
                     f"{path} [{chunk_name}]: {extra_keys[0]} is on disk but not in the layout "
-                    f"({_layout_text(layout)}); is the source layout right?"
+                    f"({_layout_text(layout)}); is the source layout right?{_naming_hint(info)}"
                 )
             for e in entries:
                 meta = found.get(e.key)
@@ -158,6 +159,14 @@ def open_view(
             "it is read from the embedding, the same data"
         )
     return view
+
+
+def _naming_hint(info: ModelInfo) -> str:
+    """The family's other key namings, which a checkpoint may have been written in."""
+    preset = info.preset
+    family = [p for p in builtin_presets().values() if p.converter == preset.converter]
+    others = sorted(p.naming for p in family if p.naming != preset.naming)
+    return f" Or written in another naming (naming = {' or '.join(others)})?" if others else ""
 
 
 def through_view(pieces: tuple[Piece, ...], view: MmView, canonical: dict[str, TensorMeta]) -> tuple[Piece, ...]:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .layout import Placement
     from .plan import Plan, _Target
     from .preset import Preset
+    from .safetensors_header import TensorMeta
 
 
 def mtp_count(preset: Preset, config: dict[str, Any], where: object) -> int:
@@ -57,7 +58,7 @@ def with_mtp_names(preset: Preset, config: dict[str, Any], fields: dict[str, Any
 
 
 def is_mtp_target(preset: Preset, mm: str) -> bool:
-    return preset.mtp is not None and mm.startswith(preset.mtp.target_prefix)
+    return preset.mtp is not None and mm.startswith(preset.mtp.block)
 
 
 def has_mtp(info: ModelInfo) -> bool:
@@ -95,20 +96,29 @@ def same_pairs(info: ModelInfo, dropped: dict[str, str]) -> list[tuple[str, str,
 def check_same(plan: Plan, reader: TensorReader) -> None:
     """Every dropped copy holds the bytes of the tensor written for it (`plan.same`), read in bands;
     else the way back could not give it back, and Megatron-Core has nowhere to keep it."""
-    band = 16 << 20
     for copy, source, said in plan.same:
-        a, b = plan.sources[copy], plan.sources[source]
-        fa, sa, na = reader.row_span(a, 0, a.shape[0] if a.shape else 1)
-        fb, sb, nb = reader.row_span(b, 0, b.shape[0] if b.shape else 1)
-        at = 0
-        while at < na:
-            n = min(band, na - at)
-            if na != nb or os.pread(fa, n, sa + at) != os.pread(fb, n, sb + at):
-                raise ConvertError(
-                    f"{a.file}: {said}, which Megatron-Core's MTP layer shares instead of keeping a copy; "
-                    "convert with mtp false to leave the MTP layers out"
-                )
-            at += n
+        a, b = _stored(plan.sources[copy]), _stored(plan.sources[source])
+        if len(a) != len(b) or not all(_same_bytes(reader, x, y) for x, y in zip(a, b, strict=True)):
+            raise ConvertError(
+                f"{a[0].file}: {said}, which Megatron-Core's MTP layer shares instead of keeping a copy; "
+                "convert with mtp false to leave the MTP layers out"
+            )
+
+
+def _stored(meta: TensorMeta) -> list[TensorMeta]:
+    """The tensors as stored in the files: a cast or dequantised view's raw tensor (and its block scales)."""
+    raw = getattr(meta, "raw", None) or meta
+    scale = getattr(meta, "scale", None)
+    return [raw, scale] if scale is not None else [raw]
+
+
+def _same_bytes(reader: TensorReader, a: TensorMeta, b: TensorMeta, band: int = 16 << 20) -> bool:
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    fa, sa, n = reader.row_span(a, 0, a.shape[0] if a.shape else 1)
+    fb, sb, _ = reader.row_span(b, 0, b.shape[0] if b.shape else 1)
+    return all(os.pread(fa, min(band, n - at), sa + at) == os.pread(fb, min(band, n - at), sb + at)
+               for at in range(0, n, band))  # fmt: skip
 
 
 def dropped_copies(info: ModelInfo) -> dict[str, str]:
@@ -211,14 +221,17 @@ def past_decoder_error(info: ModelInfo, layers: list[int], field: str) -> Conver
     )
 
 
-def rename_with_mtp(preset: Preset, targets: list[_Target]) -> None:
-    """Targets a naming moves when MTP layers are written (MindSpeed-LLM's final norm), renamed in place."""
+def renamed(preset: Preset, targets: list[_Target]) -> dict[str, str]:
+    """{key: key written} for the targets a naming moves when MTP layers are written (MindSpeed-LLM's final
+    norm goes from the decoder to the model: `final_layernorm`); placed as before."""
     if preset.mtp is None or not preset.mtp.renames or not any(t.mtp for t in targets):
-        return
+        return {}
+    out = {}
     for t in targets:
         for old, new in preset.mtp.renames.items():
-            if t.key.startswith(old + "."):
-                t.key = new + t.key[len(old) :]
+            if t.layer is None and t.key.startswith(old + "."):
+                out[t.key] = new + t.key[len(old) :]
+    return out
 
 
 def mtp_embedding(info: ModelInfo, targets: list[_Target], placements: dict[str, Placement]) -> list[_Target]:

@@ -193,9 +193,8 @@ def _row_map(mp: Mapping, srcs: list[TensorMeta], info: ModelInfo, key: str) -> 
     if mp.kind in ("rename", "fused_experts"):
         (s,) = srcs
         return [(s.name, 0, s.shape[0] if s.shape else 1)]
-    if mp.kind == "gate_up":
-        gate, up = srcs
-        return [(gate.name, 0, gate.shape[0]), (up.name, 0, up.shape[0])]
+    if mp.kind in ("gate_up", "concat"):  # the sources one under the other
+        return [(s.name, 0, s.shape[0]) for s in srcs]
     heads = info.field_int(mp.heads or "")
     if mp.kind == "qkv":
         q, k, v = srcs if len(srcs) == 3 else (srcs[0], None, srcs[1])  # no k: zero_k's zeros
@@ -334,8 +333,8 @@ def _describe(mp: Mapping, split: str) -> str:
 
 @cache
 def _description(kind: str, split: str) -> str:  # a 671B MoE plan asks 240,000 times for a few dozen texts
-    fuse = {"rename": "", "qkv": "qkv grouped", "qkv_per_head": "qkv per head", "gate_up": "gate+up"}.get(kind, "")
-    fuse = fuse or ("expert transposed" if kind == "fused_experts" else "")
+    fuse = {"rename": "", "qkv": "qkv grouped", "qkv_per_head": "qkv per head", "gate_up": "gate+up"}.get(kind, kind)
+    fuse = "expert transposed" if kind == "fused_experts" else fuse
     return " · ".join(p for p in (fuse, split) if p) or "copy"
 
 
@@ -405,7 +404,6 @@ def _targets(info: ModelInfo, sources: dict[str, TensorMeta], modules: list[Modu
             e = -1 if expert is None else expert
             order = (preset.modules.index(module), section, layer or 0, e, mi, PARAMS.index(param) if param else 0)
             targets.append(_Target(key, module, layer, expert, param, mp, [sources[n] for n in names], order, mtp))
-    mtp_layers.rename_with_mtp(preset, targets)
     return targets, claimed
 
 
@@ -558,13 +556,14 @@ def build_plan(
         targets += mtp_emb
         notes.append(f"MTP: the MTP layers' stage also holds {mtp_emb[0].key}, a copy, as Megatron-Core builds it")
     targets.sort(key=lambda t: t.order)
+    renamed = mtp_layers.renamed(preset, targets)
     for t in targets:
         cell = _cell_of(t, placements)
         if cell is None:
             continue
         c, s, local_layer = cell
         if t.expert is None:  # dense weights: the same on every expert-parallel rank
-            ep_ranks, key = range(ep), t.local_key(local_layer, None)
+            ep_ranks, key = range(ep), renamed.get(t.key) or t.local_key(local_layer, None)
         else:
             per_rank = info.field_int(t.module.experts or "") // ep
             ep_ranks, key = [t.expert // per_rank], t.local_key(local_layer, t.expert % per_rank)

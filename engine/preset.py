@@ -4,7 +4,11 @@ A preset reads like a table: one entry per HF -> Megatron mapping with `*` stand
 the layer index and `#` for the expert index of a mixture-of-experts layer (global in HF
 names, local to the expert-parallel rank in Megatron names). The mapping kinds (rename,
 qkv, qkv_per_head, gate_up) and the TP rules (rows, cols, gated, replicate) are
-implemented once in the engine; a preset only picks them.
+implemented once in the engine; a preset only picks them. `concat` stacks two or more tensors
+along rows (MindSpeed-LLM's MLA linear_qkv = [q_a_proj; kv_a_proj_with_mqa]).
+
+A family may have more than one preset, one per `naming` (whose names the output takes: Megatron-Core's,
+the default, or MindSpeed-LLM's where they differ); a job picks one with its `naming` field.
 
 A vision-language preset may take its language model from another preset
 (`[language_model]`): the LLM preset's names, fields and modules are nested under
@@ -25,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from .errors import ConvertError
 
 TpRule = Literal["rows", "cols", "gated", "replicate"]
-MappingKind = Literal["rename", "qkv", "qkv_per_head", "gate_up", "fused_experts"]
+MappingKind = Literal["rename", "qkv", "qkv_per_head", "gate_up", "concat", "fused_experts"]
 
-_SOURCES_PER_KIND = {"rename": 1, "qkv": 3, "qkv_per_head": 1, "gate_up": 2, "fused_experts": 1}
+_SOURCES_PER_KIND = {"rename": 1, "qkv": 3, "qkv_per_head": 1, "gate_up": 2, "fused_experts": 1}  # concat: two or more
 FUSED = "[#]"  # a fused_experts hf name ends with it: expert # of the one tensor that holds them all
 
 
@@ -66,8 +70,12 @@ class Mapping(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Mapping:
-        want = _SOURCES_PER_KIND[self.kind]
-        if len(self.hf) != want:
+        if self.kind == "concat":
+            if len(self.hf) < 2:
+                raise ValueError(f"kind 'concat' takes two or more hf names, got {len(self.hf)}: {self.hf}")
+            if self.tp not in ("rows", "replicate"):
+                raise ValueError("kind 'concat' needs tp = 'rows' or 'replicate'")
+        elif len(self.hf) != (want := _SOURCES_PER_KIND[self.kind]):
             raise ValueError(f"kind {self.kind!r} takes {want} hf name(s), got {len(self.hf)}: {self.hf}")
         for mark, what in (("*", "layer"), ("#", "expert")):
             counts = {name.count(mark) for name in [*self.hf, self.mm]}
@@ -166,6 +174,7 @@ class Mtp(_Strict):
     hf_prefix: str = "model.layers."  # the HF prefix before the layer index
     canonical: str = "model.mtp."  # the prefix the mappings name them by
     target_prefix: str = "mtp.layers."  # the Megatron prefix before the MTP index
+    block: str = "mtp."  # every target under it belongs to the MTP block (MindSpeed-LLM's mtp.final_layernorms.N)
     transformer_layer: str = "transformer_layer."  # the decoder layer's names go under it
     copies: dict[str, str] = {}  # canonical name with `*` -> the main model's tensor it duplicates
     renames: dict[str, str] = {}  # target -> target when MTP layers are written (MindSpeed-LLM's final norm)
@@ -254,25 +263,40 @@ def _read_toml(path: Path) -> dict:
         raise ConvertError(f"{path}: cannot read preset ({e})") from None
 
 
-def load_preset_file(path: Path) -> Preset:
-    """A preset file; `extends = "llama"` starts from presets/llama.toml, and every top-level key
-    the file gives replaces the base's (a family with Llama's tensors but its own names is five lines).
-    `[[more_mappings]]` are appended to the base's mappings (a family with a few tensors more)."""
+def _resolved(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's data with its base's under it: `extends`, `without` and `more_mappings` applied."""
+    if path in seen:
+        raise ConvertError(f"{path}: extends itself through {' -> '.join(p.stem for p in seen)}")
     data = _read_toml(path)
     base = data.pop("extends", None)
     more = data.pop("more_mappings", None)
-    if more is not None and base is None:
-        raise ConvertError(f"{path}: more_mappings adds to the mappings of the preset it extends; set `extends`")
-    if base is not None:
-        base_path = path.with_name(f"{base}.toml")
-        if not isinstance(base, str) or not base_path.is_file():
-            raise ConvertError(f"{path}: extends {base!r}, but there is no {base_path.name} next to it")
-        parent = _read_toml(base_path)
-        if "extends" in parent:
-            raise ConvertError(f"{path}: extends {base!r}, which extends another preset; extend the base itself")
-        data = parent | data
-        if more is not None:
-            data["mappings"] = [*data.get("mappings", []), *more]
+    without = data.pop("without", None)
+    if (more is not None or without is not None) and base is None:
+        what = "more_mappings adds to" if more is not None else "without takes from"
+        raise ConvertError(f"{path}: {what} the mappings of the preset it extends; set `extends`")
+    if base is None:
+        return data
+    base_path = path.with_name(f"{base}.toml")
+    if not isinstance(base, str) or not base_path.is_file():
+        raise ConvertError(f"{path}: extends {base!r}, but there is no {base_path.name} next to it")
+    data = _resolved(base_path, (*seen, path)) | data
+    if without is not None:
+        mappings = data.get("mappings", [])
+        unknown = sorted(set(without) - {m.get("mm") for m in mappings})
+        if unknown:
+            raise ConvertError(f"{path}: without names {unknown[0]!r}, which no mapping of {base!r} targets")
+        data["mappings"] = [m for m in mappings if m.get("mm") not in without]
+    if more is not None:
+        data["mappings"] = [*data.get("mappings", []), *more]
+    return data
+
+
+def load_preset_file(path: Path) -> Preset:
+    """A preset file; `extends = "llama"` starts from presets/llama.toml (which may extend another), and every
+    top-level key the file gives replaces the base's (a family with Llama's tensors but its own names is five
+    lines). `without = [targets]` leaves out the base's mappings to those targets, and `[[more_mappings]]` are
+    appended (a family with a few tensors more, or another consumer's names for a few)."""
+    data = _resolved(path)
     data = _mtp_twins(data)
     try:
         return Preset.model_validate(data)
@@ -356,7 +380,7 @@ def with_language_model(preset: Preset, config: dict, where: Path) -> Preset:
         node = node.get(part) if isinstance(node, dict) else None
     arch = node[0] if isinstance(node, list) and node else node
     candidates = {
-        a: p for p in builtin_presets().values() if p.language_model is None and [m.name for m in p.modules] == ["llm"]
+        a: p for p in default_presets() if p.language_model is None and [m.name for m in p.modules] == ["llm"]
         for a in p.architectures
     }  # fmt: skip
     llm = candidates.get(arch) if isinstance(arch, str) else None
@@ -383,11 +407,21 @@ def with_language_model(preset: Preset, config: dict, where: Path) -> Preset:
     )
 
 
-def preset_for_converter(converter: str, model_type: object = None) -> Preset:
-    """The preset of a converter; one converter may serve several families (Qwen3-VL dense and MoE, as
-    MindSpeed-MM's Qwen3VLMegatronConverter does): then config.json's model_type picks, else the first."""
-    found = [p for p in builtin_presets().values() if p.converter == converter]
-    if found:
-        return next((p for p in found if model_type in p.model_types), found[0])
-    names = ", ".join(sorted(p.converter for p in builtin_presets().values()))
-    raise ConvertError(f"converter {converter!r} is unknown; available: {names}")
+DEFAULT_NAMING = "megatron_core"
+
+
+def default_presets() -> list[Preset]:
+    """One preset per family: its Megatron-Core naming (the others are that family's variants)."""
+    return [p for p in builtin_presets().values() if p.naming == DEFAULT_NAMING]
+
+
+def preset_for_converter(converter: str, model_type: object = None, naming: str = DEFAULT_NAMING) -> Preset:
+    """The family's preset in `naming` (a family whose names are the same in every naming has one preset).
+    One converter may serve several families (Qwen3-VL dense and MoE, as MindSpeed-MM's
+    Qwen3VLMegatronConverter does): then config.json's model_type picks, else the first."""
+    family = [p for p in builtin_presets().values() if p.converter == converter]
+    if not family:
+        names = ", ".join(sorted({p.converter for p in default_presets()}))
+        raise ConvertError(f"converter {converter!r} is unknown; available: {names}")
+    named = [p for p in family if p.naming == naming] or [p for p in family if p.naming == DEFAULT_NAMING]
+    return next((p for p in named if model_type in p.model_types), named[0])

@@ -4,7 +4,9 @@ Both spellings are taken: v1's as its documentation gives them (`--model-type GP
 --use-mcore-models --tokenizer-model ...`) and v2's (`--hf-cfg-dir`, `--mtp-num-layers`,
 ...). The flags build the same job `mm-convert` runs (`--print-job` shows it as a job
 file for `mm-convert --config`), written in MindSpeed-LLM's own layout: `iter_0000001/`,
-the tracker holding `1`, and Megatron's `args` and `iteration` in every rank file.
+the tracker holding `1`, and Megatron's `args` and `iteration` in every rank file, and with MindSpeed-LLM's
+key names (`naming = "mindspeed_llm"`: DeepSeek's MLA and MTP differ from Megatron-Core's). As MindSpeed-LLM,
+the multi-token-prediction layers are converted only with `--mtp-num-layers` (all of them, or 0).
 
 Megatron -> HF follows v1 when `--save-dir` holds a config.json (the original HF
 directory: the model goes to `<save-dir>/mg2hf/`), v2 otherwise (`--save-dir` itself,
@@ -324,8 +326,10 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         fail("--load-model-type hf --save-model-type hf: nothing to convert (one side must be mg)")
     _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]), command, cfg)
     mtp = _mtp(args, converter, Path(cfg["hf_config"]["hf_dir"]))
-    if mtp is not None and command in ("hf_to_mm", "mm_to_hf", "resplit"):
-        cfg["mtp"] = mtp
+    if command in ("hf_to_mm", "mm_to_hf", "resplit"):
+        cfg["naming"] = "mindspeed_llm"  # MindSpeed-LLM's names (only DeepSeek's differ from Megatron-Core's)
+        if mtp is not None:
+            cfg["mtp"] = mtp
     if args.overwrite:
         cfg["overwrite"] = True
     if args.part is not None:

@@ -49,12 +49,13 @@ TOP_FLAGS = ("-h", "--help", "--config", "--print_config")
 
 
 def _converters() -> dict[str, str]:
-    """Converter name -> model family title(s): one per preset, or two presets sharing MindSpeed-MM's one
-    converter name (Qwen3VLMegatronConverter: Qwen3-VL dense and MoE, told apart by config.json)."""
-    from engine.preset import builtin_presets
+    """Converter name -> model family title(s): one per family's Megatron-Core preset (its other namings are the
+    same converter), or two presets sharing MindSpeed-MM's one converter name (Qwen3VLMegatronConverter:
+    Qwen3-VL dense and MoE, told apart by config.json)."""
+    from engine.preset import default_presets
 
     out: dict[str, str] = {}
-    for p in builtin_presets().values():
+    for p in default_presets():
         out[p.converter] = f"{out[p.converter]} / {p.title}" if p.converter in out else p.title
     return out
 

@@ -14,7 +14,7 @@ PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 def test_every_shipped_preset_loads() -> None:
     assert set(builtin_presets()) == {p.stem for p in PRESETS.glob("*.toml")}
-    converters = [p.converter for p in builtin_presets().values()]
+    converters = [(p.converter, p.naming) for p in builtin_presets().values()]  # one preset per family naming
     assert len(set(converters)) == len(converters)
 
 
