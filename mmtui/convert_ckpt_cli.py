@@ -199,8 +199,8 @@ def _check_supported(args: argparse.Namespace) -> None:
         )
     if args.schedules_method:
         fail(f"--schedules-method {args.schedules_method}: not converted yet")
-    if args.ckpt_format != "torch":
-        fail(f"--ckpt-format {args.ckpt_format}: only torch (legacy rank files) is converted yet")
+    if args.ckpt_format not in ("torch", "torch_dist"):
+        fail(f"--ckpt-format {args.ckpt_format}: torch (legacy rank files) or torch_dist (Megatron-Core's) are written")
 
 
 def _check_moe(args: argparse.Namespace, preset: Any) -> None:
@@ -330,6 +330,8 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         cfg["naming"] = "mindspeed_llm"  # MindSpeed-LLM's names (only DeepSeek's differ from Megatron-Core's)
         if mtp is not None:
             cfg["mtp"] = mtp
+    if args.ckpt_format == "torch_dist" and command in ("hf_to_mm", "resplit"):  # reading, the disk says which
+        cfg["format"] = "torch_dist"
     if args.overwrite:
         cfg["overwrite"] = True
     if args.part is not None:

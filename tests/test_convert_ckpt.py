@@ -195,3 +195,29 @@ def test_mg_to_hf_without_a_config_names_both_ways(tiny_llms: dict[str, Path], t
         f"convert-ckpt: error: --save-dir {tmp_path}/out: holds no config.json; give the model's HF directory as "
         "--save-dir (v1: written to <save-dir>/mg2hf) or as --hf-cfg-dir (v2)"
     )
+
+
+def test_ckpt_format_torch_dist_writes_megatron_cores_and_reads_back(tiny_llms: dict[str, Path], tmp_path: Path):
+    """--ckpt-format torch_dist (Megatron-LM's flag for the format) writes Megatron-Core's distributed checkpoint;
+    the way back needs no flag: the directory says what it is."""
+    hf = tiny_llms["llama"]
+    out = tmp_path / "mg"
+    r = convert_ckpt(*V1_TO_MG, "--load-dir", str(hf), "--save-dir", str(out), "--ckpt-format", "torch_dist")
+    assert r.returncode == 0, r.stderr
+    it = (out / "latest_checkpointed_iteration.txt").read_text().strip()
+    step = out / f"iter_{int(it):07d}"
+    assert {"metadata.json", "common.pt", ".metadata"} <= {p.name for p in step.iterdir()}
+    assert '"sharded_backend": "torch_dist"' in (step / "metadata.json").read_text()
+    back = tmp_path / "back"
+    r = convert_ckpt("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", str(out),
+                     "--save-dir", str(back), "--hf-cfg-dir", str(hf), "--model-type-hf", "llama2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got, want = _hf(back), _hf(hf)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ckpt_format_other_is_one_line(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    args = [*V1_TO_MG, "--load-dir", str(tiny_llms["llama"]), "--save-dir", str(tmp_path / "out")]
+    line = _one_line(convert_ckpt(*args, "--ckpt-format", "zarr"))
+    assert "--ckpt-format zarr: torch (legacy rank files) or torch_dist (Megatron-Core's) are written" in line
+    assert not (tmp_path / "out").exists()
