@@ -14,8 +14,19 @@ PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 def test_every_shipped_preset_loads() -> None:
     assert set(builtin_presets()) == {p.stem for p in PRESETS.glob("*.toml")}
-    converters = [(p.converter, p.naming) for p in builtin_presets().values()]  # one preset per family naming
-    assert len(set(converters)) == len(converters)
+    presets = [p for p in builtin_presets().values() if p.naming == "megatron_core"]  # other namings: variants
+    converters = [p.converter for p in presets]
+    # one converter per family, but MindSpeed-MM's Qwen3VLMegatronConverter serves Qwen3-VL dense and MoE:
+    # config.json's model_type picks, so presets sharing a converter share no model_type
+    shared = {c: [p for p in presets if p.converter == c] for c in converters}
+    assert {c: sorted(p.name for p in ps) for c, ps in shared.items() if len(ps) > 1} == {
+        "Qwen3VLMegatronConverter": ["qwen3_vl", "qwen3_vl_moe"]
+    }
+    for ps in shared.values():
+        types = [t for p in ps for t in p.model_types]
+        assert len(set(types)) == len(types)
+    variants = [(p.converter, p.naming) for p in builtin_presets().values() if p.naming != "megatron_core"]
+    assert len(set(variants)) == len(variants)  # one preset per family naming
 
 
 def test_extends_takes_everything_not_given() -> None:
