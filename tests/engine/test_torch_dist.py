@@ -595,6 +595,24 @@ def test_hostile_index_entries(td_copy: Path, llama: Path, tmp_path: Path) -> No
     assert "past its end (truncated?)" in _read_error(llama, td_copy, tmp_path)
 
 
+def test_read_without_a_layout_and_as_the_right_model(outs: dict[str, Path], tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    src = outs["td_tp2pp2"]
+    cfg = {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(tiny_llms["llama"])}}
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("mm_to_hf", cfg | {"parallel_config": {"tp_size": 2, "llm_pp_layers": [[1, 3]]}}))
+    assert str(e.value) == (
+        f"mm_dir {src}: a torch_dist checkpoint, whose tensors do not depend on a layout; leave the source "
+        "parallel_config out (it is read from the disk)"
+    )
+    cfg["hf_config"] = {"hf_dir": str(tiny_llms["qwen3"])}  # q/k norms and a head size of 32: not this checkpoint
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("mm_to_hf", cfg, "Qwen3Converter"))
+    assert str(e.value) == (
+        f"mm_dir {src}: decoder.layers.self_attention.linear_qkv.weight has shape [4, 128, 64] on disk, the model "
+        "(decoder.layers.0.self_attention.linear_qkv.weight [256, 64]) expects [4, 256, 64]"
+    )
+
+
 def test_writer_refuses_what_it_cannot_write(
     tiny_llms: dict[str, Path], tiny_deepseeks: dict[str, Path], qwen2vl_dir: Path, tmp_path: Path
 ) -> None:
