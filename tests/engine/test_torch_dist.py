@@ -256,6 +256,25 @@ def test_way_back_to_hf_is_the_original(outs: dict[str, Path], llama: Path, tmp_
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
+def test_padded_tied_vocabulary(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Vocabulary 99 padded to 128 (zeros, split by TP rows); tied, so no output layer even with PP 2 (megatron-core
+    ties the last stage's to the embedding's key); read back without being told the padding."""
+    hf = tiny_llms["qwen3_vocab99"]
+    layout = {"tp_size": 2, "llm_pp_layers": [[2, 2]], "make_vocab_size_divisible_by": 32}
+    cfg = {"mm_dir": str(tmp_path / "td"), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": "torch_dist"}
+    td = convert("hf_to_mm", cfg, tmp_path / "td", "Qwen3Converter")
+    tensors, _ = _structure(_index(td / "release"))
+    assert tensors["embedding.word_embeddings.weight"] == [((0, 0), (64, HIDDEN)), ((64, 0), (64, HIDDEN))]
+    assert "output_layer.weight" not in tensors
+    emb = _dcp_tensors(td / "release")["embedding.word_embeddings.weight"]
+    assert torch.equal(emb[:99], load_file(next(hf.glob("*.safetensors")))["model.embed_tokens.weight"])
+    assert not emb[99:].any()
+    cfg = {"mm_dir": str(td), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}}
+    out = convert("mm_to_hf", cfg, tmp_path / "hf", "Qwen3Converter")
+    for f in hf.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
 # ---------------------------------------------------------------------------------------
 # megatron-core itself
 
