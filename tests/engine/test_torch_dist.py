@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,11 +201,17 @@ def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) ->
     assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.ckpt_format) == (2, 2, "torch_dist")
     assert (a.num_layers, a.hidden_size, a.num_query_groups, a.params_dtype) == (L, HIDDEN, GROUPS, torch.float32)
 
-    md = _index(it)
+    md = _index(it)  # pickled without torch, loaded as torch's own classes
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorProperties
+
+    assert type(md) is Metadata and md.version == CURRENT_DCP_VERSION
+    assert md.storage_meta == StorageMeta(checkpoint_id=None, save_id=None)  # the same bytes wherever written
+    assert md.state_dict_metadata["output_layer.weight"].properties == TensorProperties(dtype=torch.float32)
     tensors, objects = _structure(md)
     assert tensors == _expected_chunks(2)
     assert objects == _expected_objects()
-    assert md.planner_data is None and md.storage_meta.checkpoint_id is None
+    assert md.planner_data is None
     files = {k.fqn: set() for k in md.storage_data}
     for k, v in md.storage_data.items():
         files[k.fqn].add(v.relative_path)
@@ -224,6 +232,21 @@ def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) ->
     assert sorted(got) == sorted(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_writing_needs_no_torch(llama: Path, tmp_path: Path) -> None:
+    """Importing torch costs seconds and hundreds of MB: the torch_dist writer, like the rank-file writer, does not."""
+    cfg = {"mm_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(llama)}, "format": "torch_dist"}
+    cfg["parallel_config"] = {"tp_size": 2, "llm_pp_layers": [[2, 2]]}
+    job = {"converter": "LlamaConverter", "command": "hf_to_mm", "cfg": cfg}
+    code = (
+        "import sys; from engine.job import Job, prepare; from engine.execute import run; "
+        f"job = Job.model_validate({job!r}); run(prepare(job)[1], {str(tmp_path / 'o')!r}); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "release" / ".metadata").is_file()
 
 
 def test_tp1_chunks_and_data(outs: dict[str, Path], llama: Path) -> None:
