@@ -16,7 +16,6 @@ data files; each data file checks that it wrote exactly the lengths the index pr
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
@@ -28,7 +27,7 @@ from ..layout import ParallelConfig
 from ..megatron_args import CHECKPOINT_VERSION, iteration_number, megatron_args
 from ..plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
 from ..record_check import Record
-from ..torch_zip import STORAGES, StreamingCheckpointWriter
+from ..torch_zip import STORAGES, StreamingCheckpointWriter, _Global, pickle_checkpoint, torch_global
 from .torch_dist_names import (
     COMMON_NAME,
     CONFIG_NAME,
@@ -259,23 +258,55 @@ def write_common(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) ->
 def write_index(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
     """`.metadata`: torch DCP's Metadata for every chunk of every data file, computed from the plan."""
     with open(path, "wb") as out:
-        pickle.dump(build_index(plan), out)
+        out.write(pickle_checkpoint(build_index(plan)))
     yield from ()
 
 
-def build_index(plan: Plan) -> object:
-    import torch
-    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        StorageMeta,
-        TensorProperties,
-        TensorStorageMetadata,
+# torch's DCP classes, pickled by name as pickle pickles them (copyreg.__newobj__(cls), then the instance's state),
+# so writing the index needs no `import torch`: that alone takes seconds and a few hundred MB
+_MD = "torch.distributed.checkpoint.metadata"
+_NEWOBJ = _Global("copyreg", "__newobj__")
+DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION (checked by the tests)
+
+
+class _New:
+    __slots__ = ("cls", "state")
+
+    def __init__(self, module: str, name: str, state: object) -> None:
+        self.cls, self.state = _Global(module, name), state
+
+    def __reduce__(self) -> tuple:
+        return (_NEWOBJ, (self.cls,), self.state)
+
+
+class _Call:
+    __slots__ = ("args", "fn")
+
+    def __init__(self, module: str, name: str, *args: object) -> None:
+        self.fn, self.args = _Global(module, name), args
+
+    def __reduce__(self) -> tuple:
+        return (self.fn, self.args)
+
+
+def _size(dims: tuple[int, ...]) -> _Call:
+    return _Call("torch", "Size", tuple(dims))
+
+
+def _index(fqn: str, offset: tuple[int, ...] | None = None) -> _New:
+    return _New(_MD, "MetadataIndex", {"fqn": fqn, "offset": None if offset is None else _size(offset), "index": None})
+
+
+def _stored(name: str, at: int, length: int) -> _New:
+    return _New(
+        "torch.distributed.checkpoint.filesystem",
+        "_StorageInfo",
+        {"relative_path": name, "offset": at, "length": length},
     )
 
+
+def build_index(plan: Plan) -> object:
+    """torch DCP's `Metadata` of the plan's data files, as pickle-ready stand-ins of torch's classes."""
     tensors: dict[str, tuple[str, tuple[int, ...], list[Chunk]]] = {}
     objects: list[str] = []
     storage: dict[object, object] = {}
@@ -287,7 +318,7 @@ def build_index(plan: Plan) -> object:
         for key, length, e in _items(f):
             if e is None:
                 objects.append(key)
-                storage[MetadataIndex(key)] = _StorageInfo(name, at, length)
+                storage[_index(key)] = _stored(name, at, length)
             else:
                 c = e.chunk
                 assert c is not None
@@ -295,26 +326,31 @@ def build_index(plan: Plan) -> object:
                 if (dtype, shape) != (e.dtype, c.global_shape):
                     raise AssertionError(f"{c.fqn}: chunks disagree on dtype or shape")  # a bug
                 chunks.append(c)
-                storage[MetadataIndex(c.fqn, torch.Size(c.offset))] = _StorageInfo(name, at, length)
+                storage[_index(c.fqn, c.offset)] = _stored(name, at, length)
             at += length
     state: dict[str, object] = {}
+    contiguous = _Call(_MD, "_MEM_FORMAT_ENCODING", 0)
+    strided = _Call("torch.serialization", "_get_layout", "torch.strided")
     for fqn, (dtype, shape, chunks) in tensors.items():
         chunks.sort(key=lambda c: c.offset)
-        state[fqn] = TensorStorageMetadata(
-            TensorProperties(dtype=getattr(torch, dtype)),
-            torch.Size(shape),
-            [ChunkStorageMetadata(torch.Size(c.offset), torch.Size(c.shape)) for c in chunks],
-        )
+        props = _New(_MD, "TensorProperties", (torch_global(dtype), strided, False, contiguous, False))
+        state[fqn] = _New(_MD, "TensorStorageMetadata", {
+            "properties": props,
+            "size": _size(shape),
+            "chunks": [_New(_MD, "ChunkStorageMetadata", {"offsets": _size(c.offset), "sizes": _size(c.shape)})
+                       for c in chunks],
+        })  # fmt: skip
     for key in objects:
-        state[key] = BytesStorageMetadata()
-    return Metadata(
-        state_dict_metadata=state,
-        planner_data=None,
-        storage_data=storage,
-        # no checkpoint_id or save_id: the same input gives the same bytes wherever it is written
-        storage_meta=StorageMeta(checkpoint_id=None, save_id=None),
-        version=CURRENT_DCP_VERSION,
-    )
+        state[key] = _New(_MD, "BytesStorageMetadata", None)
+    # no checkpoint_id or save_id: the same input gives the same bytes wherever it is written
+    meta = {"checkpoint_id": None, "save_id": None, "load_id": None, "modules": []}
+    return _New(_MD, "Metadata", {
+        "state_dict_metadata": state,
+        "planner_data": None,
+        "storage_data": storage,
+        "storage_meta": _New(_MD, "StorageMeta", meta),
+        "version": DCP_VERSION,
+    })  # fmt: skip
 
 
 WRITERS = {KIND: write_data, KIND_COMMON: write_common, KIND_INDEX: write_index}

@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,11 +201,17 @@ def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) ->
     assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.ckpt_format) == (2, 2, "torch_dist")
     assert (a.num_layers, a.hidden_size, a.num_query_groups, a.params_dtype) == (L, HIDDEN, GROUPS, torch.float32)
 
-    md = _index(it)
+    md = _index(it)  # pickled without torch, loaded as torch's own classes
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorProperties
+
+    assert type(md) is Metadata and md.version == CURRENT_DCP_VERSION
+    assert md.storage_meta == StorageMeta(checkpoint_id=None, save_id=None)  # the same bytes wherever written
+    assert md.state_dict_metadata["output_layer.weight"].properties == TensorProperties(dtype=torch.float32)
     tensors, objects = _structure(md)
     assert tensors == _expected_chunks(2)
     assert objects == _expected_objects()
-    assert md.planner_data is None and md.storage_meta.checkpoint_id is None
+    assert md.planner_data is None
     files = {k.fqn: set() for k in md.storage_data}
     for k, v in md.storage_data.items():
         files[k.fqn].add(v.relative_path)
@@ -224,6 +232,21 @@ def test_layout_on_disk_is_megatron_cores(outs: dict[str, Path], llama: Path) ->
     assert sorted(got) == sorted(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_writing_needs_no_torch(llama: Path, tmp_path: Path) -> None:
+    """Importing torch costs seconds and hundreds of MB: the torch_dist writer, like the rank-file writer, does not."""
+    cfg = {"mm_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(llama)}, "format": "torch_dist"}
+    cfg["parallel_config"] = {"tp_size": 2, "llm_pp_layers": [[2, 2]]}
+    job = {"converter": "LlamaConverter", "command": "hf_to_mm", "cfg": cfg}
+    code = (
+        "import sys; from engine.job import Job, prepare; from engine.execute import run; "
+        f"job = Job.model_validate({job!r}); run(prepare(job)[1], {str(tmp_path / 'o')!r}); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "release" / ".metadata").is_file()
 
 
 def test_tp1_chunks_and_data(outs: dict[str, Path], llama: Path) -> None:
@@ -253,6 +276,25 @@ def test_legacy_to_torch_dist_and_back_is_byte_identical(outs: dict[str, Path], 
 def test_way_back_to_hf_is_the_original(outs: dict[str, Path], llama: Path, tmp_path: Path) -> None:
     out = mm_to_hf(llama, outs["td_tp2pp2"], tmp_path / "hf")
     for f in llama.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
+def test_padded_tied_vocabulary(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Vocabulary 99 padded to 128 (zeros, split by TP rows); tied, so no output layer even with PP 2 (megatron-core
+    ties the last stage's to the embedding's key); read back without being told the padding."""
+    hf = tiny_llms["qwen3_vocab99"]
+    layout = {"tp_size": 2, "llm_pp_layers": [[2, 2]], "make_vocab_size_divisible_by": 32}
+    cfg = {"mm_dir": str(tmp_path / "td"), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": "torch_dist"}
+    td = convert("hf_to_mm", cfg, tmp_path / "td", "Qwen3Converter")
+    tensors, _ = _structure(_index(td / "release"))
+    assert tensors["embedding.word_embeddings.weight"] == [((0, 0), (64, HIDDEN)), ((64, 0), (64, HIDDEN))]
+    assert "output_layer.weight" not in tensors
+    emb = _dcp_tensors(td / "release")["embedding.word_embeddings.weight"]
+    assert torch.equal(emb[:99], load_file(next(hf.glob("*.safetensors")))["model.embed_tokens.weight"])
+    assert not emb[99:].any()
+    cfg = {"mm_dir": str(td), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}}
+    out = convert("mm_to_hf", cfg, tmp_path / "hf", "Qwen3Converter")
+    for f in hf.glob("*.safetensors"):
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
@@ -593,6 +635,24 @@ def test_hostile_index_entries(td_copy: Path, llama: Path, tmp_path: Path) -> No
     data = td_copy / "release" / "__3_0.distcp"
     os.truncate(data, data.stat().st_size // 2)
     assert "past its end (truncated?)" in _read_error(llama, td_copy, tmp_path)
+
+
+def test_read_without_a_layout_and_as_the_right_model(outs: dict[str, Path], tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    src = outs["td_tp2pp2"]
+    cfg = {"mm_dir": str(src), "save_hf_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(tiny_llms["llama"])}}
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("mm_to_hf", cfg | {"parallel_config": {"tp_size": 2, "llm_pp_layers": [[1, 3]]}}))
+    assert str(e.value) == (
+        f"mm_dir {src}: a torch_dist checkpoint, whose tensors do not depend on a layout; leave the source "
+        "parallel_config out (it is read from the disk)"
+    )
+    cfg["hf_config"] = {"hf_dir": str(tiny_llms["qwen3"])}  # q/k norms and a head size of 32: not this checkpoint
+    with pytest.raises(ConvertError) as e:
+        prepare(_job("mm_to_hf", cfg, "Qwen3Converter"))
+    assert str(e.value) == (
+        f"mm_dir {src}: decoder.layers.self_attention.linear_qkv.weight has shape [4, 128, 64] on disk, the model "
+        "(decoder.layers.0.self_attention.linear_qkv.weight [256, 64]) expects [4, 256, 64]"
+    )
 
 
 def test_writer_refuses_what_it_cannot_write(
