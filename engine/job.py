@@ -206,8 +206,10 @@ class ResplitConfig(_CommandConfig):
     """The multi-token-prediction layers are in source_dir and are written (when the model has them); false:
     neither."""
     naming: Naming = "megatron_core"
-    """The key names source_dir has and the target gets: Megatron-Core's, or MindSpeed-LLM's where they differ
-    (DeepSeek: MLA's fused linear_qkv, the final norms with MTP layers)."""
+    """The key names the target gets (and source_dir has, unless source_naming says otherwise): Megatron-Core's,
+    or MindSpeed-LLM's where they differ (DeepSeek: MLA's fused linear_qkv, the final norms with MTP layers)."""
+    source_naming: Naming | None = None
+    """The key names source_dir was written with; default: naming (a re-cut may also change the naming)."""
 
     @property
     def out_dir(self) -> Path:
@@ -374,14 +376,15 @@ def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
     return dataclasses.replace(info, tensors=tensors, fields=fields, files=[*info.files, *llm.files])
 
 
-def _inspect(job: Job, hf_dir: Path) -> ModelInfo:
-    info = _inspect_family(job, hf_dir)
+def _inspect(job: Job, hf_dir: Path, naming: str | None = None) -> ModelInfo:
+    """The model in the job's naming (or `naming`), without its MTP layers when the job says mtp = false."""
+    info = _inspect_family(job, hf_dir, naming or getattr(job.cfg, "naming", DEFAULT_NAMING))
     return info if getattr(job.cfg, "mtp", True) else without_mtp(info)
 
 
-def _inspect_family(job: Job, hf_dir: Path) -> ModelInfo:
+def _inspect_family(job: Job, hf_dir: Path, naming: str) -> ModelInfo:
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
-    preset = preset_for_converter(job.converter, seen, getattr(job.cfg, "naming", DEFAULT_NAMING))
+    preset = preset_for_converter(job.converter, seen, naming)
     if seen and seen not in preset.model_types:
         same = [p for p in builtin_presets().values() if p.converter == job.converter]  # Qwen3-VL: dense and MoE
         raise ConvertError(
@@ -457,10 +460,11 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
         return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
     if isinstance(cfg, ResplitConfig):
         info = _inspect(job, cfg.hf_config.hf_dir)
+        src = _inspect(job, cfg.hf_config.hf_dir, cfg.source_naming) if cfg.source_naming else info
         ckpt = open_checkpoint(cfg.source_dir, "source_dir")
-        layout = cfg.source_parallel_config or infer_layout(info, ckpt, "source_dir")
-        source_impl = resolve(info, ckpt, cfg.source_transformer_impl, "source_transformer_impl", "source_dir")
-        view = open_view(info, ckpt, layout, "source_dir", forward=_forward(info, layout, ckpt.iteration, source_impl))
+        layout = cfg.source_parallel_config or infer_layout(src, ckpt, "source_dir")
+        source_impl = resolve(src, ckpt, cfg.source_transformer_impl, "source_transformer_impl", "source_dir")
+        view = open_view(src, ckpt, layout, "source_dir", forward=_forward(src, layout, ckpt.iteration, source_impl))
         check_zero_parts(view, "source_dir")
         iteration = iteration_dir(cfg.iteration, ckpt.iteration)
         plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
@@ -469,7 +473,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
             return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
         impl = cfg.transformer_impl or source_impl
         check_preset(info, impl, "transformer_impl")
-        return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view), impl)
+        return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, src, layout)), view), impl)
     assert isinstance(cfg, HfToMmConfig)
     info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
     check_preset(info, cfg.transformer_impl, "transformer_impl")

@@ -50,6 +50,8 @@ from .dcp_writer import METADATA_NAME
 from .errors import ConvertError, WriteError
 from .events import Event, Finished, Notice, PartDone
 from .execute import FILE_MODE, _read_files, write_files
+from .hf_source import TensorReader
+from .mtp import check_same
 from .plan import OutputFile, Plan
 from .safetensors_writer import header_bytes
 from .target import (
@@ -291,6 +293,9 @@ def execute_part(
         shutil.rmtree(stage, ignore_errors=True)  # a killed run's half files: this part's alone (its lock)
         _mkdir(stage)
         check_space(nbytes, target, field, overwrite)
+        if plan.same:  # copies that are not written must be copies (MTP's embedding and output head): every
+            with contextlib.closing(TensorReader()) as reader:  # part checks, so no part writes on a wrong source
+                check_same(plan, reader)
         try:
             yield from write_files(plan, out, todo, stage=stage)
         except OSError as e:

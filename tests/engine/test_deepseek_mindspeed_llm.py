@@ -206,6 +206,19 @@ def test_back_to_hf_and_resplit(hfs: dict[str, Path], tmp_path: Path) -> None:
     _same_tree(_to_mm(hf, tmp_path / "direct", 1, [1, 1, 1], 4), tmp_path / "re")
 
 
+def test_resplit_changes_the_naming(hfs: dict[str, Path], tmp_path: Path) -> None:
+    """Megatron-Core's names re-cut into MindSpeed-LLM's equal a direct conversion to them."""
+    hf = hfs["v3_mtp"]
+    layout = ParallelConfig(tp_size=2, ep_size=2, llm_pp_layers=[[1, 2]])
+    mcore = HfToMmConfig(mm_dir=tmp_path / "mcore", hf_config=HfConfig(hf_dir=hf), parallel_config=layout)
+    _convert(hf, "hf_to_mm", mcore)
+    target = ParallelConfig(tp_size=1, ep_size=2, llm_pp_layers=[[3]])
+    cfg = ResplitConfig(source_dir=tmp_path / "mcore", target_dir=tmp_path / "ms", hf_config=HfConfig(hf_dir=hf),
+                        target_parallel_config=target, naming="mindspeed_llm", source_naming="megatron_core")  # fmt: skip
+    _convert(hf, "resplit", cfg)
+    _same_tree(_to_mm(hf, tmp_path / "direct", 1, [3], 2), tmp_path / "ms")
+
+
 def test_the_other_naming_is_told_on_the_way_back(hfs: dict[str, Path], tmp_path: Path) -> None:
     """A MindSpeed-LLM checkpoint read with Megatron-Core's names fails on a key, in one line."""
     hf = hfs["v3_mtp"]

@@ -274,6 +274,14 @@ def test_a_copy_that_differs_is_refused_before_writing(mtp_hf: Path, tmp_path: P
     cast = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"), params_dtype="bf16")
     with pytest.raises(ConvertError, match=r"shared_head\.head\.weight differs from lm_head\.weight"):
         _convert(hf, "hf_to_mm", cast)
+    # a part of the job (a Slurm array task) checks too, before writing anything
+    from engine.parts import Part, execute_part
+
+    job = _job("hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp2")))
+    _, plan = prepare(job)
+    with pytest.raises(ConvertError, match=r"shared_head\.head\.weight differs from lm_head\.weight"):
+        list(execute_part(plan, out, Part(0, 2), "k"))
+    assert not out.exists() and not list((tmp_path).glob(".mm.mmtui-parts-*/out/*"))
     # with mtp false it converts
     cfg = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp1"), mtp=False)
     _convert(hf, "hf_to_mm", cfg)
