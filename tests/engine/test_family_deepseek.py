@@ -105,7 +105,8 @@ def _hf_logits(hf: Path) -> torch.Tensor:
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+# TP and EP each alone are covered exactly by the reference tests; the consumer runs unsplit and both at once
+@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (2, 2)])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_megatron_reproduces_transformers_logits(
     tiny_deepseeks: dict[str, Path], tmp_path: Path, variant: str, tp: int, ep: int
