@@ -88,6 +88,15 @@ def train_memory(
     (world size / (TP x PP)); it matters only with `distributed_optimizer`, and with experts
     it must be a multiple of EP. A shard of optimizer state is rounded up to whole parameters.
     """
+    plain, dist = train_memories(plan_or_info, layout, dp)
+    return dist if distributed_optimizer else plain
+
+
+def train_memories(
+    plan_or_info: Plan | ModelInfo, layout: ParallelConfig, dp: int = 1
+) -> tuple[list[RankMemory], list[RankMemory]]:
+    """`train_memory` with the plain and with the distributed optimizer, counting the plan once (a 671B plan at
+    EP 64 has 650,000 entries)."""
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
         raise ConvertError(f"dp = {dp!r}: give the data-parallel size as a whole number >= 1")
     ep, etp = layout.ep_size, layout.etp
@@ -110,7 +119,7 @@ def train_memory(
             f"TP {layout.tp_world} x PP {layout.pp_size} x EP {ep} has {len(want)}; give the plan built for this layout"
         )
     experts = _expert_sources(plan, ep if etp == layout.tp_size else 0)
-    out = []
+    plain, dist = [], []
     for f in plan.files:
         params = expert = 0
         for e in f.entries:
@@ -118,24 +127,24 @@ def train_memory(
             if experts and any(p.source in experts for p in e.pieces):
                 expert += e.numel
         dense = params - expert
-        if distributed_optimizer:
-            optimizer = OPTIMIZER_BYTES * (_ceil_div(dense, dp) + _ceil_div(expert, edp))
-        else:
-            optimizer = OPTIMIZER_BYTES * params
-        out.append(
-            RankMemory(
-                tp_rank=f.tp_rank,
-                pp_rank=f.pp_rank,
-                ep_rank=f.ep_rank,
-                label=f.dir_name,
-                params=params,
-                expert_params=expert,
-                weights=WEIGHT_BYTES * params,
-                grads=GRAD_BYTES * params,
-                optimizer=optimizer,
+        for out, optimizer in (
+            (plain, OPTIMIZER_BYTES * params),
+            (dist, OPTIMIZER_BYTES * (_ceil_div(dense, dp) + _ceil_div(expert, edp))),
+        ):
+            out.append(
+                RankMemory(
+                    tp_rank=f.tp_rank,
+                    pp_rank=f.pp_rank,
+                    ep_rank=f.ep_rank,
+                    label=f.dir_name,
+                    params=params,
+                    expert_params=expert,
+                    weights=WEIGHT_BYTES * params,
+                    grads=GRAD_BYTES * params,
+                    optimizer=optimizer,
+                )
             )
-        )
-    return out
+    return plain, dist
 
 
 def human_bytes(n: int) -> str:

@@ -211,7 +211,7 @@ def will_it_fit(plan_or_info: Plan | ModelInfo, layout: Any, dp: str, device_gib
     stage's largest rank. Given the model, its rank-file plan is built once for both optimizers (a 671B
     plan takes seconds); given that plan (hf_to_mm's own), none is built."""
     from engine.errors import ConvertError
-    from engine.train_memory import fits, human_bytes, train_memory
+    from engine.train_memory import fits, human_bytes, train_memories
 
     dp = dp or str(layout.ep_size)  # unset: the smallest data-parallel size the layout allows
     if not dp.isdigit() or int(dp) < 1:
@@ -222,11 +222,7 @@ def will_it_fit(plan_or_info: Plan | ModelInfo, layout: Any, dp: str, device_gib
         device = -1.0
     if device is not None and not 0 < device < float("inf"):
         raise ConvertError(f"device memory {device_gib!r}: give one device's memory in GiB, a number > 0 (e.g. 64)")
-    from engine.plan import Plan, build_plan
-
-    plan = plan_or_info if isinstance(plan_or_info, Plan) else build_plan(plan_or_info, layout)
-    plain = train_memory(plan, layout, int(dp), distributed_optimizer=False)
-    dist = train_memory(plan, layout, int(dp), distributed_optimizer=True)
+    plain, dist = train_memories(plan_or_info, layout, int(dp))  # one count of the plan for both
     lines = []
     for what, ranks in (("plain optimizer", plain), (f"distributed optimizer over dp {dp}", dist)):
         top = max(r.total for r in ranks)

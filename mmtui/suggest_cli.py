@@ -140,8 +140,7 @@ def main(argv: list[str]) -> None:
     from engine.errors import ConvertError
     from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.plan import build_plan
-    from engine.train_memory import train_memory
+    from engine.train_memory import train_memories
 
     memory = args.dp is not None or args.device_gb is not None
     dp = 1 if args.dp is None else args.dp
@@ -152,9 +151,7 @@ def main(argv: list[str]) -> None:
             layout = ParallelConfig(
                 tp_size=args.tp, ep_size=args.ep, **{f"{m}_pp_layers": v for m, v in s.layers.items()}
             )
-            plan = build_plan(info, layout)  # once for both optimizers: a 671B plan takes seconds
-            plain = train_memory(plan, layout, dp, distributed_optimizer=False)
-            dist = train_memory(plan, layout, dp, distributed_optimizer=True)
+            plain, dist = train_memories(info, layout, dp)  # one plan for both optimizers
     except ConvertError as e:
         print(f"mmtui suggest: error: {e}", file=sys.stderr)
         sys.exit(2)
