@@ -83,6 +83,14 @@ async def app_steps(hf: Path, tp: int, pp: int, ep: int = 1) -> list[tuple[str, 
         rows.append((f"edit TP {tp} / PP {pp} / EP {ep} -> preview filled", took, f"{preview.row_count} rows"))
         await pilot.press("f4")
         await pilot.pause()
+        from mmtui.widgets.preview import PlanPreview
+
+        view = screen.query_one(PlanPreview)
+        t = time.perf_counter()
+        view.show(screen.plan)  # what the wizard does once a plan is ready: sums, rows, table
+        await pilot.pause()
+        took = time.perf_counter() - t
+        rows.append(("preview of a ready plan (the table filled)", took, f"{preview.row_count} rows"))
         box = screen.query_one("#filter", Input)
         box.focus()
         times = []

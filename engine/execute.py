@@ -26,6 +26,7 @@ from . import cast, experts, fp8, fused_experts
 from .cast import is_cast
 from .check import check_plan
 from .dcp_writer import METADATA_NAME, DcpWriter
+from .errors import WriteError
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
 from .experts import is_transposed
 from .fp8 import is_fp8
@@ -34,7 +35,7 @@ from .hf_source import TensorReader
 from .mtp import check_same
 from .out_file import Span
 from .plan import Entry, OutputFile, Piece, Plan, grid
-from .record_check import Record
+from .record_check import Record, read_back_problem
 from .safetensors_header import TensorMeta
 from .safetensors_writer import SafetensorsWriter, header_bytes
 from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_dir, write_error
@@ -314,6 +315,10 @@ def _publish(f: OutputFile, stage: Path, dest: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    if f.kind == "torch":  # read back whole once: what is moved in has every record's CRC-32 right
+        problem = read_back_problem(stage / f.path)
+        if problem is not None:
+            raise WriteError(f"{stage / f.path}: {problem}: the disk did not keep what was written; run the part again")
     for name in reversed(names):  # the data file last: its presence says the file is done
         os.replace(stage / name, dest / name)
 

@@ -10,6 +10,7 @@ readers of one plan, on any thread, see one check.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,3 +75,29 @@ class Record:
                 f"{actual:08x}, the archive says {self.crc:08x}; the file changed after it was "
                 "written (copy it again from a good source)"
             )
+
+
+def read_back_problem(path: Path) -> str | None:
+    """Read a rank file just written back from the disk: each zip record's data against the CRC-32 its
+    central directory declares (None when all agree). A part of a split job does this before it moves a
+    file among the finished ones, so what the last part finds there has been read back whole once."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for info in infos:
+            head = bytearray(30)
+            pread_exact(fd, memoryview(head), info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            if info.compress_type != zipfile.ZIP_STORED:
+                return f"record {info.filename} is compressed; torch writes stored records"
+            got = crc_of(fd, start, info.file_size)
+            if got != info.CRC:
+                return f"record {info.filename} reads back with CRC-32 {got:08x}, its directory says {info.CRC:08x}"
+    finally:
+        os.close(fd)
+    return None

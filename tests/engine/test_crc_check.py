@@ -225,3 +225,25 @@ def test_a_whole_record_copied_into_a_rank_file_is_checked_with_the_writers_sum(
     assert all(m.record.checked for m in tensors if any(p.source == m.name for f in plan.files for e in f.entries
                                                          for p in e.pieces))  # fmt: skip
     assert len(summed) < len({m.record.start for m in tensors}) / 2  # most were confirmed by the copy's sum
+
+
+def test_a_written_file_is_read_back_against_its_crcs(tmp_path: Path) -> None:
+    """What a part of a split job checks before moving a file among the finished ones."""
+    import torch
+
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {"w": torch.arange(64, dtype=torch.float32)}}, path)
+    assert record_check.read_back_problem(path) is None
+    with zipfile.ZipFile(path) as z:
+        (info,) = [i for i in z.infolist() if i.filename.endswith("/data/0")]
+    with open(path, "r+b") as fh:  # one byte of the tensor's record, found from the local header
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(fh.read(2), "little") for _ in range(2))
+        at = info.header_offset + 30 + name_len + extra_len + 9
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    problem = record_check.read_back_problem(path)
+    assert problem is not None and problem.startswith(f"record {info.filename} reads back with CRC-32 ")
+    assert problem.endswith(f"its directory says {info.CRC:08x}")

@@ -348,3 +348,18 @@ def test_a_held_part_lock_file_is_what_makes_a_part_live(vlm, tmp_path: Path) ->
     finally:
         os.close(fd)
     assert isinstance(_run_parts(plan, out, 3, key, order=[1, 2])[-1][-1], Finished)
+
+
+def test_a_file_that_reads_back_wrong_is_not_moved_in(vlm, vlm_one: dict, tmp_path: Path, monkeypatch) -> None:
+    """Each part reads its rank files back against their CRC-32s before they count as written."""
+    import engine.execute
+
+    plan, key = vlm
+    out = tmp_path / "mm"
+    monkeypatch.setattr(engine.execute, "read_back_problem", lambda path: "record x reads back with CRC-32 0")
+    with pytest.raises(WriteError, match=r"record x reads back with CRC-32 0: the disk did not keep what was written"):
+        _run_parts(plan, out, 3, key, order=[0])
+    assert not [p for p in (control_dir(out.resolve(), key) / "out").rglob("*") if p.is_file()]
+    monkeypatch.undo()
+    _run_parts(plan, out, 3, key)
+    assert _tree(out) == vlm_one
