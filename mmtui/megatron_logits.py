@@ -45,6 +45,10 @@ class GPTArch:
     moe_layer_freq: list[int] | None = None  # 1 = MoE layer, 0 = dense MLP, per layer
     mla: dict | None = None  # multi-latent attention: MLATransformerConfig fields (q_lora_rank, kv_lora_rank, ...)
     extra: dict | None = None  # further TransformerConfig fields (router score function, shared experts, ...)
+    rotary_percent: float = 1.0  # the share of each head's dims that rotate (GLM-4: 0.5)
+    # GLM-4's sandwich norms: RMSNorms on the attention's and the MLP's outputs before each residual add, as
+    # MindSpeed-MM's GLM layer adds them to megatron-core's (`post_self_attn_layernorm`, `post_mlp_layernorm`)
+    post_norms: bool = False
 
 
 def _free_port() -> int:
@@ -168,11 +172,31 @@ def build_gpt_model(arch: GPTArch, tp: int, ep: int, n_tokens: int):
         share_embeddings_and_output_weights=arch.tied,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
+        rotary_percent=arch.rotary_percent,
         parallel_output=False,
     ).eval()
+    if arch.post_norms:
+        _add_post_norms(model, arch)
     if grouped:
         _grouped_mlp_configs(model)
     return model
+
+
+def _add_post_norms(model: torch.nn.Module, arch: GPTArch) -> None:
+    """Each layer's attention and MLP output normed before its residual add (GLM-4's order: attention, norm, add;
+    norm, MLP, norm, add): megatron-core's layer with two RMSNorms, its submodules' outputs passed through them."""
+    for layer in model.decoder.layers:
+        for module_name, norm_name in (("self_attention", "post_self_attn_layernorm"), ("mlp", "post_mlp_layernorm")):
+            norm = torch.nn.RMSNorm(arch.hidden_size, eps=arch.norm_epsilon)
+            layer.add_module(norm_name, norm)
+            module = getattr(layer, module_name)
+
+            def forward(*args, _inner=module.forward, _norm=norm, **kwargs):
+                out, bias = _inner(*args, **kwargs)
+                assert bias is None  # GLM-4's output projections have no bias to add after the norm
+                return _norm(out), None
+
+            module.forward = forward
 
 
 def _grouped_mlp_configs(model: torch.nn.Module) -> None:

@@ -8,8 +8,8 @@ downsample and the embeddings are plain torch modules, whole on every rank. The 
 every tensor whole to every TP rank, so its output is matched at TP 1 (and a hetero PP), and the TP 2
 output is proved to reassemble to TP 1.
 
-No megatron-core logits oracle: GLM's post_self_attn_layernorm / post_mlp_layernorm are not in
-megatron-core's GPTModel layer spec (MindSpeed-MM adds them in Glm4vTransformerLayer).
+The logits oracle is megatron-core's GPTModel with GLM's post_self_attn_layernorm / post_mlp_layernorm
+added to each layer (they are not in megatron-core's layer spec; MindSpeed-MM adds them in its GLM layer).
 """
 
 from __future__ import annotations
@@ -343,3 +343,40 @@ def test_lora_both_ways(glm_dirs: dict, converted: dict, tmp_path: Path) -> None
     qkv = "image_encoder.encoder.blocks.layers.0.self_attention.qkv.weight"  # replicated, and adapted
     plain = _load_dir(converted[("untied", "tp2_pp2")])["mp_rank_00_000"]["model"][qkv]
     assert not torch.equal(a["mp_rank_00_000"]["model"][qkv], plain)
+
+
+@pytest.mark.oracle
+def test_megatron_reproduces_transformers_logits(glm_dirs: dict, converted: dict) -> None:
+    """megatron-core's GPTModel with GLM-4's two extra norms (applied as MindSpeed-MM's GLM layer applies them:
+    on the attention's and the MLP's outputs, before the residual add), partial interleaved rotary (half of each
+    head's dims, pairs rotated as transformers' rotate_half_llm), on our TP 2 language-model files: transformers'
+    logits for a text-only sequence."""
+    pytest.importorskip("megatron.core")
+    from transformers import Glm4vForConditionalGeneration
+
+    from mmtui.megatron_logits import GPTArch, megatron_logits
+
+    hf = glm_dirs["untied"]
+    rope = TEXT["rope_parameters"]
+    arch = GPTArch(
+        num_layers=TEXT["num_hidden_layers"], hidden_size=TEXT["hidden_size"],
+        num_attention_heads=TEXT["num_attention_heads"], num_query_groups=TEXT["num_key_value_heads"],
+        ffn_hidden_size=TEXT["intermediate_size"], vocab_size=TEXT["vocab_size"], rotary_base=rope["rope_theta"],
+        norm_epsilon=TEXT["rms_norm_eps"], add_qkv_bias=True, tied=False,
+        rotary_percent=rope["partial_rotary_factor"], post_norms=True, extra={"rotary_interleaved": True},
+    )  # fmt: skip
+    ranks = []
+    for t in range(2):
+        state = torch.load(converted[("untied", "tp2")] / "release" / f"mp_rank_{t:02d}" / "model_optim_rng.pt",
+                           weights_only=True)["model"]  # fmt: skip
+        ranks.append({k.removeprefix("text_decoder."): v for k, v in state.items() if k.startswith("text_decoder.")})
+    tokens = [3, 17, 42, 99, 5, 64, 127, 1]
+    got = megatron_logits(ranks, arch, tokens)
+    from transformers import Glm4vConfig
+
+    config = Glm4vConfig.from_pretrained(hf)  # mrope sections cover half the rotary dims (the fixture's are for
+    config.text_config.rope_parameters["mrope_section"] = [1, 1, 2]  # weights only); text-only: all positions equal
+    model = Glm4vForConditionalGeneration.from_pretrained(hf, config=config, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
