@@ -4,7 +4,6 @@ YAML, and the TOML that `mmtui --replay` reads and the wizard saves.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -12,24 +11,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
-from .cast import with_params_dtype
-from .disk_layout import infer_layout
 from .errors import ConvertError
-from .hf_out import build_merge_plan, build_mm_to_hf_plan
-from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
+from .hf_source import ModelInfo
 from .layout import ParallelConfig
-from .lora import Adapter, attach, read_peft_adapter
-from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
-from .megatron_args import Iteration, iteration_dir
-from .mm_source import open_checkpoint
-from .mm_view import open_view, retarget
-from .mtp import without_mtp
+from .megatron_args import Iteration
 from .parts import PartText
-from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
-from .preset import DEFAULT_NAMING, builtin_presets, preset_for_converter
+from .plan import TRACKER_NAME, Plan
 from .target import check_inputs, check_target
-from .te_names import TransformerImpl, check_preset, rename_plan, resolve
-from .zero_parts import check_zero_parts
+from .te_names import TransformerImpl
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
 OutFormat = Literal["legacy", "torch_dist", "dcp"]
@@ -41,11 +30,15 @@ class _Config(BaseModel):
 
 
 class _CommandConfig(_Config):
-    """What every command takes."""
+    """What every command takes. Each command's config says how it plans (`plan`, in engine/planners.py)."""
 
     part: PartText = None
     """This process's share of a job split over N processes or nodes: i/N, 0-based (as SLURM_ARRAY_TASK_ID and
     torchrun's RANK); default: read from Slurm's or torchrun's environment; none: the whole job here."""
+
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        """The model and the plan of this command (engine/planners.py; no data read)."""
+        raise NotImplementedError  # every command's config has its own
 
 
 class HfConfig(_Config):
@@ -142,6 +135,11 @@ class HfToMmConfig(_CommandConfig):
     def out_dir(self) -> Path:
         return self.mm_dir
 
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import hf_to_mm
+
+        return hf_to_mm(job, self)
+
 
 class MmToHfConfig(_CommandConfig):
     """Convert a MindSpeed-MM (Megatron) checkpoint back to Hugging Face safetensors."""
@@ -172,6 +170,11 @@ class MmToHfConfig(_CommandConfig):
     @property
     def out_dir(self) -> Path:
         return self.save_hf_dir
+
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import mm_to_hf
+
+        return mm_to_hf(job, self)
 
 
 class ResplitConfig(_CommandConfig):
@@ -215,6 +218,11 @@ class ResplitConfig(_CommandConfig):
     def out_dir(self) -> Path:
         return self.target_dir
 
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import resplit
+
+        return resplit(job, self)
+
 
 class HfToDcpConfig(_CommandConfig):
     """Convert a Hugging Face checkpoint to one torch.distributed.checkpoint directory (re-sharded at load)."""
@@ -235,6 +243,11 @@ class HfToDcpConfig(_CommandConfig):
     def out_dir(self) -> Path:
         return self.dcp_dir
 
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import hf_to_dcp
+
+        return hf_to_dcp(job, self)
+
 
 class MergeLoraConfig(_CommandConfig):
     """Merge a LoRA adapter into a Hugging Face checkpoint: merged HF safetensors, sharded like the base."""
@@ -253,6 +266,11 @@ class MergeLoraConfig(_CommandConfig):
     @property
     def out_dir(self) -> Path:
         return self.save_hf_dir
+
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import merge_lora
+
+        return merge_lora(job, self)
 
 
 class LoraHfToMmConfig(_CommandConfig):
@@ -275,6 +293,11 @@ class LoraHfToMmConfig(_CommandConfig):
     def out_dir(self) -> Path:
         return self.mm_dir
 
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import lora_hf_to_mm
+
+        return lora_hf_to_mm(job, self)
+
 
 class LoraMmToHfConfig(_CommandConfig):
     """Write a Megatron/MindSpeed LoRA checkpoint as a PEFT adapter (adapter_config.json + safetensors), unmerged."""
@@ -294,6 +317,11 @@ class LoraMmToHfConfig(_CommandConfig):
     @property
     def out_dir(self) -> Path:
         return self.save_hf_dir
+
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import lora_mm_to_hf
+
+        return lora_mm_to_hf(job, self)
 
 
 COMMANDS: dict[str, type[_Config]] = {
@@ -359,41 +387,6 @@ class Job(_Config):
         return self.cfg.overwrite
 
 
-def with_llm_source(info: ModelInfo, llm: ModelInfo) -> ModelInfo:
-    """Language-model tensors and config fields from `llm`, the rest from `info`."""
-    preset = info.preset
-    lm = {m.name for m in preset.modules if m.name == "llm"}
-    tensors = {k: v for k, v in info.tensors.items() if (m := preset.module_of_source(k)) and m.name not in lm}
-    tensors |= {k: v for k, v in llm.tensors.items() if (m := preset.module_of_source(k)) and m.name in lm}
-    fields = dict(info.fields)
-    try:
-        llm_fields = resolve_fields(preset, llm.config, llm.hf_dir / "config.json")
-    except ConvertError:
-        llm_fields = {}
-    for name, paths in preset.fields.items():
-        if not any(p.startswith("vision_config") for p in paths) and name in llm_fields:
-            fields[name] = llm_fields[name]
-    return dataclasses.replace(info, tensors=tensors, fields=fields, files=[*info.files, *llm.files])
-
-
-def _inspect(job: Job, hf_dir: Path, naming: str | None = None) -> ModelInfo:
-    """The model in the job's naming (or `naming`), without its MTP layers when the job says mtp = false."""
-    info = _inspect_family(job, hf_dir, naming or getattr(job.cfg, "naming", DEFAULT_NAMING))
-    return info if getattr(job.cfg, "mtp", True) else without_mtp(info)
-
-
-def _inspect_family(job: Job, hf_dir: Path, naming: str) -> ModelInfo:
-    seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
-    preset = preset_for_converter(job.converter, seen, naming)
-    if seen and seen not in preset.model_types:
-        same = [p for p in builtin_presets().values() if p.converter == job.converter]  # Qwen3-VL: dense and MoE
-        raise ConvertError(
-            f"{hf_dir}/config.json: model_type {seen!r} is not a {' or '.join(p.title for p in same)} model "
-            f"(converter {job.converter} expects {', '.join(t for p in same for t in p.model_types)})"
-        )
-    return inspect_hf(hf_dir, preset)
-
-
 OUT_FIELDS = {
     "hf_to_mm": "mm_dir",
     "mm_to_hf": "save_hf_dir",
@@ -416,115 +409,10 @@ def prepare(job: Job, *, check_out: bool = True) -> tuple[ModelInfo, Plan]:
 
 
 def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
-    cfg = job.cfg
     if check_out:
         check_inputs(job.out_dir, job.inputs, job.out_field, job.overwrite)
         check_target(job.out_dir, job.overwrite, job.out_field)
-    if isinstance(cfg, MmToHfConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
-        ckpt = open_checkpoint(cfg.mm_dir)
-        layout = cfg.parallel_config or infer_layout(info, ckpt)
-        impl = resolve(info, ckpt, cfg.transformer_impl, "transformer_impl", "mm_dir")
-        view = open_view(info, ckpt, layout, forward=_forward(info, layout, ckpt.iteration, impl))
-        check_zero_parts(view, "mm_dir")
-        adapter = _adapter(cfg.lora, info, layout)
-        return info, build_mm_to_hf_plan(info, view, max_shard_size=cfg.max_shard_size, adapter=adapter)
-    if isinstance(cfg, MergeLoraConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
-        adapter = _adapter(cfg.lora, info, None)
-        assert adapter is not None
-        return info, build_merge_plan(info, adapter, max_shard_size=cfg.max_shard_size)
-    if isinstance(cfg, LoraHfToMmConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
-        if cfg.lora.is_megatron:
-            raise ConvertError(
-                f"lora.adapter_dir {cfg.lora.adapter_dir}: a Megatron LoRA checkpoint; lora_hf_to_mm takes a PEFT "
-                "adapter (adapter_config.json + adapter_model.safetensors)"
-            )
-        check_preset(info, cfg.transformer_impl, "transformer_impl")
-        plan = peft_to_mm_plan(info, read_peft_adapter(cfg.lora.adapter_dir, info), cfg.parallel_config)
-        return info, rename_plan(plan, cfg.transformer_impl)
-    if isinstance(cfg, LoraMmToHfConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
-        if not cfg.lora.is_megatron:
-            raise ConvertError(
-                f"lora.adapter_dir {cfg.lora.adapter_dir}: no {TRACKER_NAME}; lora_mm_to_hf takes a Megatron LoRA "
-                "checkpoint (a PEFT adapter is already in Hugging Face form)"
-            )
-        check_preset(info, cfg.transformer_impl, "transformer_impl")
-        adapter = _adapter(cfg.lora, info, None)
-        assert adapter is not None
-        return info, peft_plan(adapter)
-    if isinstance(cfg, HfToDcpConfig):
-        info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
-        return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
-    if isinstance(cfg, ResplitConfig):
-        info = _inspect(job, cfg.hf_config.hf_dir)
-        src = _inspect(job, cfg.hf_config.hf_dir, cfg.source_naming) if cfg.source_naming else info
-        ckpt = open_checkpoint(cfg.source_dir, "source_dir")
-        layout = cfg.source_parallel_config or infer_layout(src, ckpt, "source_dir")
-        source_impl = resolve(src, ckpt, cfg.source_transformer_impl, "source_transformer_impl", "source_dir")
-        view = open_view(src, ckpt, layout, "source_dir", forward=_forward(src, layout, ckpt.iteration, source_impl))
-        check_zero_parts(view, "source_dir")
-        iteration = iteration_dir(cfg.iteration, ckpt.iteration)
-        plan = build_plan(info, cfg.target_parallel_config, iteration=iteration, megatron_args=cfg.save_megatron_args)
-        if cfg.format != "legacy":
-            plan = _formatted(plan, info, cfg.target_parallel_config, cfg.format, cfg.transformer_impl or source_impl)
-            return info, retarget(_merged(plan, _adapter(cfg.lora, info, layout)), view)
-        impl = cfg.transformer_impl or source_impl
-        check_preset(info, impl, "transformer_impl")
-        return info, rename_plan(retarget(_merged(plan, _adapter(cfg.lora, src, layout)), view), impl)
-    assert isinstance(cfg, HfToMmConfig)
-    info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
-    check_preset(info, cfg.transformer_impl, "transformer_impl")
-    if cfg.llm_hf_dir:
-        llm = inspect_hf(cfg.llm_hf_dir, info.preset)
-        info = with_llm_source(info, llm)
-    if cfg.format == "dcp":
-        plan = build_dcp_plan(info, iteration=iteration_dir(cfg.iteration))
-        return info, _merged(plan, _adapter(cfg.lora, info, None))
-    plan = build_plan(
-        info, cfg.parallel_config, save_vit_only=cfg.save_vit_only, iteration=iteration_dir(cfg.iteration),
-        megatron_args=cfg.save_megatron_args,
-    )  # fmt: skip
-    if cfg.format == "torch_dist":
-        plan = _formatted(plan, info, cfg.parallel_config, cfg.format, cfg.transformer_impl)
-        return info, _merged(plan, _adapter(cfg.lora, info, None))
-    return info, rename_plan(_merged(plan, _adapter(cfg.lora, info, None)), cfg.transformer_impl)
-
-
-def _formatted(plan: Plan, info: ModelInfo, layout: ParallelConfig, fmt: str, impl: TransformerImpl) -> Plan:
-    """A legacy plan written in another format (engine/formats/)."""
-    if fmt != "torch_dist":
-        raise ConvertError(f"format = {fmt}: resplit writes legacy or torch_dist")
-    from .formats.torch_dist_writer import to_torch_dist
-
-    return to_torch_dist(plan, info, layout, impl)
-
-
-def _forward(info: ModelInfo, layout: ParallelConfig, iteration: str, impl: TransformerImpl) -> Plan:
-    """The plan a checkpoint on disk was written with, in its names: what open_view checks the disk against."""
-    return rename_plan(build_plan(info, layout, iteration=iteration), impl)
-
-
-def _adapter(lora: LoraConfig | None, info: ModelInfo, base_layout: ParallelConfig | None) -> Adapter | None:
-    """The adapter to merge: a PEFT directory, or a Megatron LoRA checkpoint in its layout."""
-    if lora is None:
-        return None
-    if not lora.is_megatron:
-        return read_peft_adapter(lora.adapter_dir, info)
-    layout = lora.parallel_config or base_layout
-    if layout is None:
-        layout = infer_layout(info, open_checkpoint(lora.adapter_dir, "lora.adapter_dir"), "lora.adapter_dir")
-    return open_mm_adapter(
-        info, lora.adapter_dir, layout, r=lora.r, alpha=lora.alpha, use_rslora=lora.use_rslora,
-        target_modules=lora.target_modules,
-    )  # fmt: skip
-
-
-def _merged(plan: Plan, adapter: Adapter | None) -> Plan:
-    """The plan with the adapter's blocks marked (before any retarget: they name canonical tensors)."""
-    return attach(plan, adapter) if adapter else plan
+    return job.cfg.plan(job)
 
 
 def first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
