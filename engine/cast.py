@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .formats.safetensors_header import TensorMeta, itemsize
 from .fp8 import PARAMS_DTYPES, Fp8Meta
 from .fused_experts import ExpertMeta
-from .safetensors_header import TensorMeta, itemsize
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader

@@ -24,9 +24,9 @@ from collections import defaultdict
 
 from .errors import ConvertError
 from .experts import detect as detect_grouped
+from .formats.mm_source import RANK_DIR, MmCheckpoint, read_rank_file
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
-from .mm_source import RANK_DIR, MmCheckpoint, read_rank_file
 from .plan import _pattern, build_plan, rank_dir_name
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix

@@ -25,10 +25,13 @@ import numpy as np
 from . import cast, experts, fp8, fused_experts
 from .cast import is_cast
 from .check import check_plan
-from .dcp_writer import METADATA_NAME, DcpWriter
 from .errors import WriteError
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
 from .experts import is_transposed
+from .formats.dcp_writer import METADATA_NAME, DcpWriter
+from .formats.safetensors_header import TensorMeta
+from .formats.safetensors_writer import SafetensorsWriter, header_bytes
+from .formats.torch_zip import StreamingCheckpointWriter
 from .fp8 import is_fp8
 from .fused_experts import TransposedEntry, is_expert
 from .hf_source import TensorReader
@@ -36,10 +39,7 @@ from .mtp import check_same
 from .out_file import Span
 from .plan import Entry, OutputFile, Piece, Plan, grid
 from .record_check import Record, read_back_problem
-from .safetensors_header import TensorMeta
-from .safetensors_writer import SafetensorsWriter, header_bytes
 from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_dir, write_error
-from .torch_zip import StreamingCheckpointWriter
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
 FILE_MODE = 0o640

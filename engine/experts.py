@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import ConvertError
-from .safetensors_header import TensorMeta
+from .formats.safetensors_header import TensorMeta
 
 if TYPE_CHECKING:
     from .hf_source import TensorReader

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConvertError
-from .safetensors_header import TensorMeta, itemsize
+from .formats.safetensors_header import TensorMeta, itemsize
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ConvertError
+from .formats.safetensors_header import TensorMeta
 from .plan import Entry, Piece
 from .preset import FUSED, Mapping
-from .safetensors_header import TensorMeta
 from .shape_check import HIDDEN
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import ConvertError
+from .formats.safetensors_header import TensorMeta, read_metadata
 from .fp8 import unquantised_config
 from .fused_experts import ExpertMeta, fused_entry
 from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
@@ -21,7 +22,6 @@ from .lora import Adapter, merging
 from .mm_view import MmView, hf_view
 from .mtp import copy_of, left_out_note
 from .plan import Entry, OutputFile, Piece, Plan
-from .safetensors_header import TensorMeta, read_metadata
 from .tie import is_tied
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

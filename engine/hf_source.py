@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvertError
+from .formats.safetensors_header import TensorMeta, read_header
 from .fp8 import dequantised
 from .mtp import with_mtp_names
 from .preset import Preset, default_presets, with_language_model
 from .regular_file import open_regular, read_regular
-from .safetensors_header import TensorMeta, read_header
 from .strict_json import parse_json
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def _indexed(hf_dir: Path, index: Path, kind: str) -> tuple[list[Path], dict[str
 def read_weights(path: Path) -> dict[str, TensorMeta]:
     """One weight file's tensors from metadata: a safetensors header, or a torch .bin's pickle."""
     if path.suffix == ".bin":
-        from .mm_source import read_bin_file  # the restricted unpickler lives with the rank-file reader
+        from .formats.mm_source import read_bin_file  # the restricted unpickler lives with the rank-file reader
 
         return read_bin_file(path)
     return read_header(path)

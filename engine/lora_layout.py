@@ -26,13 +26,13 @@ from pathlib import Path
 
 from .errors import ConvertError
 from .experts import is_expert_key
+from .formats.mm_source import MmCheckpoint, open_checkpoint, read_rank_file
+from .formats.safetensors_header import TensorMeta
 from .hf_source import ModelInfo, TensorReader
 from .layout import ParallelConfig
 from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
-from .mm_source import MmCheckpoint, open_checkpoint, read_rank_file
 from .mm_view import MmView, open_view
 from .plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan, build_plan
-from .safetensors_header import TensorMeta
 
 SIDE_NAME = "lora_layout.json"
 SIDE_FORMAT = "mmtui lora layout 1"

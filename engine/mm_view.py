@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 from .errors import ConvertError
 from .experts import transposed_view
+from .formats.mm_source import MmCheckpoint, read_rank_file
+from .formats.safetensors_header import TensorMeta
 from .hf_source import ModelInfo
 from .layout import ParallelConfig
-from .mm_source import MmCheckpoint, read_rank_file
 from .mtp import is_mtp_target
 from .plan import Piece, Plan, build_plan, grid
 from .preset import builtin_presets
-from .safetensors_header import TensorMeta
 from .tie import is_tied
 
 REPLICA = "a copy of data read from another rank (TP replica or tied output layer)"

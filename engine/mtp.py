@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConvertError
 
 if TYPE_CHECKING:
+    from .formats.safetensors_header import TensorMeta
     from .hf_source import ModelInfo, TensorReader
     from .layout import Placement
     from .plan import Plan, _Target
     from .preset import Preset
-    from .safetensors_header import TensorMeta
 
 
 def mtp_count(preset: Preset, config: dict[str, Any], where: object) -> int:

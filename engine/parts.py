@@ -46,14 +46,14 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from .check import check_plan
-from .dcp_writer import METADATA_NAME
 from .errors import ConvertError, WriteError
 from .events import Event, Finished, Notice, PartDone
 from .execute import FILE_MODE, _read_files, write_files
+from .formats.dcp_writer import METADATA_NAME
+from .formats.safetensors_writer import header_bytes
 from .hf_source import TensorReader
 from .mtp import check_same
 from .plan import OutputFile, Plan
-from .safetensors_writer import header_bytes
 from .target import (
     DIR_MODE,
     PARTS_TAG,

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from . import mtp as mtp_layers
 from .errors import ConvertError
+from .formats.safetensors_header import TensorMeta, itemsize
 from .hf_source import ModelInfo
 from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
 from .preset import Mapping, Module
-from .safetensors_header import TensorMeta, itemsize
 from .shape_check import check_shapes
 from .tie import is_tied, tie_said
 
@@ -618,7 +618,7 @@ def build_dcp_plan(info: ModelInfo, *, iteration: str = "release") -> Plan:
 
     DCP re-shards at load time, so the plan is the TP 1 / PP 1 layout written in DCP's format.
     """
-    from .dcp_writer import DATA_NAME
+    from .formats.dcp_writer import DATA_NAME
 
     plan = build_plan(info, one_stage(info), iteration=iteration)
     (f,) = plan.files

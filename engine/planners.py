@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from .cast import with_params_dtype
 from .disk_layout import infer_layout
 from .errors import ConvertError
+from .formats.mm_source import open_checkpoint
 from .hf_out import build_merge_plan, build_mm_to_hf_plan
 from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
 from .lora import Adapter, attach, read_peft_adapter
 from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
 from .megatron_args import iteration_dir
-from .mm_source import open_checkpoint
 from .mm_view import open_view, retarget
 from .mtp import without_mtp
 from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from .errors import ConvertError
 
 if TYPE_CHECKING:
+    from .formats.safetensors_header import TensorMeta
     from .hf_source import ModelInfo
     from .plan import _Target
-    from .safetensors_header import TensorMeta
 
 # each module's width, by the field name the presets give it
 HIDDEN = {"llm": "hidden_size", "vit": "vit_hidden", "audio": "audio_hidden"}

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from typing import Literal
 
 from .errors import ConvertError
+from .formats.mm_source import MmCheckpoint, read_rank_file
 from .hf_source import ModelInfo
-from .mm_source import MmCheckpoint, read_rank_file
 from .mtp import has_mtp
 from .plan import Plan
 

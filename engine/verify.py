@@ -18,12 +18,12 @@ import numpy as np
 from .disk_layout import infer_layout
 from .errors import ConvertError
 from .execute import assemble_rows, rows_per_band
+from .formats.mm_source import open_checkpoint
+from .formats.safetensors_header import TensorMeta
 from .hf_source import ModelInfo, TensorReader, inspect_hf
 from .layout import ParallelConfig
-from .mm_source import open_checkpoint
 from .mm_view import open_view
 from .plan import Entry, Piece, build_plan, grid
-from .safetensors_header import TensorMeta
 from .te_names import TransformerImpl, rename_plan, resolve
 
 if TYPE_CHECKING:

@@ -76,7 +76,7 @@ def _bf16(values) -> bytes:
 
 def demo_files() -> dict[str, bytes]:
     """File name -> bytes of the demo checkpoint, the same on every run."""
-    from engine.safetensors_writer import header_bytes
+    from engine.formats.safetensors_writer import header_bytes
 
     shapes, data, start = _shapes(), {}, 0
     for name in sorted(shapes):

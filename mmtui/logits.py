@@ -108,7 +108,7 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, toke
     import torch
 
     from engine.disk_layout import infer_layout
-    from engine.mm_source import open_checkpoint
+    from engine.formats.mm_source import open_checkpoint
 
     layout = layout or infer_layout(info, open_checkpoint(mm_dir))
 

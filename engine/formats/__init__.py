@@ -1,2 +1,8 @@
-"""Checkpoint formats as reader/writer pairs. Megatron-Core's `torch_dist` lives here; the older formats
-(safetensors, torch zip rank files, DCP) move in later."""
+"""Checkpoint formats, a reader and a writer each, so the planner never sees a byte layout:
+
+- safetensors: `safetensors_header` (reader: headers checked by the crate's rules), `safetensors_writer`;
+- Megatron rank files (torch zip): `mm_source` (reader: restricted unpickler, `.bin` weights too),
+  `torch_zip` (writer, streaming);
+- torch.distributed.checkpoint: `dcp_writer`;
+- Megatron-Core's torch_dist: `torch_dist_reader`, `torch_dist_writer` (with `torch_dist_names`, `torch_dist_pickle`).
+"""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError
-from ..torch_zip import STORAGES
+from .torch_zip import STORAGES
 
 MAX_BYTES = 1 << 30  # a 1T-parameter model's index is a few hundred MB at most
 

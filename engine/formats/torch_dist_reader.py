@@ -3,7 +3,7 @@
 A torch_dist directory (`release/` or `iter_N/`) is recognised by megatron-core's `metadata.json`; its
 `.metadata` (torch DCP's index, read by torch_dist_pickle.py) lists every global tensor, its chunks and
 where each chunk's `torch.save` archive lies in the `__R_I.distcp` files. Each archive is parsed like a rank
-file (its pickle through engine/mm_source.py's unpickler, every record CRC-checked before use), so a chunk
+file (its pickle through engine/formats/mm_source.py's unpickler, every record CRC-checked before use), so a chunk
 becomes a byte range, exactly like a rank-file tensor.
 
 The global tensors do not depend on the layout the checkpoint was saved with, so it is read as the TP 1,
@@ -28,14 +28,13 @@ from pathlib import Path
 from ..errors import ConvertError
 from ..hf_source import ModelInfo
 from ..layout import ParallelConfig, one_stage
-from ..mm_source import MAX_PICKLE_BYTES, MmCheckpoint, _meta, _MetadataUnpickler, _Tensor
 from ..mm_view import MmView
 from ..plan import Entry, Piece, Plan, grid
 from ..record_check import Record as ZipRecord
 from ..regular_file import open_regular, read_regular
-from ..safetensors_header import TensorMeta
 from ..te_names import to_local
-from ..torch_zip import STORAGES
+from .mm_source import MAX_PICKLE_BYTES, MmCheckpoint, _meta, _MetadataUnpickler, _Tensor
+from .safetensors_header import TensorMeta
 from .torch_dist_names import (
     CONFIG_NAME,
     CONFIG_TEXT,
@@ -47,6 +46,7 @@ from .torch_dist_names import (
     written_names,
 )
 from .torch_dist_pickle import Record, load_index
+from .torch_zip import STORAGES
 
 EXPECTED_CONFIG = json.loads(CONFIG_TEXT)
 

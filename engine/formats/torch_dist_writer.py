@@ -5,7 +5,7 @@ tensors as chunks of global tensors (torch_dist_names.py). So the plan is re-lab
 rank file becomes one `__R_0.distcp` holding its chunks (a gated fc1 tensor becomes its two chunks, a
 replica is left to TP rank 0), and three small files join it, as megatron-core writes them:
 `metadata.json`, `common.pt` (Megatron-LM's `args`, `checkpoint_version`, `iteration`, ...) and `.metadata`,
-torch DCP's index of every chunk, built from torch's own dataclasses as engine/dcp_writer.py does.
+torch DCP's index of every chunk, built from torch's own dataclasses as engine/formats/dcp_writer.py does.
 
 A chunk in a `.distcp` file is what `torch.save(chunk)` writes (a small zip), and each archive's length is a
 function of its dtype and shape alone (our zip writer is deterministic and counts offsets from the archive's
@@ -27,7 +27,6 @@ from ..layout import ParallelConfig
 from ..megatron_args import CHECKPOINT_VERSION, iteration_number, megatron_args
 from ..plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
 from ..record_check import Record
-from ..torch_zip import STORAGES, StreamingCheckpointWriter, _Global, pickle_checkpoint, torch_global
 from .torch_dist_names import (
     COMMON_NAME,
     CONFIG_NAME,
@@ -38,6 +37,7 @@ from .torch_dist_names import (
     Chunker,
     written_names,
 )
+from .torch_zip import STORAGES, StreamingCheckpointWriter, _Global, pickle_checkpoint, torch_global
 
 KIND = "torch_dist"  # a `.distcp` data file
 KIND_INDEX = "torch_dist_index"  # `.metadata`
@@ -159,7 +159,7 @@ class _MemoryArchive(StreamingCheckpointWriter):
 
     def add_size(self, dtype: str, shape: tuple[int, ...]) -> object:
         """A tensor record of the right length whose bytes are not produced (its CRC does not change lengths)."""
-        from ..torch_zip import TensorRef
+        from .torch_zip import TensorRef
 
         ref = TensorRef("", dtype, shape)
         nbytes = ref.numel * STORAGES[dtype][1]

@@ -348,7 +348,7 @@ class WorkbenchScreen(Screen[None]):
     def _infer(self, info: ModelInfo, src: str, direction: str) -> None:
         from engine.disk_layout import infer_layout
         from engine.errors import ConvertError
-        from engine.mm_source import open_checkpoint
+        from engine.formats.mm_source import open_checkpoint
 
         try:
             layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))

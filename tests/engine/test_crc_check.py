@@ -18,10 +18,10 @@ import pytest
 import engine.record_check as record_check
 from engine.errors import ConvertError
 from engine.execute import run
+from engine.formats.mm_source import read_rank_file
 from engine.hf_source import TensorReader, inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
-from engine.mm_source import read_rank_file
 from engine.out_file import fd_path
 from engine.verify import compare, hf_side, mm_side
 from tests.test_cli import _bad, mm_convert

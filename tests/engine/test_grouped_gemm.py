@@ -20,10 +20,10 @@ import torch
 
 from engine.disk_layout import infer_layout
 from engine.errors import ConvertError
+from engine.formats.mm_source import open_checkpoint
 from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, layout_problems
-from engine.mm_source import open_checkpoint
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _convert, _hf_to_mm
 from tests.engine.test_way_back import _same_tree

@@ -21,10 +21,10 @@ from engine.check import check_plan
 from engine.disk_layout import infer_layout
 from engine.errors import ConvertError
 from engine.execute import run
+from engine.formats.mm_source import open_checkpoint
 from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, validate_layout
-from engine.mm_source import open_checkpoint
 from engine.plan import build_plan
 from tests.engine.test_hf_to_mm import _assert_same, _expected, _load_dir
 from tests.test_cli import _bad, mm_convert

@@ -25,11 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ConvertError
+from engine.formats.mm_source import open_checkpoint, read_rank_file
+from engine.formats.safetensors_header import MAX_TENSORS, read_header, read_metadata
 from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.mm_source import open_checkpoint, read_rank_file
-from engine.safetensors_header import MAX_TENSORS, read_header, read_metadata
 
 # ---------------------------------------------------------------------------------------
 # helpers

@@ -20,10 +20,10 @@ from safetensors.numpy import save_file
 from engine.errors import ConvertError, WriteError
 from engine.events import Finished, Notice, PartDone, Progress, Started
 from engine.execute import execute, run
+from engine.formats.safetensors_header import read_header
 from engine.job import Job, load_job, prepare
 from engine.layout import ParallelConfig
 from engine.parts import Part, control_dir, describe, execute_part, job_key, parse_part, shares
-from engine.safetensors_header import read_header
 
 TP2_PP2 = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]])
 

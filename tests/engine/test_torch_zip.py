@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.torch_zip as tz
-from engine.torch_zip import StreamingCheckpointWriter
+import engine.formats.torch_zip as tz
+from engine.formats.torch_zip import StreamingCheckpointWriter
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvertError
-from .plan import CKPT_NAME, TRACKER_NAME
-from .record_check import Record
-from .regular_file import open_regular, read_regular
+from ..errors import ConvertError
+from ..plan import CKPT_NAME, TRACKER_NAME
+from ..record_check import Record
+from ..regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, itemsize
 from .torch_zip import STORAGES
 

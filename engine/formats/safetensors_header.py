@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConvertError
-from .regular_file import open_regular
-from .strict_json import parse_json
+from ..errors import ConvertError
+from ..regular_file import open_regular
+from ..strict_json import parse_json
 
 if TYPE_CHECKING:
-    from .record_check import Record
+    from ..record_check import Record
 
 # safetensors dtype string -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
