@@ -423,7 +423,7 @@ def open_checkpoint(mm_dir: Path | str, field: str = "mm_dir") -> MmCheckpoint:
     it_dir = root / iteration
     if not it_dir.is_dir():
         raise ConvertError(f"{tracker}: says {text!r} but {it_dir} does not exist")
-    from .formats.torch_dist_reader import detect  # it reads chunk archives with this module
+    from .torch_dist_reader import detect  # it reads chunk archives with this module
 
     dist = detect(it_dir)
     if dist is not None:
