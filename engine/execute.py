@@ -35,11 +35,11 @@ from .formats.torch_zip import StreamingCheckpointWriter
 from .fp8 import is_fp8
 from .fused_experts import TransposedEntry, is_expert
 from .hf_source import TensorReader
-from .mtp import check_same
+from .mtp import check_copies
 from .out_file import Span
 from .plan import Entry, OutputFile, Piece, Plan, grid
 from .record_check import Record, read_back_problem
-from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_dir, write_error
+from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_path, write_error
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
 FILE_MODE = 0o640
@@ -310,11 +310,7 @@ def _publish(f: OutputFile, stage: Path, dest: Path) -> None:
     """Sync a staged file (a DCP data file with its .metadata) and move it to its place under `dest`."""
     names = [f.path] + ([str(Path(f.path).parent / METADATA_NAME)] if f.kind == "dcp" else [])
     for name in names:
-        fd = os.open(stage / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(stage / name)
     if f.kind == "torch":  # read back whole once: what is moved in has every record's CRC-32 right
         problem = read_back_problem(stage / f.path)
         if problem is not None:
@@ -461,9 +457,7 @@ def execute(
         needed = plan.nbytes + sum(len(t.encode()) for t in plan.texts.values())
         needed += sum(_size(p) for p in plan.copies.values())
         check_space(needed, owned.target, field, overwrite)
-        if plan.same:  # copies that are not written must be copies (MTP's embedding and output head)
-            with contextlib.closing(TensorReader()) as reader:
-                check_same(plan, reader)
+        check_copies(plan)
         start = time.perf_counter()
         tmp = owned.make_tmp()
         try:
@@ -500,12 +494,8 @@ def _fsync_tree(root: Path) -> None:
     """Make every file and directory under root durable before it is renamed into place."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+            fsync_path(Path(dirpath, name))
+        fsync_path(Path(dirpath))
 
 
 def run(plan: Plan, out_dir: Path | str, *, overwrite: bool = False, **kw) -> Finished:

@@ -16,6 +16,7 @@ of each per MTP layer (`embed_tokens`, `shared_head.head`). So, from the preset'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -91,6 +92,15 @@ def same_pairs(info: ModelInfo, dropped: dict[str, str]) -> list[tuple[str, str,
     raw = info.raw_names
     pairs = [(name, src) for name in info.tensors if name in dropped and (src := copy_of(info, name)) is not None]
     return [(a, b, f"{raw.get(a, a)} differs from {raw.get(b, b)}") for a, b in pairs]
+
+
+def check_copies(plan: Plan) -> None:
+    """Before writing: the MTP copies a plan drops (MTP's embedding and output head) are copies."""
+    if plan.same:
+        from .hf_source import TensorReader  # hf_source imports this module
+
+        with contextlib.closing(TensorReader()) as reader:
+            check_same(plan, reader)
 
 
 def check_same(plan: Plan, reader: TensorReader) -> None:

@@ -51,8 +51,7 @@ from .events import Event, Finished, Notice, PartDone
 from .execute import FILE_MODE, _read_files, write_files
 from .formats.dcp_writer import METADATA_NAME
 from .formats.safetensors_writer import header_bytes
-from .hf_source import TensorReader
-from .mtp import check_same
+from .mtp import check_copies
 from .plan import OutputFile, Plan
 from .target import (
     DIR_MODE,
@@ -63,7 +62,7 @@ from .target import (
     check_space,
     check_target,
     clear_debris,
-    fsync_dir,
+    fsync_path,
     resolve_target,
     target_lock,
     write_error,
@@ -293,9 +292,7 @@ def execute_part(
         shutil.rmtree(stage, ignore_errors=True)  # a killed run's half files: this part's alone (its lock)
         _mkdir(stage)
         check_space(nbytes, target, field, overwrite)
-        if plan.same:  # copies that are not written must be copies (MTP's embedding and output head): every
-            with contextlib.closing(TensorReader()) as reader:  # part checks, so no part writes on a wrong source
-                check_same(plan, reader)
+        check_copies(plan)  # every part checks, so no part writes on a wrong source
         try:
             yield from write_files(plan, out, todo, stage=stage)
         except OSError as e:
@@ -351,9 +348,9 @@ def _finish(
                 shutil.copyfile(src, out / rel)
                 os.chmod(out / rel, FILE_MODE)
             for rel in [*plan.texts, *plan.copies]:
-                _fsync(out / rel)
+                fsync_path(out / rel)
             for dirpath, _, _ in os.walk(out, topdown=False):
-                fsync_dir(Path(dirpath))
+                fsync_path(Path(dirpath))
         except OSError as e:
             if e.errno not in WRITE_ERRNOS:
                 raise
@@ -362,11 +359,3 @@ def _finish(
         Claim(target, field, overwrite, fd, lock_path, tmp=out).commit()
         shutil.rmtree(control, ignore_errors=True)
     yield Finished(target, plan.nbytes, time.perf_counter() - start)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

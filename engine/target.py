@@ -169,7 +169,7 @@ class Claim:
                     ) from None
             elif rename2(tmp, target, RENAME_EXCHANGE):  # old content now under the temporary name
                 self.tmp, self.committed = None, True
-                fsync_dir(target.parent)
+                fsync_path(target.parent)
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             else:  # no renameat2: move the old aside under a name a later run recognises as debris
@@ -177,7 +177,7 @@ class Claim:
                 target.rename(old)
                 tmp.rename(target)
                 self.tmp, self.committed = None, True
-                fsync_dir(target.parent)
+                fsync_path(target.parent)
                 shutil.rmtree(old, ignore_errors=True)
                 return
         try:
@@ -189,7 +189,7 @@ class Claim:
                 raise ConvertError(f"{self.field} {target}: appeared while converting; it was not replaced")
             tmp.rename(target)
         self.tmp, self.committed = None, True
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
 
     def abandon(self) -> None:
         if self.tmp is not None:
@@ -426,7 +426,8 @@ def write_error(e: OSError, path: Path | str, needed: int, free_at: Path) -> Wri
     return WriteError(f"{path}: cannot write ({e.strerror})")
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
