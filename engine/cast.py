@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .formats.safetensors_header import TensorMeta, itemsize
-from .fp8 import PARAMS_DTYPES, Fp8Meta
-from .fused_experts import ExpertMeta
+from .formats.safetensors_header import TensorMeta, ViewMeta, itemsize
+from .fp8 import PARAMS_DTYPES
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader
@@ -27,10 +26,11 @@ BAND = 4 << 20  # bytes of the source read per step
 
 
 @dataclass(frozen=True, slots=True)
-class CastMeta(TensorMeta):
+class CastMeta(ViewMeta):
     """`raw`'s values in `dtype`."""
 
-    raw: TensorMeta | None = None
+    def fill(self, reader: TensorReader, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+        _cast(reader, self, r0, r1, c0, c1, dest)
 
 
 def with_params_dtype(info: ModelInfo, params_dtype: str | None) -> ModelInfo:
@@ -41,7 +41,7 @@ def with_params_dtype(info: ModelInfo, params_dtype: str | None) -> ModelInfo:
     dtype = PARAMS_DTYPES[params_dtype]
     tensors: dict[str, TensorMeta] = {}
     for name, m in info.tensors.items():
-        if isinstance(m, (Fp8Meta, ExpertMeta)):  # read by their own fill, which casts too
+        if isinstance(m, ViewMeta):  # converted by its own fill, which casts too
             tensors[name] = dataclasses.replace(m, dtype=dtype, nbytes=m.numel * itemsize(dtype))
         elif m.dtype in FLOATS and m.dtype != dtype:
             tensors[name] = CastMeta(name, dtype, m.shape, m.file, m.begin, m.numel * itemsize(dtype), raw=m)
@@ -50,11 +50,7 @@ def with_params_dtype(info: ModelInfo, params_dtype: str | None) -> ModelInfo:
     return dataclasses.replace(info, tensors=tensors)
 
 
-def is_cast(meta: TensorMeta) -> bool:
-    return isinstance(meta, CastMeta)
-
-
-def fill(reader: TensorReader, meta: CastMeta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+def _cast(reader: TensorReader, meta: CastMeta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
     """Rows [r0, r1), columns [c0, c1) of the cast tensor into `dest` (uint8, rows x cols x itemsize)."""
     import torch
 

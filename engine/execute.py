@@ -22,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cast, experts, fp8, fused_experts
-from .cast import is_cast
 from .check import check_plan
 from .errors import WriteError
 from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
-from .experts import is_transposed
 from .formats.dcp_writer import METADATA_NAME, DcpWriter
-from .formats.safetensors_header import TensorMeta
+from .formats.safetensors_header import TensorMeta, ViewMeta
 from .formats.safetensors_writer import SafetensorsWriter, header_bytes
 from .formats.torch_zip import StreamingCheckpointWriter
-from .fp8 import is_fp8
-from .fused_experts import TransposedEntry, is_expert
 from .hf_source import TensorReader
 from .mtp import check_copies
 from .out_file import Span
@@ -54,12 +49,12 @@ def whole_row_spans(
     With `confirms` (a torch zip writer, which sums the CRC-32 of what it copies), an entry that is one
     whole source record is not checked before the copy: its record is put in `confirms`, to be checked
     with the writer's sum, so the bytes are summed once, not twice."""
-    if entry.lora or entry.zero_fill or entry.stored is not None or isinstance(entry, TransposedEntry):
+    if entry.lora or entry.zero_fill or entry.stored is not None:
         return None  # merged, with zero blocks, or transposed: not a plain copy
     spans, at = [], 0
     for p in entry.pieces:
         meta = plan.sources[p.source]
-        if is_fp8(meta) or is_cast(meta) or is_transposed(meta) or is_expert(meta):  # converted on the way
+        if isinstance(meta, ViewMeta):  # converted on the way
             return None
         if p.at != at or p.col_at or (p.cols is not None and p.cols != (0, grid(meta.shape)[1])):
             return None
@@ -88,8 +83,6 @@ def assemble(entry: Entry, plan: Plan, reader: TensorReader) -> np.ndarray:
 
 def assemble_from(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader) -> np.ndarray:
     """The whole target tensor in one buffer (LoRA, tools); the writers take `bands` instead."""
-    if isinstance(entry, TransposedEntry):
-        return np.concatenate([np.frombuffer(b, np.uint8) for b in _transposed(entry, sources, reader)])
     return assemble_rows(entry, sources, reader, 0, grid(entry.shape)[0])
 
 
@@ -117,9 +110,6 @@ def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview
         return
     if entry.lora:  # B @ A is added on whole blocks
         yield memoryview(assemble(entry, plan, reader))
-        return
-    if isinstance(entry, TransposedEntry):
-        yield from _transposed(entry, plan.sources, reader)
         return
     rows = grid(entry.shape)[0]
     row_bytes = entry.nbytes // rows if rows else 0
@@ -158,15 +148,6 @@ def _transposed_bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterato
         yield memoryview(np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(-1))
 
 
-def _transposed(entry: TransposedEntry, sources: dict[str, TensorMeta], reader: TensorReader) -> Iterator[memoryview]:
-    """A fused [n, in, out] tensor one expert at a time: its [out, in] matrix built from the pieces, transposed."""
-    n, d_in, d_out = entry.shape
-    stacked = Entry(entry.key, entry.block_shape, entry.dtype, entry.pieces, entry.transform)
-    for e in range(n):
-        block = assemble_rows(stacked, sources, reader, e * d_out, (e + 1) * d_out).reshape(d_out, d_in, -1)
-        yield memoryview(np.ascontiguousarray(block.transpose(1, 0, 2)).reshape(-1))
-
-
 def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader, r0: int, r1: int, out) -> None:
     """Target rows [r0, r1) into `out`, from only the source blocks they need (zeros already there if zero_fill)."""
     if not out.size:
@@ -185,17 +166,8 @@ def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReade
         c0, c1 = p.cols or (0, scols)
         first = p.rows[0] - p.at  # source row of target row 0
         dest = target[lo - r0 : hi - r0, p.col_at : p.col_at + c1 - c0]
-        if is_fp8(meta):
-            fp8.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
-            continue
-        if is_cast(meta):
-            cast.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
-            continue
-        if is_transposed(meta):
-            experts.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
-            continue
-        if is_expert(meta):
-            fused_experts.fill(reader, meta, first + lo, first + hi, c0, c1, dest)
+        if isinstance(meta, ViewMeta):  # dequantised, cast or transposed as it is read
+            meta.fill(reader, first + lo, first + hi, c0, c1, dest)
             continue
         if c1 - c0 == scols == cols:  # whole rows into whole rows: read straight into place
             reader.read_rows_into(meta, first + lo, first + hi, memoryview(dest.reshape(-1)))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta
+from .formats.safetensors_header import TensorMeta, ViewMeta
 
 if TYPE_CHECKING:
     from .hf_source import TensorReader
@@ -139,10 +139,32 @@ def is_expert_key(key: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class TransposedMeta(TensorMeta):
-    """A stored tensor seen as its transpose: `shape` is [rows, cols]; `raw` is the stored bytes as [cols, rows]."""
+class TransposedMeta(ViewMeta):
+    """A stored 2-D tensor seen as its transpose in `dtype`: `shape` is [rows, cols]; `raw` is the stored
+    bytes as [cols, rows] (a grouped-GEMM weight read back, or one expert of HF's fused experts)."""
 
-    raw: TensorMeta | None = None
+    def fill(self, reader: TensorReader, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+        """Stored rows [c0, c1), a band at a time, their columns [r0, r1) transposed (and cast, if shown so)."""
+        raw = self.raw
+        assert raw is not None
+        stored_cols = raw.shape[1]
+        row_bytes = stored_cols * raw.itemsize
+        step = max(1, BAND // max(1, row_bytes))
+        for a in range(c0, c1, step):
+            b = min(c1, a + step)
+            if raw.dtype == self.dtype:
+                with reader.mapped_rows(raw, a, b) as view:
+                    src = np.frombuffer(view, dtype=np.uint8).reshape(b - a, stored_cols, -1)
+                    dest[:, a - c0 : b - c0] = src[:, r0:r1].transpose(1, 0, 2)
+                    del src  # the mapping closes on exit and must not be referenced then
+                continue
+            import torch
+
+            buf = np.empty((b - a) * row_bytes, dtype=np.uint8)
+            reader.read_rows_into(raw, a, b, memoryview(buf))
+            values = torch.from_numpy(buf).view(getattr(torch, raw.dtype)).reshape(b - a, stored_cols)
+            block = values[:, r0:r1].t().to(getattr(torch, self.dtype)).contiguous()
+            dest[:, a - c0 : b - c0] = block.view(torch.uint8).numpy().reshape(r1 - r0, b - a, -1)
 
 
 def transposed_view(meta: TensorMeta, shape: tuple[int, ...]) -> TransposedMeta:
@@ -150,23 +172,3 @@ def transposed_view(meta: TensorMeta, shape: tuple[int, ...]) -> TransposedMeta:
     rows, cols = shape
     raw = TensorMeta(meta.name, meta.dtype, (cols, rows), meta.file, meta.begin, meta.nbytes, meta.record)
     return TransposedMeta(meta.name, meta.dtype, shape, meta.file, meta.begin, meta.nbytes, meta.record, raw=raw)
-
-
-def is_transposed(meta: TensorMeta) -> bool:
-    return isinstance(meta, TransposedMeta)
-
-
-def fill(reader: TensorReader, meta: TransposedMeta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
-    """Rows [r0, r1), columns [c0, c1) of the transposed view into `dest` (uint8, rows x cols x itemsize):
-    stored rows [c0, c1), a band at a time, their columns [r0, r1) transposed."""
-    raw = meta.raw
-    assert raw is not None
-    stored_cols = raw.shape[1]
-    row_bytes = stored_cols * raw.itemsize
-    step = max(1, BAND // max(1, row_bytes))
-    for a in range(c0, c1, step):
-        b = min(c1, a + step)
-        with reader.mapped_rows(raw, a, b) as view:
-            src = np.frombuffer(view, dtype=np.uint8).reshape(b - a, stored_cols, -1)
-            dest[:, a - c0 : b - c0] = src[:, r0:r1].transpose(1, 0, 2)
-            del src  # the mapping closes on exit and must not be referenced then

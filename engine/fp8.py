@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, itemsize
+from .formats.safetensors_header import TensorMeta, ViewMeta, itemsize
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader
@@ -34,12 +34,14 @@ BAND = 4 << 20  # bytes of float32 work space per step of rows
 
 
 @dataclass(frozen=True, slots=True)
-class Fp8Meta(TensorMeta):
+class Fp8Meta(ViewMeta):
     """A dequantised weight: `raw` (fp8 bytes) times `scale` (one float per block), shown as `dtype`."""
 
-    raw: TensorMeta | None = None
     scale: TensorMeta | None = None
     block: tuple[int, int] = DEFAULT_BLOCK
+
+    def fill(self, reader: TensorReader, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+        _dequantise(reader, self, r0, r1, c0, c1, dest)
 
 
 def block_size(config: dict[str, Any], where: str) -> tuple[int, int]:
@@ -119,11 +121,7 @@ def unquantised_config(info: ModelInfo) -> str | None:
     return json.dumps(config, indent=2) + "\n"
 
 
-def is_fp8(meta: TensorMeta) -> bool:
-    return isinstance(meta, Fp8Meta)
-
-
-def fill(reader: TensorReader, meta: Fp8Meta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+def _dequantise(reader: TensorReader, meta: Fp8Meta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
     """Rows [r0, r1), columns [c0, c1) of the dequantised weight into `dest` (uint8, rows x cols x itemsize).
 
     A few rows at a time (BAND bytes of float32 at most), each block row's scales spread over the columns

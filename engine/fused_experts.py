@@ -6,8 +6,8 @@ expert. As with FP8 and dtype casts, the source view shows what the plan needs: 
 fused tensor `name` is an ordinary [out, in] tensor `name[e]` (`ExpertMeta`), so the preset's
 `fused_experts` mapping is a rename with an expert index, TP and EP rules apply unchanged, and
 only the byte reader transposes (a band of rows at a time). The way back writes the fused tensor
-as one `TransposedEntry`: the experts' [out, in] matrices stacked, each written transposed, so the
-original file comes back byte for byte.
+as one entry written transposed (`Entry.stored`, as grouped-GEMM weights are): the experts' [out, in]
+matrices side by side, so the original file comes back byte for byte.
 """
 
 from __future__ import annotations
@@ -17,31 +17,26 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .errors import ConvertError
+from .experts import TransposedMeta
 from .formats.safetensors_header import TensorMeta
 from .plan import Entry, Piece
 from .preset import FUSED, Mapping
 from .shape_check import HIDDEN
 
 if TYPE_CHECKING:
-    from .hf_source import ModelInfo, TensorReader
+    from .hf_source import ModelInfo
     from .mm_view import MmView
 
-BAND = 4 << 20  # bytes of the fused tensor read per step
 
 
 @dataclass(frozen=True, slots=True)
-class ExpertMeta(TensorMeta):
-    """Expert `expert` of the fused tensor `raw` [experts, in, out], shown as its [out, in] transpose in `dtype`."""
+class ExpertMeta(TransposedMeta):
+    """Expert `expert` of the fused tensor `fused` [experts, in, out], shown as its [out, in] transpose in `dtype`
+    (`raw` is that expert's stored [in, out] slab)."""
 
-    raw: TensorMeta | None = None
+    fused: TensorMeta | None = None
     expert: int = 0
-
-
-def is_expert(meta: TensorMeta) -> bool:
-    return isinstance(meta, ExpertMeta)
 
 
 def _fused_patterns(info: ModelInfo) -> list[tuple[re.Pattern[str], Mapping]]:
@@ -93,47 +88,19 @@ def split_fused_experts(info: ModelInfo) -> ModelInfo:
         size = d_in * d_out * meta.itemsize
         for e in range(n):
             key = f"{name}[{e}]"
+            at = meta.begin + e * size
+            slab = TensorMeta(key, meta.dtype, (d_in, d_out), meta.file, at, size, meta.record)
             tensors[key] = ExpertMeta(
-                key, meta.dtype, (d_out, d_in), meta.file, meta.begin + e * size, size, meta.record, raw=meta, expert=e
+                key, meta.dtype, (d_out, d_in), meta.file, at, size, meta.record, raw=slab, fused=meta, expert=e
             )
             raw_names[key] = f"{raw}[{e}]"
     return dataclasses.replace(info, tensors=tensors, raw_names=raw_names)
 
 
-def fill(reader: TensorReader, meta: ExpertMeta, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
-    """Rows [r0, r1), columns [c0, c1) of the expert's [out, in] matrix into `dest` (uint8, rows x cols x itemsize):
-    rows [c0, c1) of its stored [in, out] slab, columns [r0, r1) of them, transposed (and cast, if asked)."""
-    import torch
-
-    raw = meta.raw
-    assert raw is not None
-    out_dim, in_dim = meta.shape
-    row_bytes = out_dim * raw.itemsize  # as stored: `meta` may show the expert cast to another dtype
-    slab = TensorMeta(meta.name, raw.dtype, (in_dim, out_dim), meta.file, meta.begin, in_dim * row_bytes, meta.record)
-    src_t, dst_t = getattr(torch, raw.dtype), getattr(torch, meta.dtype)
-    step = max(1, BAND // max(1, row_bytes))
-    for a in range(c0, c1, step):
-        b = min(c1, a + step)
-        buf = np.empty((b - a) * row_bytes, dtype=np.uint8)
-        reader.read_rows_into(slab, a, b, memoryview(buf))
-        block = torch.from_numpy(buf).view(src_t).reshape(b - a, out_dim)[:, r0:r1].t().to(dst_t).contiguous()
-        dest[:, a - c0 : b - c0] = block.view(torch.uint8).numpy().reshape(r1 - r0, b - a, -1)
-
-
-@dataclass(slots=True)
-class TransposedEntry(Entry):
-    """A fused [n, in, out] tensor written from n [out, in] matrices: the pieces build them stacked
-    ([n * out, in], `block_shape`), and each is written transposed."""
-
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        n, d_in, d_out = self.shape
-        return (n * d_out, d_in)
-
-
-def fused_entry(info: ModelInfo, view: MmView, raw: TensorMeta) -> TransposedEntry:
-    """The fused tensor `raw` (canonical name) for the way back, from its experts' blocks in `view`."""
-    n, _, d_out = raw.shape
+def fused_entry(info: ModelInfo, view: MmView, raw: TensorMeta) -> Entry:
+    """The fused tensor `raw` (canonical name) for the way back, from its experts' blocks in `view`: their [out, in]
+    matrices side by side, [out, n x in], written transposed, so each expert's [in, out] follows the last."""
+    n, d_in, d_out = raw.shape
     pieces: list[Piece] = []
     for e in range(n):
         blocks = view.blocks.get(f"{raw.name}[{e}]")
@@ -142,6 +109,7 @@ def fused_entry(info: ModelInfo, view: MmView, raw: TensorMeta) -> TransposedEnt
             raise ConvertError(
                 f"mm_dir {view.checkpoint.root}: holds no part of {info.raw_names.get(raw.name, raw.name)}[{e}]"
             )
-        pieces += [Piece(p.source, p.rows, p.cols, p.at + e * d_out, p.col_at) for p in blocks]
+        pieces += [Piece(p.source, p.rows, p.cols, p.at, p.col_at + e * d_in) for p in blocks]
     dtype = view.sources[pieces[0].source].dtype
-    return TransposedEntry(info.raw_names.get(raw.name, raw.name), raw.shape, dtype, tuple(pieces), "join · transposed")
+    name = info.raw_names.get(raw.name, raw.name)
+    return Entry(name, (d_out, n * d_in), dtype, tuple(pieces), "join · transposed", stored=raw.shape)

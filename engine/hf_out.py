@@ -70,8 +70,8 @@ def build_mm_to_hf_plan(
     for meta in order:
         if isinstance(meta, ExpertMeta):  # experts fused in one HF tensor: written whole, with the first expert
             if meta.expert == 0:
-                assert meta.raw is not None
-                entries.append((meta.file.name, fused_entry(info, view, meta.raw)))
+                assert meta.fused is not None
+                entries.append((meta.file.name, fused_entry(info, view, meta.fused)))
             continue
         name = meta.name
         blocks = view.blocks.get(name)

@@ -77,7 +77,8 @@ class Entry:
     `lora` lists blocks of canonical tensors that carry a LoRA adapter (`Plan.lora`), in
     this entry's coordinates: their B @ A is added after assembling (engine/lora.py).
     With `stored`, the tensor assembled (2-D, `shape`) is written transposed and given the
-    shape `stored` (same elements): grouped-GEMM experts (engine/experts.py).
+    shape `stored` (same elements): grouped-GEMM experts (engine/experts.py), HF's fused experts
+    (engine/fused_experts.py).
     """
 
     key: str

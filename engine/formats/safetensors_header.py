@@ -23,6 +23,9 @@ from ..regular_file import open_regular
 from ..strict_json import parse_json
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from ..hf_source import TensorReader
     from ..record_check import Record
 
 # safetensors dtype string -> (torch dtype name, bytes per element)
@@ -70,6 +73,21 @@ class TensorMeta:
     @property
     def numel(self) -> int:
         return _numel(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewMeta(TensorMeta):
+    """A tensor shown converted from the stored tensor `raw` (dequantised FP8, cast, transposed).
+
+    Planning, splitting and fusing see an ordinary tensor of `dtype` and `shape`; only `fill` knows how
+    its bytes are made from `raw`'s, a band at a time, so memory stays bounded whatever the conversion.
+    """
+
+    raw: TensorMeta | None = None
+
+    def fill(self, reader: TensorReader, r0: int, r1: int, c0: int, c1: int, dest: np.ndarray) -> None:
+        """Rows [r0, r1), columns [c0, c1) of the view into `dest` (uint8, rows x cols x itemsize)."""
+        raise NotImplementedError
 
 
 def _numel(shape: tuple[int, ...]) -> int:
