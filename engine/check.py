@@ -92,7 +92,7 @@ def check_plan(plan: Plan) -> list[str]:
 def _check_entry(plan: Plan, e: Entry, where: str, used: dict[str, set[Rect]]) -> list[str]:
     """Each piece in bounds on both sides, trailing dims equal, and the pieces tile the target exactly."""
     out: list[str] = []
-    trows, tcols = grid(e.block_shape)
+    trows, tcols = grid(e.shape)
     placed: set[Rect] = set()
     area = 0
     if e.pad_rows:
@@ -111,7 +111,7 @@ def _check_entry(plan: Plan, e: Entry, where: str, used: dict[str, set[Rect]]) -
         c0, c1 = p.cols if p.cols else (0, scols)
         if not (0 <= r0 < r1 <= srows and 0 <= c0 < c1 <= scols):
             out.append(f"{where}: {e.key} reads rows {r0}..{r1} cols {c0}..{c1} outside {p.source} {list(meta.shape)}")
-        shape = e.block_shape
+        shape = e.shape
         if tuple(meta.shape[2:]) != tuple(shape[2:]) or (len(meta.shape) >= 2) != (len(shape) >= 2):
             out.append(f"{where}: {e.key} {list(e.shape)} gets a piece of {p.source} {list(meta.shape)}")
         rect = (p.at, p.at + r1 - r0, p.col_at, p.col_at + c1 - c0)

@@ -111,11 +111,6 @@ class Entry:
     def sources(self) -> list[str]:
         return list(dict.fromkeys(p.source for p in self.pieces))
 
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        """The shape the pieces tile (engine/fused_experts.py's entries tile another)."""
-        return self.shape
-
 
 @dataclass(slots=True)
 class OutputFile:
