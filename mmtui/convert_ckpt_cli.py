@@ -264,68 +264,75 @@ def _check_dtype(args: argparse.Namespace, hf_dir: Path, cfg_command: str, cfg: 
         )
 
 
-def build_job(args: argparse.Namespace) -> dict[str, Any]:
-    """The job as mm-convert's data: {converter, command, cfg}."""
+def _written(args: argparse.Namespace, hf_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The converter and the layout to write (hf -> mg and mg -> mg), with the MoE flags checked against it."""
     from engine.preset import preset_for_converter
 
+    converter = _converter(args, hf_dir)
+    preset = preset_for_converter(converter)
+    _check_moe(args, preset)
+    return converter, _layout(args, _layers(preset, hf_dir))
+
+
+def _hf_to_mg(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    converter, layout = _written(args, args.load_dir)
+    cfg: dict[str, Any] = {
+        "mm_dir": str(args.save_dir), "hf_config": {"hf_dir": str(args.load_dir)}, "parallel_config": layout,
+        "iteration": 1, "save_megatron_args": True, "transformer_impl": args.transformer_impl,
+    }  # fmt: skip
+    if args.lora_load:
+        cfg["lora"] = {"adapter_dir": str(args.lora_load)}
+    return converter, "hf_to_mm", cfg
+
+
+def _mg_to_hf(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    if (args.save_dir / "config.json").is_file():  # v1: --save-dir is the original HF directory
+        hf_dir, out = args.save_dir, args.save_dir / "mg2hf"
+    elif args.hf_cfg_dir is not None:  # v2
+        hf_dir, out = args.hf_cfg_dir, args.save_dir
+    else:
+        fail(
+            f"--save-dir {args.save_dir}: holds no config.json; give the model's HF directory as --save-dir "
+            "(v1: written to <save-dir>/mg2hf) or as --hf-cfg-dir (v2)"
+        )
+    converter = _converter(args, hf_dir)
+    cfg: dict[str, Any] = {"save_hf_dir": str(out), "hf_config": {"hf_dir": str(hf_dir)}}
+    command = "lora_mm_to_hf" if args.lora_load and args.save_lora_to_hf else "mm_to_hf"
+    if command == "mm_to_hf":
+        cfg["mm_dir"] = str(args.load_dir)
+    if args.lora_load:
+        lora: dict[str, Any] = {"adapter_dir": str(args.lora_load)}
+        lora |= {"r": args.lora_r} if args.lora_r else {}
+        lora |= {"alpha": args.lora_alpha} if args.lora_alpha is not None else {}
+        lora |= {"target_modules": list(args.lora_target_modules)} if args.lora_target_modules else {}
+        cfg["lora"] = lora
+    return converter, command, cfg
+
+
+def _mg_to_mg(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    if args.hf_cfg_dir is None:
+        fail("--load-model-type mg --save-model-type mg: give --hf-cfg-dir (the model's HF directory: config.json)")
+    converter, layout = _written(args, args.hf_cfg_dir)
+    cfg: dict[str, Any] = {
+        "source_dir": str(args.load_dir), "target_dir": str(args.save_dir),
+        "hf_config": {"hf_dir": str(args.hf_cfg_dir)}, "target_parallel_config": layout, "iteration": 1,
+        "save_megatron_args": True, "transformer_impl": args.transformer_impl,
+    }  # fmt: skip
+    return converter, "resplit", cfg
+
+
+def build_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The job as mm-convert's data: {converter, command, cfg}."""
     _check_supported(args)
     load = args.load_model_type or ("mg" if (args.load_dir / "latest_checkpointed_iteration.txt").is_file() else "hf")
     save = args.save_model_type or ("hf" if load == "mg" else "mg")
-    cfg: dict[str, Any] = {}
-    if load == "hf" and save == "mg":
-        hf_dir = args.load_dir
-        converter = _converter(args, hf_dir)
-        preset = preset_for_converter(converter)
-        layers = _layers(preset, hf_dir)
-        _check_moe(args, preset)
-        command = "hf_to_mm"
-        cfg = {
-            "mm_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
-            "parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
-            "transformer_impl": args.transformer_impl,
-        }  # fmt: skip
-        if args.lora_load:
-            cfg["lora"] = {"adapter_dir": str(args.lora_load)}
-    elif load == "mg" and save == "hf":
-        if (args.save_dir / "config.json").is_file():  # v1: --save-dir is the original HF directory
-            hf_dir, out = args.save_dir, args.save_dir / "mg2hf"
-        elif args.hf_cfg_dir is not None:  # v2
-            hf_dir, out = args.hf_cfg_dir, args.save_dir
-        else:
-            fail(
-                f"--save-dir {args.save_dir}: holds no config.json; give the model's HF directory as --save-dir "
-                "(v1: written to <save-dir>/mg2hf) or as --hf-cfg-dir (v2)"
-            )
-        converter = _converter(args, hf_dir)
-        if args.lora_load and args.save_lora_to_hf:
-            command, cfg = "lora_mm_to_hf", {"save_hf_dir": str(out), "hf_config": {"hf_dir": str(hf_dir)}}
-        else:
-            command = "mm_to_hf"
-            cfg = {"save_hf_dir": str(out), "mm_dir": str(args.load_dir), "hf_config": {"hf_dir": str(hf_dir)}}
-        if args.lora_load:
-            lora: dict[str, Any] = {"adapter_dir": str(args.lora_load)}
-            lora |= {"r": args.lora_r} if args.lora_r else {}
-            lora |= {"alpha": args.lora_alpha} if args.lora_alpha is not None else {}
-            lora |= {"target_modules": list(args.lora_target_modules)} if args.lora_target_modules else {}
-            cfg["lora"] = lora
-    elif load == "mg" and save == "mg":
-        if args.hf_cfg_dir is None:
-            fail("--load-model-type mg --save-model-type mg: give --hf-cfg-dir (the model's HF directory: config.json)")
-        hf_dir = args.hf_cfg_dir
-        converter = _converter(args, hf_dir)
-        preset = preset_for_converter(converter)
-        layers = _layers(preset, hf_dir)
-        _check_moe(args, preset)
-        command = "resplit"
-        cfg = {
-            "source_dir": str(args.load_dir), "target_dir": str(args.save_dir), "hf_config": {"hf_dir": str(hf_dir)},
-            "target_parallel_config": _layout(args, layers), "iteration": 1, "save_megatron_args": True,
-            "transformer_impl": args.transformer_impl,
-        }  # fmt: skip
-    else:
+    direction = {("hf", "mg"): _hf_to_mg, ("mg", "hf"): _mg_to_hf, ("mg", "mg"): _mg_to_mg}.get((load, save))
+    if direction is None:
         fail("--load-model-type hf --save-model-type hf: nothing to convert (one side must be mg)")
-    _check_dtype(args, Path(cfg["hf_config"]["hf_dir"]), command, cfg)
-    mtp = _mtp(args, converter, Path(cfg["hf_config"]["hf_dir"]))
+    converter, command, cfg = direction(args)
+    hf_dir = Path(cfg["hf_config"]["hf_dir"])
+    _check_dtype(args, hf_dir, command, cfg)
+    mtp = _mtp(args, converter, hf_dir)
     if command in ("hf_to_mm", "mm_to_hf", "resplit"):
         cfg["naming"] = "mindspeed_llm"  # MindSpeed-LLM's names (only DeepSeek's differ from Megatron-Core's)
         if mtp is not None:
