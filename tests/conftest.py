@@ -79,3 +79,18 @@ def tiny_deepseeks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("hf_deepseek")
     return {name: build_tiny_deepseek(root / name, **kw) for name, kw in DEEPSEEK_VARIANTS.items()}
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 2 MB tmpfs (root only)."""
+    import os
+    import subprocess
+
+    from tests.fixtures.tmpfs import mount_tmpfs
+
+    mnt = tmp_path / "mnt"
+    if os.geteuid() != 0 or not mount_tmpfs(mnt, "size=2m"):
+        pytest.skip("needs root and tmpfs mounts")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)

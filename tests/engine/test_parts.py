@@ -18,12 +18,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from engine.errors import ConvertError, WriteError
-from engine.events import Finished, Notice, PartDone, Progress, Started
+from engine.events import FileStarted, Finished, Notice, PartDone, Progress, Started
 from engine.execute import execute, run
 from engine.formats.safetensors_header import read_header
 from engine.job import Job, load_job, prepare
 from engine.layout import ParallelConfig
-from engine.parts import Part, control_dir, describe, execute_part, job_key, parse_part, shares
+from engine.parts import Part, control_dir, describe, execute_part, file_problem, job_key, parse_part, shares
+from tests.fixtures.tmpfs import fill
 
 TP2_PP2 = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]])
 
@@ -363,3 +364,33 @@ def test_a_file_that_reads_back_wrong_is_not_moved_in(vlm, vlm_one: dict, tmp_pa
     monkeypatch.undo()
     _run_parts(plan, out, 3, key)
     assert _tree(out) == vlm_one
+
+
+def test_a_full_disk_stops_one_part_in_one_line_and_its_rerun_finishes(vlm, vlm_one: dict, small_fs: Path) -> None:
+    """Another writer fills the disk while part 1 of 2 writes: one line, nothing half in out/, the part named as
+    missing; with space again its rerun completes the checkpoint byte for byte."""
+    plan, key = vlm
+    assert plan.nbytes < 1 << 20  # the 2 MB disk holds it
+    out = small_fs / "mm"
+    _run_parts(plan, out, 2, key, order=[0])
+    events = execute_part(plan, out, Part(1, 2), key)
+    for e in events:
+        if isinstance(e, FileStarted):  # space was checked; now the disk fills
+            break
+    hog = fill(small_fs)
+    with pytest.raises(WriteError, match=r"no space left on the device \(the conversion needs") as err:
+        for _ in events:
+            pass
+    events.close()
+    assert "\n" not in str(err.value)
+    control = control_dir(out.resolve(), key)
+    assert not out.exists()
+    assert all(file_problem(control / "out", f) is None for f in (plan.files[i] for i in shares(
+        [f.nbytes for f in plan.files], 2)[0]))  # fmt: skip
+    missing = (control / "missing.txt").read_text().splitlines()
+    assert missing[1:] and all(line.startswith("part 1/2 ") for line in missing[1:])
+    hog.unlink()
+    (last,) = _run_parts(plan, out, 2, key, order=[1])
+    assert isinstance(last[-1], Finished)
+    assert _tree(out) == vlm_one
+    assert sorted(p.name for p in small_fs.iterdir()) == ["mm"]

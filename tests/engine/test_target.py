@@ -21,6 +21,7 @@ from engine.execute import execute, run
 from engine.job import HfConfig, HfToMmConfig, Job, LoraConfig, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
 from engine.target import claim
+from tests.fixtures.tmpfs import fill, mount_tmpfs
 
 PC = ParallelConfig(tp_size=1, llm_pp_layers=[[4]], vit_pp_layers=[[3]])
 
@@ -246,21 +247,6 @@ def test_a_disk_that_fills_during_the_run_is_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
-def _mount_tmpfs(where: Path, *opts: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(where)], capture_output=True)
-    return r.returncode == 0
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    mnt = tmp_path / "mnt"
-    if os.geteuid() != 0 or not _mount_tmpfs(mnt, "size=2m"):
-        pytest.skip("needs root and tmpfs mounts")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 def test_a_real_full_disk(qwen2vl_dir: Path, small_fs: Path) -> None:
     """A 2 MB tmpfs: the plan fits at first, then another writer fills the disk."""
     out = small_fs / "out"
@@ -268,11 +254,7 @@ def test_a_real_full_disk(qwen2vl_dir: Path, small_fs: Path) -> None:
     assert plan.nbytes < 1 << 20
     events = execute(plan, out)
     next(events)  # the claim is taken and space checked; now someone else fills the disk
-    fd = os.open(small_fs / "hog", os.O_WRONLY | os.O_CREAT)
-    with pytest.raises(OSError, match="No space left"):
-        while True:
-            os.write(fd, b"\0" * 65536)
-    os.close(fd)
+    fill(small_fs)
     with pytest.raises(WriteError, match=r"no space left on the device \(the conversion needs"):
         for _ in events:
             pass
@@ -282,7 +264,7 @@ def test_a_real_full_disk(qwen2vl_dir: Path, small_fs: Path) -> None:
 
 def test_a_read_only_target_is_one_line(qwen2vl_dir: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "ro"
-    if os.geteuid() != 0 or not _mount_tmpfs(mnt, "size=1m", "ro"):
+    if os.geteuid() != 0 or not mount_tmpfs(mnt, "size=1m", "ro"):
         pytest.skip("needs root and tmpfs mounts")
     try:
         _, plan = prepare(_to_mm(qwen2vl_dir, mnt / "out"))
