@@ -31,11 +31,11 @@ def main() -> None:
     def mark() -> None:
         marks.append((time.perf_counter(), time.process_time()))
 
-    from engine.balance import suggest
-    from engine.check import check_plan
-    from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.plan import build_plan
+    from engine.planning.balance import suggest
+    from engine.planning.check import check_plan
+    from engine.planning.plan import build_plan
+    from engine.source.hf_source import inspect_hf
 
     mark()
     info = inspect_hf(args.hf_dir)

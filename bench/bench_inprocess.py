@@ -13,10 +13,10 @@ from pathlib import Path
 
 from alternate import alternate, copy_and_sync
 
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 
 LAYOUTS = {
     "tp1pp1": ParallelConfig(tp_size=1, llm_pp_layers=[[28]], vit_pp_layers=[[32]]),

@@ -39,12 +39,12 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    from engine.check import check_plan
-    from engine.execute import write_files
-    from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.parts import parse_part, shares
-    from engine.plan import build_plan
+    from engine.planning.check import check_plan
+    from engine.planning.plan import build_plan
+    from engine.run.execute import write_files
+    from engine.run.parts import parse_part, shares
+    from engine.source.hf_source import inspect_hf
 
     t1 = time.perf_counter()
     info = inspect_hf(args.hf_dir)

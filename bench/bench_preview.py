@@ -29,11 +29,11 @@ def _timed(fn, repeat: int = 3):
 
 
 def engine_steps(hf: Path, tp: int, pp: int, ep: int = 1) -> list[tuple[str, float, str]]:
-    from engine.balance import cell_costs, suggest
-    from engine.check import check_plan
-    from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.plan import build_plan, module_weights
+    from engine.planning.balance import cell_costs, suggest
+    from engine.planning.check import check_plan
+    from engine.planning.plan import build_plan, module_weights
+    from engine.source.hf_source import inspect_hf
 
     rows = []
     t, info = _timed(lambda: inspect_hf(hf))

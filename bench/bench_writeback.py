@@ -1,4 +1,4 @@
-"""Write-behind on its own: copy a directory's files with engine.out_file.OutFile, with and
+"""Write-behind on its own: copy a directory's files with engine.run.out_file.OutFile, with and
 without the write-back requests, against `cp -r` + `sync`, alternating in one run.
 
     python bench/bench_writeback.py /work/bench-data/qwen2vl-2b --rounds 8
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from alternate import alternate, copy_and_sync
 
-from engine import out_file
-from engine.out_file import OutFile
+from engine.run import out_file
+from engine.run.out_file import OutFile
 
 _REAL_WRITEBACK = out_file.start_writeback
 

@@ -49,7 +49,7 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class PartDone:
-    """A part of a split job wrote its share (engine/parts.py); Finished follows when this part completed the job.
+    """A part of a split job wrote its share (engine/run/parts.py); Finished follows when this part completed the job.
 
     `waiting`: the parts (of this part's count) that still have files to write, with how many;
     `completed_by_other`: another part completed the job meanwhile (nothing was left to do).

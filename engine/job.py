@@ -12,13 +12,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
 
 from .errors import ConvertError
-from .hf_source import ModelInfo
 from .layout import ParallelConfig
-from .megatron_args import Iteration
-from .parts import PartText
-from .plan import TRACKER_NAME, Plan
-from .target import check_inputs, check_target
-from .te_names import TransformerImpl
+from .planning.megatron_args import Iteration
+from .planning.plan import TRACKER_NAME, Plan
+from .planning.te_names import TransformerImpl
+from .run.parts import PartText
+from .run.target import check_inputs, check_target
+from .source.hf_source import ModelInfo
 
 ParamsDtype = Literal["bf16", "fp16", "fp32"]
 OutFormat = Literal["legacy", "torch_dist", "dcp"]

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, field_validator
 
 from .errors import ConvertError
-from .hf_source import ModelInfo
+from .source.hf_source import ModelInfo
 
 Chunks = list[list[NonNegativeInt]]
 # A flat list is one VPP chunk; the union lets command-line parsers accept both spellings.

@@ -10,22 +10,22 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cast import with_params_dtype
-from .disk_layout import infer_layout
 from .errors import ConvertError
 from .formats.mm_source import open_checkpoint
-from .hf_out import build_merge_plan, build_mm_to_hf_plan
-from .hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
 from .layout import ParallelConfig
-from .lora import Adapter, attach, read_peft_adapter
-from .lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
-from .megatron_args import iteration_dir
-from .mm_view import open_view, retarget
-from .mtp import without_mtp
-from .plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
+from .planning.hf_out import build_merge_plan, build_mm_to_hf_plan
+from .planning.lora import Adapter, attach, read_peft_adapter
+from .planning.lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
+from .planning.megatron_args import iteration_dir
+from .planning.mtp import without_mtp
+from .planning.plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
+from .planning.te_names import TransformerImpl, check_preset, rename_plan, resolve
 from .preset import DEFAULT_NAMING, builtin_presets, preset_for_converter
-from .te_names import TransformerImpl, check_preset, rename_plan, resolve
-from .zero_parts import check_zero_parts
+from .source.cast import with_params_dtype
+from .source.disk_layout import infer_layout
+from .source.hf_source import ModelInfo, inspect_hf, read_config, resolve_fields
+from .source.mm_view import open_view, retarget
+from .source.zero_parts import check_zero_parts
 
 if TYPE_CHECKING:
     from .job import (

@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _part(text: str) -> str:
-    from engine.parts import parse_part
+    from engine.run.parts import parse_part
 
     try:
         parse_part(text)
@@ -144,7 +144,7 @@ def _ints(flag: str, text: str) -> list[int]:
 
 
 def _converter(args: argparse.Namespace, hf_dir: Path) -> str:
-    from engine.hf_source import detect_preset, read_config
+    from engine.source.hf_source import detect_preset, read_config
 
     if args.model_type_hf is not None:
         if args.model_type_hf not in FAMILIES:
@@ -218,7 +218,7 @@ def _check_moe(args: argparse.Namespace, preset: Any) -> None:
 
 
 def _layers(preset: Any, hf_dir: Path) -> int:
-    from engine.hf_source import read_config, resolve_fields
+    from engine.source.hf_source import read_config, resolve_fields
 
     llm = next(m for m in preset.modules if m.name == "llm")
     return int(resolve_fields(preset, read_config(hf_dir), hf_dir / "config.json")[llm.layers])
@@ -227,9 +227,9 @@ def _layers(preset: Any, hf_dir: Path) -> int:
 def _mtp(args: argparse.Namespace, converter: str, hf_dir: Path) -> bool | None:
     """--mtp-num-layers: 0 (MindSpeed-LLM's default) leaves the MTP layers out, else it is config.json's count;
     None for a family without MTP layers."""
-    from engine.hf_source import read_config
-    from engine.mtp import mtp_count
+    from engine.planning.mtp import mtp_count
     from engine.preset import preset_for_converter
+    from engine.source.hf_source import read_config
 
     n, preset = args.mtp_num_layers, preset_for_converter(converter)
     if preset.mtp is None:
@@ -248,7 +248,7 @@ def _mtp(args: argparse.Namespace, converter: str, hf_dir: Path) -> bool | None:
 def _check_dtype(args: argparse.Namespace, hf_dir: Path, cfg_command: str, cfg: dict[str, Any]) -> None:
     """HF -> Megatron casts to --params-dtype; the way back and re-cuts do not cast yet: the weights' own dtype
     is fine, another is refused."""
-    from engine.hf_source import read_config
+    from engine.source.hf_source import read_config
 
     if args.params_dtype is None:
         return

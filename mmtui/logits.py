@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import ConvertError
-from engine.hf_source import ModelInfo, lookup
 from engine.layout import ParallelConfig, one_stage
-from engine.plan import build_plan
+from engine.planning.plan import build_plan
+from engine.source.hf_source import ModelInfo, lookup
 
 if TYPE_CHECKING:
     import torch
@@ -107,13 +107,13 @@ def mm_logits(info: ModelInfo, mm_dir: Path, layout: ParallelConfig | None, toke
     _require("megatron.core")
     import torch
 
-    from engine.disk_layout import infer_layout
     from engine.formats.mm_source import open_checkpoint
+    from engine.source.disk_layout import infer_layout
 
     layout = layout or infer_layout(info, open_checkpoint(mm_dir))
 
-    from engine.execute import run
     from engine.job import HfConfig, Job, ResplitConfig, prepare
+    from engine.run.execute import run
     from mmtui.megatron_logits import megatron_logits
 
     llm = next(m for m in info.preset.modules if m.name == "llm")

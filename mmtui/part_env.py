@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from engine.errors import ConvertError
-from engine.parts import Part, parse_part
+from engine.run.parts import Part, parse_part
 
 
 @dataclass(frozen=True)

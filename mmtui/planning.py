@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.hf_source import ModelInfo
     from engine.job import Job
-    from engine.plan import Plan
+    from engine.planning.plan import Plan
+    from engine.source.hf_source import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,11 @@ def _layout(tp: str, ep: str, layers: dict[str, list[list[int]]], extra: dict[st
 def plan_form(info: ModelInfo, form: Form) -> Planned:
     from pydantic import ValidationError
 
-    from engine.balance import cell_costs
     from engine.errors import ConvertError
     from engine.job import Job, prepare
     from engine.layout import layout_problems
-    from engine.target import check_inputs, space_warning
+    from engine.planning.balance import cell_costs
+    from engine.run.target import check_inputs, space_warning
 
     if form.layers is None:
         return Planned(["every stage cell needs a layer count (0 or more)"], set(), None, None, None)
@@ -211,7 +211,7 @@ def will_it_fit(plan_or_info: Plan | ModelInfo, layout: Any, dp: str, device_gib
     stage's largest rank. Given the model, its rank-file plan is built once for both optimizers (a 671B
     plan takes seconds); given that plan (hf_to_mm's own), none is built."""
     from engine.errors import ConvertError
-    from engine.train_memory import fits, human_bytes, train_memories
+    from engine.planning.train_memory import fits, human_bytes, train_memories
 
     dp = dp or str(layout.ep_size)  # unset: the smallest data-parallel size the layout allows
     if not dp.isdigit() or int(dp) < 1:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from engine.errors import ConvertError
 from engine.events import FileDone, Finished, Notice, PartDone, Progress, Started
-from engine.execute import execute
 from engine.job import Job, prepare
-from engine.parts import describe, execute_part, job_key
+from engine.run.execute import execute
+from engine.run.parts import describe, execute_part, job_key
 
 from .part_env import Chosen, choose
 

@@ -18,8 +18,8 @@ from .cli_args import StrictParser
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from engine.balance import Suggestion
-    from engine.train_memory import RankMemory
+    from engine.planning.balance import Suggestion
+    from engine.planning.train_memory import RankMemory
 
 
 def _whole(text: str) -> int:
@@ -72,7 +72,7 @@ def _ranges(ranks: list[int]) -> str:
 def _print_split(console: Console, info_modules: list[str], s: Suggestion, args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    from engine.balance import cost_number, format_cost
+    from engine.planning.balance import cost_number, format_cost
 
     from .widgets.format import bar
 
@@ -104,8 +104,8 @@ def _print_memory(
     """The per-rank table and, with --device-gb, one verdict per optimizer; False when neither fits."""
     from rich.table import Table
 
-    from engine.balance import human_params
-    from engine.train_memory import fits, human_bytes
+    from engine.planning.balance import human_params
+    from engine.planning.train_memory import fits, human_bytes
 
     if args.tp > 1:
         console.print(f"--cfg.parallel_config.tp_size {args.tp}")
@@ -136,11 +136,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     from rich.console import Console
 
-    from engine.balance import suggest
     from engine.errors import ConvertError
-    from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.train_memory import train_memories
+    from engine.planning.balance import suggest
+    from engine.planning.train_memory import train_memories
+    from engine.source.hf_source import inspect_hf
 
     memory = args.dp is not None or args.device_gb is not None
     dp = 1 if args.dp is None else args.dp

@@ -116,8 +116,8 @@ def main(argv: list[str]) -> None:
     from rich.table import Table
 
     from engine.errors import ConvertError
-    from engine.hf_source import inspect_hf
-    from engine.verify import compare, identical, open_side, status_counts
+    from engine.run.verify import compare, identical, open_side, status_counts
+    from engine.source.hf_source import inspect_hf
 
     console = Console()
     try:

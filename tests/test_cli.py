@@ -208,7 +208,7 @@ def test_parse_errors_are_one_line(qwen2vl_dir: Path, tmp_path: Path, extra: lis
 
 
 def test_a_float8_checkpoint_is_refused(qwen2vl_dir: Path, tmp_path: Path) -> None:
-    """FP8 weights without their block scales (engine/fp8.py reads DeepSeek-V3's) cannot be read: one line."""
+    """FP8 weights without their block scales (engine/source/fp8.py reads DeepSeek-V3's) cannot be read: one line."""
     from safetensors.torch import load_file, save_file
 
     fp8 = tmp_path / "fp8"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.target import claim
+from engine.run.target import claim
 from tests.test_cli import BIN, LAYOUT, hf_to_mm
 
 

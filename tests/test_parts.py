@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConvertError
-from engine.parts import Part
+from engine.run.parts import Part
 from mmtui.part_env import Chosen, choose, detect
 from tests.test_cli import BIN
 

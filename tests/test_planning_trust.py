@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import target as target_mod
-from engine.hf_source import inspect_hf
+from engine.run import target as target_mod
+from engine.source.hf_source import inspect_hf
 from mmtui.planning import Form, plan_form
 
 

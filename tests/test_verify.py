@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import execute
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.verify import compare, identical, open_side
+from engine.run import execute
+from engine.run.verify import compare, identical, open_side
+from engine.source.hf_source import inspect_hf
 from tests.test_cli import BIN, _bad, hf_to_mm, mm_convert
 
 TP2 = ["--b-tp", "2", "--b-llm-pp-layers", "[[1,3]]", "--b-vit-pp-layers", "[[3,0]]"]

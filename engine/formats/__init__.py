@@ -4,5 +4,8 @@
 - Megatron rank files (torch zip): `mm_source` (reader: restricted unpickler, `.bin` weights too),
   `torch_zip` (writer, streaming);
 - torch.distributed.checkpoint: `dcp_writer`;
-- Megatron-Core's torch_dist: `torch_dist_reader`, `torch_dist_writer` (with `torch_dist_names`, `torch_dist_pickle`).
+- Megatron-Core's torch_dist: `torch_dist_reader`, `torch_dist_writer` (with `torch_dist_names`, `torch_dist_pickle`);
+
+and what makes a user's file safe to read at all: `regular_file` (no FIFOs or devices), `strict_json`
+(no duplicate keys), `record_check` (every rank-file byte against its zip record's CRC-32).
 """

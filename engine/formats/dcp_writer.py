@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..out_file import Span
+from ..run.out_file import Span
 from .torch_zip import StreamingCheckpointWriter
 
 DATA_NAME = "__0_0.distcp"

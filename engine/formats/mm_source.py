@@ -9,7 +9,7 @@ range of the rank file, so the executor reads it exactly like a safetensors tens
 
 Every number the pickle gives (storage type, size, offset, shape, stride, key) is
 checked, each record must lie inside the file, and each carries the CRC-32 the archive
-declares for it, checked before its bytes are first used (engine/record_check.py).
+declares for it, checked before its bytes are first used (engine/formats/record_check.py).
 Plain containers (dict, OrderedDict, defaultdict: MindSpeed-LLM's `model` is one) load
 as dicts; a default factory is never kept, so it is never called.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError
-from ..plan import CKPT_NAME, TRACKER_NAME
-from ..record_check import Record
-from ..regular_file import open_regular, read_regular
+from ..planning.plan import CKPT_NAME, TRACKER_NAME
+from .record_check import Record
+from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta, itemsize
 from .torch_zip import STORAGES
 

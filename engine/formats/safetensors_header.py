@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConvertError
-from ..regular_file import open_regular
-from ..strict_json import parse_json
+from .regular_file import open_regular
+from .strict_json import parse_json
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..hf_source import TensorReader
-    from ..record_check import Record
+    from ..source.hf_source import TensorReader
+    from .record_check import Record
 
 # safetensors dtype string -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -40,7 +40,7 @@ DTYPES: dict[str, tuple[str, int]] = {
     "I8": ("int8", 1),
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),  # DeepSeek-V3's block-quantised weights (engine/fp8.py)
+    "F8_E4M3": ("float8_e4m3fn", 1),  # DeepSeek-V3's block-quantised weights (engine/source/fp8.py)
 }
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors crate's own limit (MAX_HEADER_SIZE)
@@ -55,7 +55,7 @@ class TensorMeta:
     """Where one tensor's bytes live. `begin` is an absolute file offset.
 
     `record` is the zip record of a Megatron rank file the bytes lie in (its CRC-32 is
-    checked before the first read, engine/record_check.py); None for safetensors.
+    checked before the first read, engine/formats/record_check.py); None for safetensors.
     """
 
     name: str

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..out_file import OutFile, Span
+from ..run.out_file import OutFile, Span
 from .safetensors_header import ST_DTYPES
 
 

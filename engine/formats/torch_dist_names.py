@@ -8,7 +8,7 @@ tensors that do not depend on the layout it ran with:
   VPP the layer axis is still the global one.
 - Norms carry Transformer Engine's names even with the local spec (its `sharded_state_dict_keys_map`):
   `input_layernorm` -> `self_attention.linear_qkv.layer_norm_weight`, `pre_mlp_layernorm` ->
-  `mlp.linear_fc1.layer_norm_weight` (engine/te_names.py); in MoE layers the local spec renames
+  `mlp.linear_fc1.layer_norm_weight` (engine/planning/te_names.py); in MoE layers the local spec renames
   `pre_mlp_layernorm` the same way while TE's spec keeps it (`written_names`).
 - Experts (SequentialMLP) get a second prepended axis: `decoder.layers.mlp.experts.experts.linear_fc1.weight` is
   `(num_layers, num_experts, rows, hidden)`; with dense and MoE layers mixed nothing is stacked and each layer
@@ -29,12 +29,12 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConvertError
-from ..hf_source import ModelInfo
 from ..layout import ParallelConfig
-from ..plan import model_targets
+from ..planning.plan import model_targets
+from ..planning.te_names import extra_state_keys, to_te
 from ..preset import Mapping
-from ..te_names import extra_state_keys, to_te
-from ..tie import is_tied
+from ..source.hf_source import ModelInfo
+from ..source.tie import is_tied
 
 CONFIG_NAME = "metadata.json"
 COMMON_NAME = "common.pt"

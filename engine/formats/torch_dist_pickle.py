@@ -125,7 +125,7 @@ def _newobj(cls: Any, *args: object) -> object:
 
 def load_index(path: Path) -> Record:
     """The `.metadata` of a torch_dist directory as Records (a ConvertError for anything else)."""
-    from ..regular_file import read_regular
+    from .regular_file import read_regular
 
     data = read_regular(path, MAX_BYTES, "the torch_dist index")
     try:

@@ -9,7 +9,7 @@ becomes a byte range, exactly like a rank-file tensor.
 The global tensors do not depend on the layout the checkpoint was saved with, so it is read as the TP 1,
 one-stage layout: each tensor of that layout (a layer of a stacked tensor, or the two halves of fc1) is
 cut from whichever chunks cover it (torch_dist_names.py says where), and the view maps the canonical
-(Hugging Face) tensors onto those chunk blocks as engine/mm_view.py does for rank files. No layout is
+(Hugging Face) tensors onto those chunk blocks as engine/source/mm_view.py does for rank files. No layout is
 needed to read; optimizer, RNG and extra-state entries are left unread.
 """
 
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConvertError
-from ..hf_source import ModelInfo
 from ..layout import ParallelConfig, one_stage
-from ..mm_view import MmView
-from ..plan import Entry, Piece, Plan, grid
-from ..record_check import Record as ZipRecord
-from ..regular_file import open_regular, read_regular
-from ..te_names import to_local
+from ..planning.plan import Entry, Piece, Plan, grid
+from ..planning.te_names import to_local
+from ..source.hf_source import ModelInfo
+from ..source.mm_view import MmView
 from .mm_source import MAX_PICKLE_BYTES, MmCheckpoint, _meta, _MetadataUnpickler, _Tensor
+from .record_check import Record as ZipRecord
+from .regular_file import open_regular, read_regular
 from .safetensors_header import TensorMeta
 from .torch_dist_names import (
     CONFIG_NAME,

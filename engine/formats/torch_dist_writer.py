@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from ..execute import FILE_MODE, bands, whole_row_spans
-from ..hf_source import ModelInfo, TensorReader
 from ..layout import ParallelConfig
-from ..megatron_args import CHECKPOINT_VERSION, iteration_number, megatron_args
-from ..plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
-from ..record_check import Record
+from ..planning.megatron_args import CHECKPOINT_VERSION, iteration_number, megatron_args
+from ..planning.plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
+from ..run.execute import FILE_MODE, bands, whole_row_spans
+from ..source.hf_source import ModelInfo, TensorReader
+from .record_check import Record
 from .torch_dist_names import (
     COMMON_NAME,
     CONFIG_NAME,
@@ -207,7 +207,7 @@ def data_size(f: OutputFile) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# the writers (engine/execute.py runs them per output file)
+# the writers (engine/run/execute.py runs them per output file)
 
 
 def write_data(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:

@@ -34,7 +34,7 @@ from typing import Any
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, ~6x faster than the stdlib's here (SIMD)
 
-from ..out_file import OutFile, Span, pread_exact
+from ..run.out_file import OutFile, Span, pread_exact
 
 ALIGN = 64
 ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 fields (tests lower it)

@@ -41,9 +41,9 @@ from .help import TextScreen, help_screen
 from .pick_dir import PickDirScreen, is_model_dir
 
 if TYPE_CHECKING:
-    from engine.hf_source import ModelInfo
     from engine.job import Job
-    from engine.plan import Plan
+    from engine.planning.plan import Plan
+    from engine.source.hf_source import ModelInfo
 
 DIRECTIONS = [
     ("HF → Megatron / MindSpeed", "hf_to_mm"),
@@ -207,8 +207,8 @@ class WorkbenchScreen(Screen[None]):
     @work(thread=True, group="inspect")  # not exclusive: an older one's answer is dropped by `_opened`
     def _inspect(self, hf_dir: Path, opened: int) -> None:
         from engine.errors import ConvertError
-        from engine.hf_source import inspect_hf
-        from engine.summary import summarize
+        from engine.source.hf_source import inspect_hf
+        from engine.source.summary import summarize
 
         try:
             info = inspect_hf(hf_dir)
@@ -259,8 +259,8 @@ class WorkbenchScreen(Screen[None]):
 
     # -- layout grid ------------------------------------------------------------------
     def _suggested(self, pp: int, vpp: int) -> dict[str, list[list[int]]]:
-        from engine.balance import suggest
         from engine.errors import ConvertError
+        from engine.planning.balance import suggest
 
         assert self.info is not None
         try:
@@ -346,9 +346,9 @@ class WorkbenchScreen(Screen[None]):
 
     @work(thread=True, group="disk")
     def _infer(self, info: ModelInfo, src: str, direction: str) -> None:
-        from engine.disk_layout import infer_layout
         from engine.errors import ConvertError
         from engine.formats.mm_source import open_checkpoint
+        from engine.source.disk_layout import infer_layout
 
         try:
             layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))
@@ -471,7 +471,7 @@ class WorkbenchScreen(Screen[None]):
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
-        from engine.balance import format_cost
+        from engine.planning.balance import format_cost
 
         cost = str(self.query_one("#cost", Select).value)
         grid.show_costs(result.cells, lambda c: format_cost(c, cost))  # type: ignore[arg-type]
@@ -525,7 +525,7 @@ class WorkbenchScreen(Screen[None]):
 
         from engine.errors import ConvertError
         from engine.events import FileDone, FileStarted, Finished, Progress
-        from engine.execute import execute
+        from engine.run.execute import execute
 
         call = self.app.call_from_thread
         last = 0.0
@@ -571,7 +571,7 @@ class WorkbenchScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="verify")
     def _verify(self, info: ModelInfo, job: Job, panel: RunPanel) -> None:
         from engine.errors import ConvertError
-        from engine.verify import verify_job
+        from engine.run.verify import verify_job
 
         try:
             ok, summary = verify_job(info, job)

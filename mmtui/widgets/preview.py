@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Input, Static
 from .format import count, size
 
 if TYPE_CHECKING:
-    from engine.plan import Entry, OutputFile, Plan
+    from engine.planning.plan import Entry, OutputFile, Plan
 
 
 def matches(needle: str, f: OutputFile, e: Entry) -> bool:

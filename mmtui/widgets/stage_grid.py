@@ -146,7 +146,7 @@ class StageGrid(VerticalScroll):
         cells = self._costs[0]
         if cells is None:
             return ""
-        from engine.balance import stage_costs
+        from engine.planning.balance import stage_costs
 
         top = max(stage_costs(cells)) or 1
         longest = max(len(self._numbers(c2, s2)) for c2 in range(self.vpp) for s2 in range(self.pp))
@@ -155,7 +155,7 @@ class StageGrid(VerticalScroll):
         return f"{bar(cells[c][s] / top, max(4, min(BAR_WIDTH, room)))} {self._numbers(c, s)}"  # one bar width
 
     def _numbers(self, c: int, s: int) -> str:
-        from engine.balance import stage_costs
+        from engine.planning.balance import stage_costs
 
         cells, label = self._costs
         assert cells is not None

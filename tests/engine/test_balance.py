@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.balance import cell_costs, cost_number, format_cost, layer_costs, partition, suggest
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig, layout_problems
-from engine.plan import ModuleWeights, module_weights
+from engine.planning.balance import cell_costs, cost_number, format_cost, layer_costs, partition, suggest
+from engine.planning.plan import ModuleWeights, module_weights
+from engine.source.hf_source import inspect_hf
 
 
 def brute_force(costs: list[int], parts: int) -> tuple[list[int], list[int]]:
@@ -152,7 +152,7 @@ def test_suggestion_is_the_brute_force_split(qwen2vl_dir: Path, pp: int, vpp: in
 
 def _leximax(costs: list[int], parts: int) -> tuple[int, ...]:
     """The best sorted group sums by memoised recursion over (start, groups): independent of
-    engine.balance, checked against brute force below, fast enough for 112 layers in 16 cells."""
+    engine.planning.balance, checked against brute force below, fast enough for 112 layers in 16 cells."""
     from functools import cache
 
     prefix = [0]

@@ -1,6 +1,6 @@
 """Tensors built band by band write exactly the bytes of tensors built whole.
 
-The writers get a cut or gathered tensor BAND bytes at a time (engine.execute.bands).
+The writers get a cut or gathered tensor BAND bytes at a time (engine.run.execute.bands).
 Here BAND is one byte, so every band is one row and every column cut maps one source
 row at a time, and the kernel copy of whole rows is switched off so that every tensor
 goes through the bands. The outputs must equal, file for file, the default run's,
@@ -14,9 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import execute
-from engine.execute import bands, run
-from engine.hf_source import TensorReader, inspect_hf
 from engine.job import (
     HfConfig,
     HfToDcpConfig,
@@ -28,7 +25,10 @@ from engine.job import (
     prepare,
 )
 from engine.layout import ParallelConfig
-from engine.plan import Entry, Piece, Plan
+from engine.planning.plan import Entry, Piece, Plan
+from engine.run import execute
+from engine.run.execute import bands, run
+from engine.source.hf_source import TensorReader, inspect_hf
 from tests.engine.test_way_back import _same_tree
 from tests.fixtures.tiny_lora import build_peft_adapter
 

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, LoraConfig, MergeLoraConfig, MmToHfConfig
 from engine.layout import ParallelConfig
-from engine.verify import compare, identical, open_side
+from engine.run.verify import compare, identical, open_side
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_llm_families import _convert
 from tests.fixtures.tiny_lora import build_peft_adapter
 

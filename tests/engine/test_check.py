@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.check import _uncovered
+from engine.planning.check import _uncovered
 
 
 def naive_hole(rows: int, cols: int, rects: set[tuple[int, int, int, int]]) -> bool:

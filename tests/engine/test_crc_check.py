@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-import engine.record_check as record_check
+import engine.formats.record_check as record_check
 from engine.errors import ConvertError
-from engine.execute import run
 from engine.formats.mm_source import read_rank_file
-from engine.hf_source import TensorReader, inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
-from engine.out_file import fd_path
-from engine.verify import compare, hf_side, mm_side
+from engine.run.execute import run
+from engine.run.out_file import fd_path
+from engine.run.verify import compare, hf_side, mm_side
+from engine.source.hf_source import TensorReader, inspect_hf
 from tests.test_cli import _bad, mm_convert
 
 TP2 = ParallelConfig(tp_size=2, llm_pp_layers=[[4]], vit_pp_layers=[[3]])

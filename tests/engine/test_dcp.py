@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.check import check_plan
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, Job, prepare
 from engine.layout import ParallelConfig
+from engine.planning.check import check_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 
 

@@ -151,7 +151,7 @@ def _job(converter: str, command: str, cfg) -> Job:
 def _to_mm(hf: Path, out: Path, tp: int, pp_layers: list[int], ep: int, converter: str = "DeepseekV3Converter") -> Path:
     layout = ParallelConfig(tp_size=tp, ep_size=ep, llm_pp_layers=[pp_layers])
     cfg = HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=layout, naming="mindspeed_llm")
-    from engine.execute import run
+    from engine.run.execute import run
 
     run(prepare(_job(converter, "hf_to_mm", cfg))[1], out)
     return out

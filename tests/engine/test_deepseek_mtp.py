@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.plan import build_plan
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _convert, _hf_to_mm, assert_resplit_is_direct, assert_round_trip
 from tests.fixtures.reference_deepseek import expected_checkpoint, full_state, tp_shard
@@ -275,7 +275,7 @@ def test_a_copy_that_differs_is_refused_before_writing(mtp_hf: Path, tmp_path: P
     with pytest.raises(ConvertError, match=r"shared_head\.head\.weight differs from lm_head\.weight"):
         _convert(hf, "hf_to_mm", cast)
     # a part of the job (a Slurm array task) checks too, before writing anything
-    from engine.parts import Part, execute_part
+    from engine.run.parts import Part, execute_part
 
     job = _job("hf_to_mm", HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=hf), parallel_config=_pc("tp2")))
     _, plan = prepare(job)

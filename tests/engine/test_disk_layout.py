@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.disk_layout import infer_layout
 from engine.errors import ConvertError
 from engine.formats.mm_source import open_checkpoint
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, LoraConfig, LoraMmToHfConfig, MmToHfConfig, ResplitConfig
 from engine.layout import ParallelConfig
+from engine.source.disk_layout import infer_layout
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_llm_families import _convert, _hf_to_mm
 from tests.engine.test_way_back import _same_tree
 

@@ -23,12 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
+from engine.planning.check import check_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.fixtures.reference_layout import fuse_qkv_gqa, stage_cells
 from tests.fixtures.tiny_glm4v import TEXT, build_tiny_glm4v

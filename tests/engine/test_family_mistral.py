@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import TOKENS, _arch, _hf_to_mm, _rank_models, assert_round_trip
 from tests.fixtures.reference_layout import expected_checkpoint

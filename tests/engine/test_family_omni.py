@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.check import check_plan
-from engine.disk_layout import infer_layout
-from engine.execute import run
 from engine.formats.mm_source import open_checkpoint
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
-from engine.verify import compare, identical, open_side
+from engine.planning.check import check_plan
+from engine.run.execute import run
+from engine.run.verify import compare, identical, open_side
+from engine.source.disk_layout import infer_layout
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.fixtures.reference_layout import fuse_qkv_gqa, stage_cells
 from tests.fixtures.tiny_omni import AUDIO, TALKER, TEXT, VISION, build_tiny_omni

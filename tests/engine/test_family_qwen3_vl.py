@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, Job, LoraConfig, MmToHfConfig
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
-from engine.verify import verify_job
+from engine.planning.plan import build_plan
+from engine.run.verify import verify_job
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _assert_back_to_original, _convert, _hf_to_mm, _resplit
 from tests.engine.test_way_back import _same_tree
@@ -406,7 +406,7 @@ def test_tie_is_read_as_transformers_reads_it(hf: dict[str, Path], tmp_path: Pat
     """Only the top-level key counts (transformers 5's Qwen3VLConfig; MindSpeed-MM's ConvertVppMMConfigQwen3 too)."""
     import transformers
 
-    from engine.tie import is_tied
+    from engine.source.tie import is_tied
 
     d = _copy_with(hf["qwen3_vl"], tmp_path / "hf", {} if text is None else {"tie_word_embeddings": text})
     cfg = json.loads((d / "config.json").read_text())

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, prepare
 from engine.layout import ParallelConfig
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _convert, _job
 from tests.fixtures.reference_deepseek import expected_checkpoint

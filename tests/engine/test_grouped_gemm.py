@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.disk_layout import infer_layout
 from engine.errors import ConvertError
 from engine.formats.mm_source import open_checkpoint
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, layout_problems
+from engine.source.disk_layout import infer_layout
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _convert, _hf_to_mm
 from tests.engine.test_way_back import _same_tree
@@ -409,7 +409,7 @@ def test_verify_reads_grouped_experts(tiny_llms: dict[str, Path], converted) -> 
 def test_training_memory_shards_whole_experts_over_the_expert_data_parallel_group(tiny_llms: dict[str, Path]):
     """Expert TP 1 at TP 2: the expert data-parallel group has dp x TP / EP ranks (Megatron: world =
     TP x PP x dp = expert TP x EP x expert dp x PP), so the experts' optimizer state is cut four ways at dp 2."""
-    from engine.train_memory import train_memory
+    from engine.planning.train_memory import train_memory
 
     hf = tiny_llms["mixtral"]
     state = load_hf_state(hf)

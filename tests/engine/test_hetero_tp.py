@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.check import check_plan
-from engine.disk_layout import infer_layout
 from engine.errors import ConvertError
-from engine.execute import run
 from engine.formats.mm_source import open_checkpoint
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, validate_layout
-from engine.plan import build_plan
+from engine.planning.check import check_plan
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.disk_layout import infer_layout
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _expected, _load_dir
 from tests.test_cli import _bad, mm_convert
 

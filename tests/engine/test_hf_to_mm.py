@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.check import check_plan
 from engine.errors import ConvertError
 from engine.events import FileDone, FileStarted, Finished, Progress, Started
-from engine.execute import execute, run
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, prepare
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.check import check_plan
+from engine.planning.plan import build_plan
+from engine.run.execute import execute, run
+from engine.source.hf_source import inspect_hf
 from tests.fixtures.reference_layout import expected_checkpoint
 from tests.fixtures.tiny_vlm import load_hf_state
 
@@ -178,7 +178,7 @@ def test_a_failing_worker_stops_the_others_and_leaves_nothing(qwen2vl_dir: Path,
 
 
 def test_one_worker_and_many_write_the_same_files(qwen2vl_dir: Path, tmp_path: Path) -> None:
-    from engine.execute import write_files
+    from engine.run.execute import write_files
 
     plan = build_plan(
         inspect_hf(qwen2vl_dir), ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]], vit_pp_layers=[[3, 0]])

@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from engine.errors import ConvertError
 from engine.formats.mm_source import open_checkpoint, read_rank_file
 from engine.formats.safetensors_header import MAX_TENSORS, read_header, read_metadata
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
+from engine.source.hf_source import inspect_hf
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -392,7 +392,7 @@ def mm_tp1(qwen2vl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pc = ParallelConfig(tp_size=1, llm_pp_layers=[[4]], vit_pp_layers=[[3]])
     job = Job(converter="Qwen2VLConverter", command="hf_to_mm",
               cfg=HfToMmConfig(mm_dir=out, hf_config=HfConfig(hf_dir=qwen2vl_dir), parallel_config=pc))  # fmt: skip
-    from engine.execute import run
+    from engine.run.execute import run
 
     run(prepare(job)[1], out)
     return out
@@ -537,7 +537,7 @@ def test_mindspeed_llm_rank_files_convert_back_exactly(qwen2vl_dir: Path, mm_tp1
     pc = ParallelConfig(tp_size=1, llm_pp_layers=[[4]], vit_pp_layers=[[3]])
     cfg = MmToHfConfig(save_hf_dir=tmp_path / "back", mm_dir=mm, hf_config=HfConfig(hf_dir=qwen2vl_dir),
                        parallel_config=pc)  # fmt: skip
-    from engine.execute import run
+    from engine.run.execute import run
 
     run(prepare(Job(converter="Qwen2VLConverter", command="mm_to_hf", cfg=cfg))[1], tmp_path / "back")
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (qwen2vl_dir / "model.safetensors").read_bytes()

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig, layout_problems, validate_layout
+from engine.source.hf_source import inspect_hf
 
 
 def test_flat_list_is_one_chunk() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, layout_problems, validate_layout
-from engine.plan import build_plan
+from engine.planning.check import check_plan
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_way_back import _same_tree
 from tests.fixtures.reference_layout import expected_checkpoint

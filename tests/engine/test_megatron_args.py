@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
 from engine.formats.mm_source import read_rank_file
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, load_job, prepare
 from engine.layout import ParallelConfig
+from engine.planning.check import check_plan
+from engine.run.execute import run
 
 CONVERTER = {
     "llama": "LlamaConverter", "qwen2": "Qwen2Converter", "qwen3": "Qwen3Converter",

@@ -5,7 +5,7 @@ wait4, as bench/bench_convert.py does; the tiny fixture's peak is the baseline (
 numpy, pydantic, the CLI). The model is the bench generator's `mid` size, written
 sparse (headers only; the data reads as zeros), so it costs no disk to make. What is
 allowed on top of the baseline is a few bands and CRC windows per file writer
-(engine/execute.py BAND, engine/formats/torch_zip.py); holding the model, a file or a large
+(engine/run/execute.py BAND, engine/formats/torch_zip.py); holding the model, a file or a large
 share of either would exceed it.
 """
 

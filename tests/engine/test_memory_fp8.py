@@ -3,7 +3,7 @@ model (1.2 GB once dequantised to bf16) converts in about what the tiny FP8 fixt
 
 Like tests/engine/test_memory.py: each conversion is an `mm-convert` process whose peak RSS is read
 from wait4; the big model is written sparse by bench/make_deepseek_v3.py (headers only; its zeros
-dequantise to zeros). The dequantisation works on a band of rows at a time (engine/fp8.py BAND of
+dequantise to zeros). The dequantisation works on a band of rows at a time (engine/source/fp8.py BAND of
 float32 work space, beside the writers' bands).
 """
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import out_file
 from engine.errors import ConvertError
-from engine.out_file import OutFile
+from engine.run import out_file
+from engine.run.out_file import OutFile
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from safetensors.numpy import save_file
 
 from engine.errors import ConvertError, WriteError
 from engine.events import FileStarted, Finished, Notice, PartDone, Progress, Started
-from engine.execute import execute, run
 from engine.formats.safetensors_header import read_header
 from engine.job import Job, load_job, prepare
 from engine.layout import ParallelConfig
-from engine.parts import Part, control_dir, describe, execute_part, file_problem, job_key, parse_part, shares
+from engine.run.execute import execute, run
+from engine.run.parts import Part, control_dir, describe, execute_part, file_problem, job_key, parse_part, shares
 from tests.fixtures.tmpfs import fill
 
 TP2_PP2 = ParallelConfig(tp_size=2, llm_pp_layers=[[1, 3]])
@@ -353,11 +353,11 @@ def test_a_held_part_lock_file_is_what_makes_a_part_live(vlm, tmp_path: Path) ->
 
 def test_a_file_that_reads_back_wrong_is_not_moved_in(vlm, vlm_one: dict, tmp_path: Path, monkeypatch) -> None:
     """Each part reads its rank files back against their CRC-32s before they count as written."""
-    import engine.execute
+    import engine.run.execute
 
     plan, key = vlm
     out = tmp_path / "mm"
-    monkeypatch.setattr(engine.execute, "read_back_problem", lambda path: "record x reads back with CRC-32 0")
+    monkeypatch.setattr(engine.run.execute, "read_back_problem", lambda path: "record x reads back with CRC-32 0")
     with pytest.raises(WriteError, match=r"record x reads back with CRC-32 0: the disk did not keep what was written"):
         _run_parts(plan, out, 3, key, order=[0])
     assert not [p for p in (control_dir(out.resolve(), key) / "out").rglob("*") if p.is_file()]

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import target as target_mod
 from engine.errors import ConvertError, WriteError
 from engine.events import Notice
-from engine.execute import execute, run
 from engine.job import HfConfig, HfToMmConfig, Job, LoraConfig, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
-from engine.target import claim
+from engine.run import target as target_mod
+from engine.run.execute import execute, run
+from engine.run.target import claim
 from tests.fixtures.tmpfs import fill, mount_tmpfs
 
 PC = ParallelConfig(tp_size=1, llm_pp_layers=[[4]], vit_pp_layers=[[3]])
@@ -171,7 +171,7 @@ def test_a_failed_run_leaves_nothing(qwen2vl_dir: Path, tmp_path: Path, monkeypa
     def boom(*_a, **_k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("engine.execute._fsync_tree", boom)
+    monkeypatch.setattr("engine.run.execute._fsync_tree", boom)
     with pytest.raises(RuntimeError):
         run(plan, out)
     assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,6 @@
 """Transformer Engine names (issue 18 item 3): Megatron-LM's TE layers own the norm before QKV and a dense fc1.
 
-The expected names are spelled out here from Megatron-LM itself, not from engine/te_names.py:
+The expected names are spelled out here from Megatron-LM itself, not from engine/planning/te_names.py:
 - tools/checkpoint/schema_core.py, CoreTESchema: `self_attn_norm_weight` is
   `self_attention.linear_qkv.layer_norm_weight` (`_bias`), `mlp_norm_weight` is
   `mlp.linear_fc1.layer_norm_weight`; CoreMoETESchema keeps `pre_mlp_layernorm.weight` beside
@@ -23,10 +23,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import (
     HfConfig,
     HfToMmConfig,
@@ -39,8 +36,11 @@ from engine.job import (
     prepare,
 )
 from engine.layout import ParallelConfig
-from engine.te_names import to_local, to_te
-from engine.verify import compare, identical, open_side
+from engine.planning.check import check_plan
+from engine.planning.te_names import to_local, to_te
+from engine.run.execute import run
+from engine.run.verify import compare, identical, open_side
+from engine.source.hf_source import inspect_hf
 from tests.engine.test_llm_families import _assert_back_to_original
 from tests.fixtures.tiny_lora import build_peft_adapter
 

@@ -11,13 +11,13 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.plan import build_plan
 from engine.preset import builtin_presets
-from engine.tie import is_tied
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
+from engine.source.tie import is_tied
 
 PP2 = ParallelConfig(llm_pp_layers=[[2, 2]])
 

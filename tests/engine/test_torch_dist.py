@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import ConvertError
-from engine.execute import run
 from engine.job import Job, prepare
+from engine.run.execute import run
 from tests.test_cli import _bad, mm_convert
 
 TOKENS = [3, 17, 99, 5, 42, 7, 64, 127, 0, 11, 23, 88]
@@ -240,7 +240,7 @@ def test_writing_needs_no_torch(llama: Path, tmp_path: Path) -> None:
     cfg["parallel_config"] = {"tp_size": 2, "llm_pp_layers": [[2, 2]]}
     job = {"converter": "LlamaConverter", "command": "hf_to_mm", "cfg": cfg}
     code = (
-        "import sys; from engine.job import Job, prepare; from engine.execute import run; "
+        "import sys; from engine.job import Job, prepare; from engine.run.execute import run; "
         f"job = Job.model_validate({job!r}); run(prepare(job)[1], {str(tmp_path / 'o')!r}); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from engine.balance import human_params
 from engine.errors import ConvertError
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
-from engine.train_memory import GIB, RankMemory, fits, human_bytes, train_memory
+from engine.planning.balance import human_params
+from engine.planning.plan import build_plan
+from engine.planning.train_memory import GIB, RankMemory, fits, human_bytes, train_memory
+from engine.source.hf_source import inspect_hf
 
 
 def _shapes(hf_dir: Path) -> dict[str, list[int]]:
@@ -211,7 +211,7 @@ def test_a_plan_of_another_layout_is_refused(tiny_llms: dict[str, Path]) -> None
         "the plan does not match the layout: it holds 2 Megatron rank file(s), TP 2 x PP 2 x EP 1 has 4; "
         "give the plan built for this layout"
     )
-    from engine.plan import build_dcp_plan  # one torch.distributed.checkpoint file, not rank files
+    from engine.planning.plan import build_dcp_plan  # one torch.distributed.checkpoint file, not rank files
 
     with pytest.raises(ConvertError) as e:
         train_memory(build_dcp_plan(info), ParallelConfig(llm_pp_layers=[[4]]))

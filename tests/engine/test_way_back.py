@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import INDEX_NAME
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig
+from engine.planning.check import check_plan
+from engine.run.execute import run
+from engine.source.hf_source import INDEX_NAME
 
 LAYOUTS = {
     "tp1": (1, [[4]], [[3]]),

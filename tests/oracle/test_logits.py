@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from mmtui.megatron_logits import GPTArch, megatron_logits
 from tests.fixtures.tiny_vlm import tiny_text_model
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from textual.widgets import Input, Select, Static
 
-from engine.balance import cell_costs, format_cost, stage_costs
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
-from engine.train_memory import human_bytes
+from engine.planning.balance import cell_costs, format_cost, stage_costs
+from engine.planning.plan import build_plan
+from engine.planning.train_memory import human_bytes
+from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app
 from mmtui.widgets.stage_grid import StageGrid
 from tests.tui.test_workbench import settle

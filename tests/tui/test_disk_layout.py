@@ -7,11 +7,11 @@ from pathlib import Path
 
 from textual.widgets import DataTable, Input, Select, Static
 
-from engine.balance import suggest
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.balance import suggest
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app
 from mmtui.widgets.stage_grid import StageGrid, cell_id
 from tests.tui.test_workbench import settle

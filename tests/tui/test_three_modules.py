@@ -78,10 +78,10 @@ async def test_megatron_to_hf_reads_three_modules_and_their_tp_from_the_disk(omn
     and Run gives the HF files back."""
     import filecmp
 
-    from engine.execute import run
-    from engine.hf_source import inspect_hf
     from engine.layout import ParallelConfig
-    from engine.plan import build_plan
+    from engine.planning.plan import build_plan
+    from engine.run.execute import run
+    from engine.source.hf_source import inspect_hf
 
     on_disk = {"vit": [[2, 0]], "audio": [[3, 0]], "llm": [[1, 2]]}
     layout = ParallelConfig(tp_size=2, audio_tp_size=1, **{f"{m}_pp_layers": v for m, v in on_disk.items()})

@@ -58,10 +58,10 @@ def test_a_crash_exits_non_zero_and_keeps_the_traceback(qwen2vl_dir: Path, tmp_p
     traceback with the bug's own message. (A headless Textual driver stands in for the terminal.)"""
     script = tmp_path / "crash.py"
     script.write_text(
-        "import sys, engine.summary\n"
+        "import sys, engine.source.summary\n"
         "def summarize(info):\n"
         "    raise RuntimeError('a bug in summarize')\n"
-        "engine.summary.summarize = summarize\n"
+        "engine.source.summary.summarize = summarize\n"
         "from mmtui.__main__ import main\n"
         "main(sys.argv[1:])\n"
     )
@@ -185,7 +185,7 @@ async def test_the_run_tab_after_a_cancel(qwen2vl_dir: Path, tmp_path: Path, mon
     before is marked discarded (nothing is kept), the one not started keeps its dot."""
     import time
 
-    import engine.execute
+    import engine.run.execute
     from engine.events import FileDone, FileStarted, Progress, Started
 
     def slow_execute(plan, out, **_):  # writes file 0, then file 1 until it is closed
@@ -198,7 +198,7 @@ async def test_the_run_tab_after_a_cancel(qwen2vl_dir: Path, tmp_path: Path, mon
             time.sleep(0.01)
             yield Progress(100 + i % 50, 300, "b.pt", "k")
 
-    monkeypatch.setattr(engine.execute, "execute", slow_execute)
+    monkeypatch.setattr(engine.run.execute, "execute", slow_execute)
     app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)
@@ -343,8 +343,8 @@ async def test_hf_to_dcp_from_the_wizard(qwen2vl_dir: Path, tmp_path: Path) -> N
     """Direction HF → DCP: no layout asked for; the files written equal a headless run of the same job."""
     from textual.widgets import Select
 
-    from engine.execute import run
     from engine.job import HfConfig, HfToDcpConfig, Job, prepare
+    from engine.run.execute import run
 
     app = make_app(qwen2vl_dir, out_dir=tmp_path / "tui")
     async with app.run_test(size=(80, 24)) as pilot:

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from textual.widgets import DataTable, Input, RichLog, Static
 
-from engine.balance import suggest
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import load_job
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.balance import suggest
+from engine.planning.plan import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app
 from mmtui.runner import run_job
 from mmtui.widgets.stage_grid import StageGrid, cell_id
@@ -182,7 +182,7 @@ async def test_help_and_command_line(qwen2vl_dir: Path, tmp_path: Path) -> None:
 async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import time
 
-    import engine.execute
+    import engine.run.execute
     from engine.events import Progress, Started
     from mmtui.screens.confirm import ConfirmScreen
 
@@ -197,7 +197,7 @@ async def test_quit_asks_while_running_and_cancels(qwen2vl_dir: Path, tmp_path: 
         finally:
             closed.append(True)
 
-    monkeypatch.setattr(engine.execute, "execute", slow_execute)
+    monkeypatch.setattr(engine.run.execute, "execute", slow_execute)
     app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)

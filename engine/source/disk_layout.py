@@ -22,12 +22,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from .errors import ConvertError
-from .experts import detect as detect_grouped
-from .formats.mm_source import RANK_DIR, MmCheckpoint, read_rank_file
+from ..errors import ConvertError
+from ..formats.mm_source import RANK_DIR, MmCheckpoint, read_rank_file
+from ..layout import ParallelConfig
+from ..planning.experts import detect as detect_grouped
+from ..planning.plan import _pattern, build_plan, rank_dir_name
 from .hf_source import ModelInfo
-from .layout import ParallelConfig
-from .plan import _pattern, build_plan, rank_dir_name
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
 
@@ -45,7 +45,7 @@ def _signature(chunks: dict[str, dict]) -> dict[str, dict[str, tuple[int, ...]]]
 def infer_layout(info: ModelInfo, ckpt: MmCheckpoint, field: str = "mm_dir") -> ParallelConfig:
     """The layout the checkpoint was written in, or a ConvertError naming the field the disk cannot give."""
     if ckpt.dist is not None:  # torch_dist: read as TP 1, one stage
-        from .formats.torch_dist_reader import torch_dist_layout
+        from ..formats.torch_dist_reader import torch_dist_layout
 
         return torch_dist_layout(info, ckpt.dist)
     numbers = {name: _numbers(name) for name in ckpt.ranks}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, several times faster (SIMD)
 
-from .errors import ConvertError
-from .out_file import pread_exact
+from ..errors import ConvertError
+from ..run.out_file import pread_exact
 
 _CHUNK = 1 << 20  # read and summed a piece at a time: stays in cache, and memory stays flat
 

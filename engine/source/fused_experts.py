@@ -17,11 +17,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConvertError
-from .experts import TransposedMeta
-from .formats.safetensors_header import TensorMeta
-from .plan import Entry, Piece
-from .preset import FUSED, Mapping
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta
+from ..planning.experts import TransposedMeta
+from ..planning.plan import Entry, Piece
+from ..preset import FUSED, Mapping
 from .shape_check import HIDDEN
 
 if TYPE_CHECKING:

@@ -16,14 +16,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta, itemsize
+from ..layout import ParallelConfig, Placement, one_stage, placement, validate_layout
+from ..preset import Mapping, Module
+from ..source.hf_source import ModelInfo
+from ..source.shape_check import check_shapes
+from ..source.tie import is_tied, tie_said
 from . import mtp as mtp_layers
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, itemsize
-from .hf_source import ModelInfo
-from .layout import ParallelConfig, Placement, one_stage, placement, validate_layout
-from .preset import Mapping, Module
-from .shape_check import check_shapes
-from .tie import is_tied, tie_said
 
 if TYPE_CHECKING:
     from .lora import LoraPair
@@ -75,10 +75,10 @@ class Entry:
     The last `pad_rows` rows are zeros (vocabulary padding); the pieces cover the rest,
     unless `zero_fill`: then what no piece covers is zero (an adapter's unused rank blocks).
     `lora` lists blocks of canonical tensors that carry a LoRA adapter (`Plan.lora`), in
-    this entry's coordinates: their B @ A is added after assembling (engine/lora.py).
+    this entry's coordinates: their B @ A is added after assembling (engine/planning/lora.py).
     With `stored`, the tensor assembled (2-D, `shape`) is written transposed and given the
-    shape `stored` (same elements): grouped-GEMM experts (engine/experts.py), HF's fused experts
-    (engine/fused_experts.py).
+    shape `stored` (same elements): grouped-GEMM experts (engine/planning/experts.py), HF's fused experts
+    (engine/source/fused_experts.py).
     """
 
     key: str
@@ -165,7 +165,7 @@ class Plan:
     zero_blocks: set[str] = field(default_factory=set)  # sources whose unread parts are zeros by layout
     inputs: list[tuple[str, Path]] = field(default_factory=list)  # (field, directory) the job reads
     same: list[tuple[str, str, str]] = field(default_factory=list)  # (dropped copy, source written for it, what
-    # they are called): checked equal before writing (engine/mtp.py)
+    # they are called): checked equal before writing (engine/planning/mtp.py)
 
     @property
     def nbytes(self) -> int:
@@ -614,7 +614,7 @@ def build_dcp_plan(info: ModelInfo, *, iteration: str = "release") -> Plan:
 
     DCP re-shards at load time, so the plan is the TP 1 / PP 1 layout written in DCP's format.
     """
-    from .formats.dcp_writer import DATA_NAME
+    from ..formats.dcp_writer import DATA_NAME
 
     plan = build_plan(info, one_stage(info), iteration=iteration)
     (f,) = plan.files

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, ViewMeta, itemsize
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta, ViewMeta, itemsize
 
 if TYPE_CHECKING:
     from .hf_source import ModelInfo, TensorReader

@@ -45,14 +45,14 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from .check import check_plan
-from .errors import ConvertError, WriteError
-from .events import Event, Finished, Notice, PartDone
+from ..errors import ConvertError, WriteError
+from ..events import Event, Finished, Notice, PartDone
+from ..formats.dcp_writer import METADATA_NAME
+from ..formats.safetensors_writer import header_bytes
+from ..planning.check import check_plan
+from ..planning.mtp import check_copies
+from ..planning.plan import OutputFile, Plan
 from .execute import FILE_MODE, _read_files, write_files
-from .formats.dcp_writer import METADATA_NAME
-from .formats.safetensors_writer import header_bytes
-from .mtp import check_copies
-from .plan import OutputFile, Plan
 from .target import (
     DIR_MODE,
     PARTS_TAG,
@@ -165,7 +165,7 @@ def file_problem(out: Path, f: OutputFile) -> str | None:
                 return "its header is not the plan's"
         return None
     if f.kind.startswith("torch_dist"):  # common.pt and .metadata are small: present (renamed in whole) is done
-        from .formats.torch_dist_writer import KIND, data_size
+        from ..formats.torch_dist_writer import KIND, data_size
 
         want = data_size(f) if f.kind == KIND else size
         return None if size == want else f"{size} bytes, expected {want}"

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 _KINDS = {
     stat.S_IFDIR: "a directory",

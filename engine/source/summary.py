@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from ..layout import layout_problems, one_stage
 from .hf_source import ModelInfo
-from .layout import layout_problems, one_stage
 
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 

@@ -22,19 +22,19 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 if TYPE_CHECKING:
-    from .formats.safetensors_header import TensorMeta
-    from .hf_source import ModelInfo, TensorReader
-    from .layout import Placement
+    from ..formats.safetensors_header import TensorMeta
+    from ..layout import Placement
+    from ..preset import Preset
+    from ..source.hf_source import ModelInfo, TensorReader
     from .plan import Plan, _Target
-    from .preset import Preset
 
 
 def mtp_count(preset: Preset, config: dict[str, Any], where: object) -> int:
     """How many MTP layers config.json declares (0 when the field is absent or the preset has none)."""
-    from .hf_source import lookup
+    from ..source.hf_source import lookup
 
     if preset.mtp is None:
         return 0
@@ -76,7 +76,7 @@ def _copy_patterns(preset: Preset) -> list[tuple[re.Pattern[str], str]]:
 
 def copy_of(info: ModelInfo, name: str) -> str | None:
     """The main model's tensor an MTP copy duplicates (the tied embedding when the output head is tied)."""
-    from .tie import is_tied
+    from ..source.tie import is_tied
 
     for pat, source in _copy_patterns(info.preset):
         if pat.match(name):
@@ -97,7 +97,7 @@ def same_pairs(info: ModelInfo, dropped: dict[str, str]) -> list[tuple[str, str,
 def check_copies(plan: Plan) -> None:
     """Before writing: the MTP copies a plan drops (MTP's embedding and output head) are copies."""
     if plan.same:
-        from .hf_source import TensorReader  # hf_source imports this module
+        from ..source.hf_source import TensorReader  # hf_source imports this module
 
         with contextlib.closing(TensorReader()) as reader:
             check_same(plan, reader)

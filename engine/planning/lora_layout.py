@@ -24,14 +24,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import ConvertError
+from ..errors import ConvertError
+from ..formats.mm_source import MmCheckpoint, open_checkpoint, read_rank_file
+from ..formats.safetensors_header import TensorMeta
+from ..layout import ParallelConfig
+from ..source.hf_source import ModelInfo, TensorReader
+from ..source.mm_view import MmView, open_view
 from .experts import is_expert_key
-from .formats.mm_source import MmCheckpoint, open_checkpoint, read_rank_file
-from .formats.safetensors_header import TensorMeta
-from .hf_source import ModelInfo, TensorReader
-from .layout import ParallelConfig
 from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
-from .mm_view import MmView, open_view
 from .plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan, build_plan
 
 SIDE_NAME = "lora_layout.json"
@@ -207,7 +207,7 @@ def _zero_where_unread(view: MmView) -> bool:
     """Whether the rank blocks no PEFT tensor comes from are still zeros (reads those small tensors)."""
     import numpy as np
 
-    from .execute import assemble_from
+    from ..run.execute import assemble_from
 
     covered: dict[str, list[Piece]] = {}
     for blocks in view.blocks.values():

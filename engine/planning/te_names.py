@@ -22,9 +22,9 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from .errors import ConvertError
-from .formats.mm_source import MmCheckpoint, read_rank_file
-from .hf_source import ModelInfo
+from ..errors import ConvertError
+from ..formats.mm_source import MmCheckpoint, read_rank_file
+from ..source.hf_source import ModelInfo
 from .mtp import has_mtp
 from .plan import Plan
 

@@ -29,9 +29,9 @@ import bisect
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ConvertError
-from .hf_source import ModelInfo
-from .layout import Chunks
+from ..errors import ConvertError
+from ..layout import Chunks
+from ..source.hf_source import ModelInfo
 from .plan import ModuleWeights, module_weights
 
 CostModel = Literal["params", "flops"]

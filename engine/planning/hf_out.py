@@ -13,16 +13,16 @@ import json
 import re
 from pathlib import Path
 
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, read_metadata
-from .fp8 import unquantised_config
-from .fused_experts import ExpertMeta, fused_entry
-from .hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta, read_metadata
+from ..source.fp8 import unquantised_config
+from ..source.fused_experts import ExpertMeta, fused_entry
+from ..source.hf_source import BIN_NAME, INDEX_NAME, SINGLE_NAME, ModelInfo
+from ..source.mm_view import MmView, hf_view
+from ..source.tie import is_tied
 from .lora import Adapter, merging
-from .mm_view import MmView, hf_view
 from .mtp import copy_of, left_out_note
 from .plan import Entry, OutputFile, Piece, Plan
-from .tie import is_tied
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")

@@ -29,11 +29,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConvertError, WriteError
+from ..errors import ConvertError, WriteError
 
 TMP_TAG = ".mmtui-tmp-"
 LOCK_TAG = ".mmtui-lock"
-PARTS_TAG = ".mmtui-parts-"  # the shared directory of a job split into parts (engine/parts.py)
+PARTS_TAG = ".mmtui-parts-"  # the shared directory of a job split into parts (engine/run/parts.py)
 DIR_MODE = 0o750  # MindSpeed-MM's modes: checkpoints often live on shared filesystems
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 SLACK = 1 << 20  # bytes beyond the plan's own for directories, trackers and zip records

@@ -25,10 +25,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from .errors import ConvertError
+from ..errors import ConvertError
+from ..layout import ParallelConfig
+from ..source.hf_source import ModelInfo
 from .experts import is_expert_key
-from .hf_source import ModelInfo
-from .layout import ParallelConfig
 from .plan import Plan, build_plan
 
 WEIGHT_BYTES = 2  # bf16 weight

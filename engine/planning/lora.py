@@ -20,9 +20,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, read_header, read_metadata
-from .hf_source import ModelInfo, canonical_name
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta, read_header, read_metadata
+from ..source.hf_source import ModelInfo, canonical_name
 from .plan import Entry, Piece, Plan
 
 CONFIG_NAME = "adapter_config.json"

@@ -22,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import check_plan
-from .errors import WriteError
-from .events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
-from .formats.dcp_writer import METADATA_NAME, DcpWriter
-from .formats.safetensors_header import TensorMeta, ViewMeta
-from .formats.safetensors_writer import SafetensorsWriter, header_bytes
-from .formats.torch_zip import StreamingCheckpointWriter
-from .hf_source import TensorReader
-from .mtp import check_copies
+from ..errors import WriteError
+from ..events import Event, FileDone, FileStarted, Finished, Notice, Progress, Started
+from ..formats.dcp_writer import METADATA_NAME, DcpWriter
+from ..formats.record_check import Record, read_back_problem
+from ..formats.safetensors_header import TensorMeta, ViewMeta
+from ..formats.safetensors_writer import SafetensorsWriter, header_bytes
+from ..formats.torch_zip import StreamingCheckpointWriter
+from ..planning.check import check_plan
+from ..planning.mtp import check_copies
+from ..planning.plan import Entry, OutputFile, Piece, Plan, grid
+from ..source.hf_source import TensorReader
 from .out_file import Span
-from .plan import Entry, OutputFile, Piece, Plan, grid
-from .record_check import Record, read_back_problem
 from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_path, write_error
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
@@ -227,7 +227,7 @@ def write_files(
     their events come out here as they happen. Closing the generator stops every worker
     after the tensor it is writing. With `stage`, each file is written there (same relative
     path, same file name, so its bytes are the same) and moved under `dest` once complete and
-    synced: a file under `dest` is then always whole (a part of a split job, engine/parts.py).
+    synced: a file under `dest` is then always whole (a part of a split job, engine/run/parts.py).
     """
     chosen = list(range(len(plan.files))) if indices is None else list(indices)
     total = sum(plan.files[i].nbytes for i in chosen)
@@ -390,7 +390,7 @@ def _writer(kind: str):
     """The writer of an output file's kind; engine/formats/ brings its own (importing this module)."""
     if kind in _WRITERS:
         return _WRITERS[kind]
-    from .formats.torch_dist_writer import WRITERS
+    from ..formats.torch_dist_writer import WRITERS
 
     return WRITERS[kind]
 

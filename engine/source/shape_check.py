@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 if TYPE_CHECKING:
-    from .formats.safetensors_header import TensorMeta
+    from ..formats.safetensors_header import TensorMeta
+    from ..planning.plan import _Target
     from .hf_source import ModelInfo
-    from .plan import _Target
 
 # each module's width, by the field name the presets give it
 HIDDEN = {"llm": "hidden_size", "vit": "vit_hidden", "audio": "audio_hidden"}

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConvertError
-from .execute import assemble_from
+from ..errors import ConvertError
+from ..planning.plan import Entry, Piece
+from ..run.execute import assemble_from
 from .hf_source import TensorReader
 from .mm_view import MmView
-from .plan import Entry, Piece
 
 
 def check_zero_parts(view: MmView, field: str) -> None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, read_header
+from ..errors import ConvertError
+from ..formats.regular_file import open_regular, read_regular
+from ..formats.safetensors_header import TensorMeta, read_header
+from ..formats.strict_json import parse_json
+from ..planning.mtp import with_mtp_names
+from ..preset import Preset, default_presets, with_language_model
 from .fp8 import dequantised
-from .mtp import with_mtp_names
-from .preset import Preset, default_presets, with_language_model
-from .regular_file import open_regular, read_regular
-from .strict_json import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +169,7 @@ def _indexed(hf_dir: Path, index: Path, kind: str) -> tuple[list[Path], dict[str
 def read_weights(path: Path) -> dict[str, TensorMeta]:
     """One weight file's tensors from metadata: a safetensors header, or a torch .bin's pickle."""
     if path.suffix == ".bin":
-        from .formats.mm_source import read_bin_file  # the restricted unpickler lives with the rank-file reader
+        from ..formats.mm_source import read_bin_file  # the restricted unpickler lives with the rank-file reader
 
         return read_bin_file(path)
     return read_header(path)
@@ -236,8 +236,8 @@ def inspect_hf(hf_dir: Path | str, preset: Preset | None = None) -> ModelInfo:
     )
     from .fused_experts import split_fused_experts  # it builds on the plan's Entry, which needs this module
 
-    # FP8 weights and their block scales: one bf16 tensor each (engine/fp8.py); experts fused in one tensor:
-    # one [out, in] tensor each (engine/fused_experts.py)
+    # FP8 weights and their block scales: one bf16 tensor each (engine/source/fp8.py); experts fused in one tensor:
+    # one [out, in] tensor each (engine/source/fused_experts.py)
     return split_fused_experts(dequantised(info))
 
 
@@ -257,7 +257,7 @@ class TensorReader:
         """(file descriptor, offset, length) of rows [r0, r1): rows are contiguous bytes.
 
         Every read of source bytes (kernel copies, bands, mapped rows, verify) starts here, so
-        this is where a rank file's record is checked against its CRC-32 (once, engine/record_check.py).
+        this is where a rank file's record is checked against its CRC-32 (once, engine/formats/record_check.py).
         `check=False` is for a caller that copies the whole record and confirms its CRC itself.
         """
         fd = self.fd(meta.file)

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import ConvertError
-from .formats.safetensors_header import TensorMeta, ViewMeta
+from ..errors import ConvertError
+from ..formats.safetensors_header import TensorMeta, ViewMeta
 
 if TYPE_CHECKING:
-    from .hf_source import TensorReader
+    from ..source.hf_source import TensorReader
     from .plan import Entry, OutputFile
 
 Grouped = Literal["legacy", "te"]
@@ -111,7 +111,7 @@ def _side_by_side(key: str, experts: list[tuple[int, Entry]], where: str) -> Ent
         off = k * cols
         for p in e.pieces:
             pieces.append(Piece(p.source, p.rows, p.cols, p.at, p.col_at + off))
-        if e.lora:  # marked after planning (engine/lora.py attach), so normally none yet
+        if e.lora:  # marked after planning (engine/planning/lora.py attach), so normally none yet
             lora += [Piece(p.source, p.rows, p.cols, p.at, p.col_at + off) for p in e.lora]
     # GroupedMLP's shapes: weight1 [hidden, E x fc1 rows], weight2 [E x fc2 columns, hidden]
     stored = (cols, n * rows) if key.endswith("weight1") else (n * cols, rows)

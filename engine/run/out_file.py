@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 Span = tuple[int, int, int]  # (open file descriptor, offset, length)
 

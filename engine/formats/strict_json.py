@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 
 class _DuplicateKey(Exception):

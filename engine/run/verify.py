@@ -3,7 +3,7 @@
 Each side is a *source view*: an HF directory gives its tensors directly; a Megatron /
 MindSpeed directory gives each canonical tensor as blocks of its rank files (so a TP=2
 checkpoint compares against a TP=1 one or against HF). Tensors are compared a band of
-rows at a time (engine.execute.BAND), so memory does not grow with the largest tensor.
+rows at a time (engine.run.execute.BAND), so memory does not grow with the largest tensor.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .disk_layout import infer_layout
-from .errors import ConvertError
+from ..errors import ConvertError
+from ..formats.mm_source import open_checkpoint
+from ..formats.safetensors_header import TensorMeta
+from ..layout import ParallelConfig
+from ..planning.plan import Entry, Piece, build_plan, grid
+from ..planning.te_names import TransformerImpl, rename_plan, resolve
+from ..source.disk_layout import infer_layout
+from ..source.hf_source import ModelInfo, TensorReader, inspect_hf
+from ..source.mm_view import open_view
 from .execute import assemble_rows, rows_per_band
-from .formats.mm_source import open_checkpoint
-from .formats.safetensors_header import TensorMeta
-from .hf_source import ModelInfo, TensorReader, inspect_hf
-from .layout import ParallelConfig
-from .mm_view import open_view
-from .plan import Entry, Piece, build_plan, grid
-from .te_names import TransformerImpl, rename_plan, resolve
 
 if TYPE_CHECKING:
-    from .job import Job
+    from ..job import Job
 
 
 @dataclass
@@ -163,7 +163,7 @@ def status_counts(rows: list[Row]) -> str:
 
 def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     """Compare what a finished job wrote with what it read; (identical, one-line summary)."""
-    from .job import HfToDcpConfig, HfToMmConfig, MmToHfConfig
+    from ..job import HfToDcpConfig, HfToMmConfig, MmToHfConfig
 
     cfg = job.cfg
     if getattr(cfg, "lora", None) is not None:

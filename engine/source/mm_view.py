@@ -12,15 +12,15 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .errors import ConvertError
-from .experts import transposed_view
-from .formats.mm_source import MmCheckpoint, read_rank_file
-from .formats.safetensors_header import TensorMeta
+from ..errors import ConvertError
+from ..formats.mm_source import MmCheckpoint, read_rank_file
+from ..formats.safetensors_header import TensorMeta
+from ..layout import ParallelConfig
+from ..planning.experts import transposed_view
+from ..planning.mtp import is_mtp_target
+from ..planning.plan import Piece, Plan, build_plan, grid
+from ..preset import builtin_presets
 from .hf_source import ModelInfo
-from .layout import ParallelConfig
-from .mtp import is_mtp_target
-from .plan import Piece, Plan, build_plan, grid
-from .preset import builtin_presets
 from .tie import is_tied
 
 REPLICA = "a copy of data read from another rank (TP replica or tied output layer)"
@@ -55,7 +55,7 @@ def open_view(
     of other tensors in that layout, such as a LoRA adapter's)."""
     forward = forward or build_plan(info, layout, iteration=ckpt.iteration)
     if ckpt.dist is not None:
-        from .formats.torch_dist_reader import torch_dist_view
+        from ..formats.torch_dist_reader import torch_dist_view
 
         return torch_dist_view(info, ckpt, layout, field, forward)
     expected = {f.dir_name: f for f in forward.files}

@@ -1,7 +1,7 @@
 """Weights cast to another float dtype while streaming (`--cfg.params_dtype`, MindSpeed-LLM's `--params-dtype`).
 
 Megatron holds every parameter in its params dtype; a checkpoint for it is written in that
-dtype. As with FP8 dequantisation (engine/fp8.py), the source view shows each cast tensor in
+dtype. As with FP8 dequantisation (engine/source/fp8.py), the source view shows each cast tensor in
 the target dtype (`CastMeta`), so planning, splitting and fusing see an ordinary tensor, and
 only the executor's byte reader converts, a band of rows at a time (bounded memory). Each value
 is rounded once, as `tensor.to(dtype)` rounds it.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .formats.safetensors_header import TensorMeta, ViewMeta, itemsize
+from ..formats.safetensors_header import TensorMeta, ViewMeta, itemsize
 from .fp8 import PARAMS_DTYPES
 
 if TYPE_CHECKING:
