@@ -33,8 +33,8 @@ def main() -> None:
 
     from engine.layout import ParallelConfig
     from engine.planning.balance import suggest
+    from engine.planning.build import build_plan
     from engine.planning.check import check_plan
-    from engine.planning.plan import build_plan
     from engine.source.hf_source import inspect_hf
 
     mark()

@@ -14,7 +14,7 @@ from pathlib import Path
 from alternate import alternate, copy_and_sync
 
 from engine.layout import ParallelConfig
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
 

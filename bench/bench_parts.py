@@ -40,8 +40,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     from engine.layout import ParallelConfig
+    from engine.planning.build import build_plan
     from engine.planning.check import check_plan
-    from engine.planning.plan import build_plan
     from engine.run.execute import write_files
     from engine.run.parts import parse_part, shares
     from engine.source.hf_source import inspect_hf

@@ -31,8 +31,9 @@ def _timed(fn, repeat: int = 3):
 def engine_steps(hf: Path, tp: int, pp: int, ep: int = 1) -> list[tuple[str, float, str]]:
     from engine.layout import ParallelConfig
     from engine.planning.balance import cell_costs, suggest
+    from engine.planning.build import build_plan
     from engine.planning.check import check_plan
-    from engine.planning.plan import build_plan, module_weights
+    from engine.planning.targets import module_weights
     from engine.source.hf_source import inspect_hf
 
     rows = []

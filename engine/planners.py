@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 from .errors import ConvertError
 from .formats.mm_source import open_checkpoint
 from .layout import ParallelConfig
+from .planning.build import build_dcp_plan, build_plan
 from .planning.hf_out import build_merge_plan, build_mm_to_hf_plan
 from .planning.lora import Adapter, attach, read_peft_adapter
 from .planning.lora_layout import open_mm_adapter, peft_plan, peft_to_mm_plan
 from .planning.megatron_args import iteration_dir
 from .planning.mtp import without_mtp
-from .planning.plan import TRACKER_NAME, Plan, build_dcp_plan, build_plan
+from .planning.plan import TRACKER_NAME, Plan
 from .planning.te_names import TransformerImpl, check_preset, rename_plan, resolve
 from .preset import DEFAULT_NAMING, builtin_presets, preset_for_converter
 from .source.cast import with_params_dtype

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import ConvertError
 from engine.layout import ParallelConfig, one_stage
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.source.hf_source import ModelInfo, lookup
 
 if TYPE_CHECKING:

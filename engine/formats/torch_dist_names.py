@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ..errors import ConvertError
 from ..layout import ParallelConfig
-from ..planning.plan import model_targets
+from ..planning.targets import model_targets
 from ..planning.te_names import extra_state_keys, to_te
 from ..preset import Mapping
 from ..source.hf_source import ModelInfo

@@ -32,7 +32,7 @@ from typing import Literal
 from ..errors import ConvertError
 from ..layout import Chunks
 from ..source.hf_source import ModelInfo
-from .plan import ModuleWeights, module_weights
+from .targets import ModuleWeights, module_weights
 
 CostModel = Literal["params", "flops"]
 COST_MODELS: tuple[CostModel, ...] = ("params", "flops")

@@ -30,9 +30,10 @@ from ..formats.safetensors_header import TensorMeta
 from ..layout import ParallelConfig
 from ..source.hf_source import ModelInfo, TensorReader
 from ..source.mm_view import MmView, open_view
+from .build import build_plan
 from .experts import is_expert_key
 from .lora import CONFIG_NAME, WEIGHTS_NAME, Adapter, LoraPair, PeftConfig, adapter_name, whole
-from .plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan, build_plan
+from .plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
 
 SIDE_NAME = "lora_layout.json"
 SIDE_FORMAT = "mmtui lora layout 1"

@@ -25,7 +25,7 @@ from ..formats.torch_zip import torch_global
 from ..layout import ParallelConfig
 from ..source.hf_source import ModelInfo
 from ..source.tie import is_tied
-from .plan import model_targets
+from .targets import model_targets
 
 CHECKPOINT_VERSION = 3.0  # what Megatron-LM and MindSpeed write (execute.py writes the same)
 TOKENIZER_TYPE = "HuggingFaceTokenizer"  # Megatron-LM's tokenizer for a Hugging Face tokenizer directory

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from ..layout import Placement
     from ..preset import Preset
     from ..source.hf_source import ModelInfo, TensorReader
-    from .plan import Plan, _Target
+    from .plan import Plan
+    from .targets import Target
 
 
 def mtp_count(preset: Preset, config: dict[str, Any], where: object) -> int:
@@ -192,7 +193,7 @@ def left_out_note(info: ModelInfo) -> str | None:
     return f"mtp = false: the MTP layer(s) {', '.join(prefixes)} are left out ({len(info.left_out)} tensors)"
 
 
-def check_numbers(info: ModelInfo, targets: list[_Target]) -> None:
+def check_numbers(info: ModelInfo, targets: list[Target]) -> None:
     """Decoder layers past num_hidden_layers are MTP layers config.json omits; the MTP layers present are
     0..n-1 of the n it declares (none present is fine: many published checkpoints drop them, keeping n)."""
     llm = next((m for m in info.preset.modules if m.name == "llm"), None)
@@ -231,7 +232,7 @@ def past_decoder_error(info: ModelInfo, layers: list[int], field: str) -> Conver
     )
 
 
-def renamed(preset: Preset, targets: list[_Target]) -> dict[str, str]:
+def renamed(preset: Preset, targets: list[Target]) -> dict[str, str]:
     """{key: key written} for the targets a naming moves when MTP layers are written (MindSpeed-LLM's final
     norm goes from the decoder to the model: `final_layernorm`); placed as before."""
     if preset.mtp is None or not preset.mtp.renames or not any(t.mtp for t in targets):
@@ -244,10 +245,10 @@ def renamed(preset: Preset, targets: list[_Target]) -> dict[str, str]:
     return out
 
 
-def mtp_embedding(info: ModelInfo, targets: list[_Target], placements: dict[str, Placement]) -> list[_Target]:
+def mtp_embedding(info: ModelInfo, targets: list[Target], placements: dict[str, Placement]) -> list[Target]:
     """With the MTP block on another stage (or VPP chunk) than the embedding, that one's own copy of it:
     Megatron-Core builds an embedding wherever there is pre-processing or MTP."""
-    from .plan import _Target
+    from .targets import Target
 
     if not any(t.mtp for t in targets):
         return []
@@ -258,4 +259,4 @@ def mtp_embedding(info: ModelInfo, targets: list[_Target], placements: dict[str,
     if pl.first_cell is None or pl.first_cell == pl.last_cell:
         return []
     order = (emb.order[0], 3)
-    return [_Target(emb.key, emb.module, None, None, emb.param, emb.mapping, emb.sources, order, mtp=True)]
+    return [Target(emb.key, emb.module, None, None, emb.param, emb.mapping, emb.sources, order, mtp=True)]

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from ..errors import ConvertError
 from ..layout import ParallelConfig
 from ..source.hf_source import ModelInfo
+from .build import build_plan
 from .experts import is_expert_key
-from .plan import Plan, build_plan
+from .plan import Plan
 
 WEIGHT_BYTES = 2  # bf16 weight
 GRAD_BYTES = 4  # fp32 main gradient

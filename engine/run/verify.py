@@ -19,7 +19,8 @@ from ..errors import ConvertError
 from ..formats.mm_source import open_checkpoint
 from ..formats.safetensors_header import TensorMeta
 from ..layout import ParallelConfig
-from ..planning.plan import Entry, Piece, build_plan, grid
+from ..planning.build import build_plan
+from ..planning.plan import Entry, Piece, grid
 from ..planning.te_names import TransformerImpl, rename_plan, resolve
 from ..source.disk_layout import infer_layout
 from ..source.hf_source import ModelInfo, TensorReader, inspect_hf

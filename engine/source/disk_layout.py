@@ -25,8 +25,10 @@ from collections import defaultdict
 from ..errors import ConvertError
 from ..formats.mm_source import RANK_DIR, MmCheckpoint, read_rank_file
 from ..layout import ParallelConfig
+from ..planning.build import build_plan
 from ..planning.experts import detect as detect_grouped
-from ..planning.plan import _pattern, build_plan, rank_dir_name
+from ..planning.plan import rank_dir_name
+from ..planning.targets import target_pattern
 from .hf_source import ModelInfo
 
 EMBEDDING = "embedding.word_embeddings.weight"  # Megatron's name, under every module prefix
@@ -140,7 +142,7 @@ def _expert_tp(
     full = None
     for mp in info.preset.mappings:
         if "#" in mp.mm and mp.tp == "cols":
-            pat = _pattern(mp.hf[0], mp.bare)
+            pat = target_pattern(mp.hf[0], mp.bare)
             full = next((m.shape[1] for name, m in info.tensors.items() if len(m.shape) == 2 and pat.match(name)), None)
             if full is not None:
                 break

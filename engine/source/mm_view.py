@@ -16,9 +16,10 @@ from ..errors import ConvertError
 from ..formats.mm_source import MmCheckpoint, read_rank_file
 from ..formats.safetensors_header import TensorMeta
 from ..layout import ParallelConfig
+from ..planning.build import build_plan
 from ..planning.experts import transposed_view
 from ..planning.mtp import is_mtp_target
-from ..planning.plan import Piece, Plan, build_plan, grid
+from ..planning.plan import Piece, Plan, grid
 from ..preset import builtin_presets
 from .hf_source import ModelInfo
 from .tie import is_tied

@@ -25,7 +25,7 @@ from ..errors import ConvertError
 
 if TYPE_CHECKING:
     from ..formats.safetensors_header import TensorMeta
-    from ..planning.plan import _Target
+    from ..planning.targets import Target
     from .hf_source import ModelInfo
 
 # each module's width, by the field name the presets give it
@@ -34,7 +34,7 @@ INTERMEDIATE = "intermediate_size"
 MOE_INTERMEDIATE = "moe_intermediate_size"
 
 
-def check_shapes(info: ModelInfo, targets: list[_Target]) -> None:
+def check_shapes(info: ModelInfo, targets: list[Target]) -> None:
     """Raise ConvertError for the first mapped tensor whose shape contradicts config.json."""
     fields = info.preset.fields
     for t in targets:
@@ -61,7 +61,7 @@ def check_shapes(info: ModelInfo, targets: list[_Target]) -> None:
                     _expect(info, src, [(inter, 0)])
 
 
-def _heads(info: ModelInfo, t: _Target) -> None:
+def _heads(info: ModelInfo, t: Target) -> None:
     """q is whole heads; k and v are the config's key/value heads of that size."""
     mp = t.mapping
     q, k, v = t.sources

@@ -13,7 +13,7 @@ import pytest
 from engine.errors import ConvertError
 from engine.layout import ParallelConfig, layout_problems
 from engine.planning.balance import cell_costs, cost_number, format_cost, layer_costs, partition, suggest
-from engine.planning.plan import ModuleWeights, module_weights
+from engine.planning.targets import ModuleWeights, module_weights
 from engine.source.hf_source import inspect_hf
 
 

@@ -12,7 +12,7 @@ import torch
 from engine.errors import ConvertError
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir
 from tests.engine.test_llm_families import _convert, _hf_to_mm, assert_resplit_is_direct, assert_round_trip

@@ -21,7 +21,7 @@ import torch
 from engine.errors import ConvertError
 from engine.job import HfConfig, HfToDcpConfig, HfToMmConfig, Job, LoraConfig, MmToHfConfig
 from engine.layout import ParallelConfig
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.run.verify import verify_job
 from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir

@@ -21,8 +21,8 @@ from engine.errors import ConvertError
 from engine.formats.mm_source import open_checkpoint
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, validate_layout
+from engine.planning.build import build_plan
 from engine.planning.check import check_plan
-from engine.planning.plan import build_plan
 from engine.run.execute import run
 from engine.source.disk_layout import infer_layout
 from engine.source.hf_source import inspect_hf

@@ -14,8 +14,8 @@ from engine.errors import ConvertError
 from engine.events import FileDone, FileStarted, Finished, Progress, Started
 from engine.job import HfConfig, HfToMmConfig, Job, prepare
 from engine.layout import ParallelConfig
+from engine.planning.build import build_plan
 from engine.planning.check import check_plan
-from engine.planning.plan import build_plan
 from engine.run.execute import execute, run
 from engine.source.hf_source import inspect_hf
 from tests.fixtures.reference_layout import expected_checkpoint

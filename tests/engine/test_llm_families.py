@@ -12,8 +12,8 @@ import torch
 from engine.errors import ConvertError
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, ResplitConfig, prepare
 from engine.layout import ParallelConfig, layout_problems, validate_layout
+from engine.planning.build import build_plan
 from engine.planning.check import check_plan
-from engine.planning.plan import build_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
 from tests.engine.test_hf_to_mm import _assert_same, _load_dir

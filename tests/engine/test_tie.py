@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from engine.errors import ConvertError
 from engine.job import HfConfig, HfToMmConfig, Job, MmToHfConfig, prepare
 from engine.layout import ParallelConfig
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.preset import builtin_presets
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from engine.errors import ConvertError
 from engine.layout import ParallelConfig
 from engine.planning.balance import human_params
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.planning.train_memory import GIB, RankMemory, fits, human_bytes, train_memory
 from engine.source.hf_source import inspect_hf
 
@@ -211,7 +211,7 @@ def test_a_plan_of_another_layout_is_refused(tiny_llms: dict[str, Path]) -> None
         "the plan does not match the layout: it holds 2 Megatron rank file(s), TP 2 x PP 2 x EP 1 has 4; "
         "give the plan built for this layout"
     )
-    from engine.planning.plan import build_dcp_plan  # one torch.distributed.checkpoint file, not rank files
+    from engine.planning.build import build_dcp_plan  # one torch.distributed.checkpoint file, not rank files
 
     with pytest.raises(ConvertError) as e:
         train_memory(build_dcp_plan(info), ParallelConfig(llm_pp_layers=[[4]]))

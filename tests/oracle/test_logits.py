@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.layout import ParallelConfig
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
 from mmtui.megatron_logits import GPTArch, megatron_logits

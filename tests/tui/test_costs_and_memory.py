@@ -10,7 +10,7 @@ from textual.widgets import Input, Select, Static
 
 from engine.layout import ParallelConfig
 from engine.planning.balance import cell_costs, format_cost, stage_costs
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.planning.train_memory import human_bytes
 from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app

@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Input, Select, Static
 
 from engine.layout import ParallelConfig
 from engine.planning.balance import suggest
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app

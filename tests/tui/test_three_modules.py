@@ -79,7 +79,7 @@ async def test_megatron_to_hf_reads_three_modules_and_their_tp_from_the_disk(omn
     import filecmp
 
     from engine.layout import ParallelConfig
-    from engine.planning.plan import build_plan
+    from engine.planning.build import build_plan
     from engine.run.execute import run
     from engine.source.hf_source import inspect_hf
 

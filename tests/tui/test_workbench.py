@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Input, RichLog, Static
 from engine.job import load_job
 from engine.layout import ParallelConfig
 from engine.planning.balance import suggest
-from engine.planning.plan import build_plan
+from engine.planning.build import build_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app
