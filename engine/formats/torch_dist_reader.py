@@ -43,7 +43,7 @@ from .torch_dist_names import (
     NOT_MODEL,
     Chunk,
     Chunker,
-    written_names,
+    detect_impl,
 )
 from .torch_dist_pickle import Record, load_index
 from .torch_zip import STORAGES
@@ -248,14 +248,12 @@ def _chunk_tensor(path: Path, fd: int, file_size: int, c: DiskChunk, label: str)
 # layout and view
 
 
-EMBEDDING = "embedding.word_embeddings.weight"
-
-
 def torch_dist_layout(info: ModelInfo, index: TorchDistIndex) -> ParallelConfig:
     """The layout a torch_dist checkpoint is read in: TP 1, one stage, its vocabulary padding."""
     step = None
-    emb = index.tensors.get(EMBEDDING)
-    for m in info.preset.modules:
+    for mp in info.preset.mappings:
+        m = info.preset.module_of_target(mp.mm)
+        emb = index.tensors.get(mp.mm + ".weight") if mp.pad_vocab else None
         if m.vocab and emb is not None:
             vocab, rows = info.field_int(m.vocab), emb.shape[0]
             if rows > vocab:
@@ -277,9 +275,10 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             "parallel_config out (it is read from the disk)"
         )
     fqns = list(index.tensors)
-    stacked = not any(re.match(r"decoder\.layers\.\d+\.", k) for k in fqns)  # mixed dense / MoE layers
-    impl = "transformer_engine" if any("pre_mlp_layernorm." in k for k in fqns) else "local"  # MoE norm's name
-    chunker = Chunker(info, layout, field, stacked)
+    # each module's layers stacked, or each its own tensors (mixed dense / MoE layers)
+    stacked = {m.name: not any(re.match(re.escape(m.layer_prefix) + r"\d+\.", k) for k in fqns)
+               for m in info.preset.modules}  # fmt: skip
+    chunker = Chunker(info, layout, field, stacked, detect_impl(info, fqns))
     reader = _ChunkReader(index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
@@ -290,7 +289,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             for ci, chunk in enumerate(f.chunks):
                 local = to_local([e.key for e in chunk])
                 keys = [local.get(e.key, e.key) for e in chunk]
-                names = written_names(keys, impl)
+                names = chunker.names(keys)
                 for key, e in zip(keys, chunk, strict=True):
                     if e.lora or e.zero_fill:
                         raise ConvertError(f"{where}: a torch_dist checkpoint is read as a model, not as an adapter")

@@ -655,9 +655,8 @@ def test_read_without_a_layout_and_as_the_right_model(outs: dict[str, Path], tin
     )
 
 
-def test_writer_refuses_what_it_cannot_write(
-    tiny_llms: dict[str, Path], tiny_deepseeks: dict[str, Path], qwen2vl_dir: Path, tmp_path: Path
-) -> None:
+def test_writer_refuses_what_it_cannot_write(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """(Multi-latent attention, multimodal models and their refusals: test_torch_dist_mla.py, test_torch_dist_vlm.py.)"""
     def err(converter: str, hf: Path, **layout: object) -> str:
         cfg = {"mm_dir": str(tmp_path / "o"), "hf_config": {"hf_dir": str(hf)}, "format": "torch_dist"}
         cfg["parallel_config"] = {"llm_pp_layers": [[4]], **layout}
@@ -665,13 +664,6 @@ def test_writer_refuses_what_it_cannot_write(
             prepare(_job("hf_to_mm", cfg, converter))
         return str(e.value)
 
-    assert err("Qwen2VLConverter", qwen2vl_dir, vit_pp_layers=[[3]]) == (
-        "format = torch_dist: Megatron-Core's torch_dist is written for GPT language models; Qwen2-VL is not one "
-        "(use format legacy)"
-    )
-    assert "has multi-latent attention, which torch_dist does not write yet" in err(
-        "DeepseekV3Converter", tiny_deepseeks["v3"], llm_pp_layers=[[3]]
-    )
     assert err("LlamaConverter", tiny_llms["llama"], llm_pp_layers=[[3, 2]], noop_layers=[2]) == (
         "format = torch_dist: parallel_config.noop_layers [2] are MindSpeed-LLM's; Megatron-Core's torch_dist has "
         "no empty layers"
