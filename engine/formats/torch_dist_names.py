@@ -121,6 +121,7 @@ class Chunker:
         self.rules = [(_mm_pattern(mp), mp) for mp in preset.mappings]
         self.preset = preset
         self.heads = {mp.heads: info.field_int(mp.heads) for mp in preset.mappings if mp.heads}
+        self.vocab = {m.name: info.field_int(m.vocab) for m in preset.modules if m.vocab}
         # the local MLA spec has no sharded_state_dict_keys_map: its norms keep their own names
         self.mla = any(mp.mm.endswith("linear_kv_down_proj") for mp in preset.mappings)
         tie = preset.tie
@@ -218,8 +219,10 @@ class Chunker:
         """A split in whole heads is megatron-core's even row (or column) split when the heads divide by TP;
         uneven rows and heads as [q; k; v] blocks (InternViT) are not a ColumnParallelLinear's."""
         heads = self.heads.get(mp.heads, 0) if mp.heads else 0
-        if mp.uneven or mp.blocks != 1 or (mp.head_split and heads % tp):
-            what = "uneven rows" if mp.uneven else f"[q; k; v] blocks of {heads} heads" if mp.blocks != 1 else (
+        vocab = self.vocab.get(self.preset.module_of_target(key).name, 0) if mp.pad_vocab else 0
+        uneven = mp.uneven and (not vocab or self.layout.padded_vocab(vocab) % tp)
+        if uneven or mp.blocks != 1 or (mp.head_split and heads % tp):
+            what = "uneven rows" if uneven else f"[q; k; v] blocks of {heads} heads" if mp.blocks != 1 else (
                 f"{heads} heads")  # fmt: skip
             raise ConvertError(
                 f"format = torch_dist: {key} is split over {tp} TP ranks in {what}, which no Megatron-Core "
