@@ -116,6 +116,12 @@ class Chunker:
                 f"{field} = torch_dist: parallel_config.noop_layers {layout.noop_layers} are MindSpeed-LLM's; "
                 "Megatron-Core's torch_dist has no empty layers"
             )
+        if layout.grouped:
+            raise ConvertError(
+                f"{field} = torch_dist: parallel_config.moe_grouped_gemm = {layout.moe_grouped_gemm} is a rank-file "
+                "layout; torch_dist stores experts one by one on an expert axis whatever the training used (Megatron-"
+                "Core's GroupedMLP saves them so): leave moe_grouped_gemm out"
+            )
         self.impl = impl
         self.layout = layout
         self.rules = [(_mm_pattern(mp), mp) for mp in preset.mappings]

@@ -283,6 +283,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
     padding: dict[str, int] = {}
+    zero_blocks: set[str] = set()
     expected: set[str] = set()
     try:
         for f in forward.files:
@@ -291,11 +292,13 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
                 keys = [local.get(e.key, e.key) for e in chunk]
                 names = chunker.names(keys)
                 for key, e in zip(keys, chunk, strict=True):
-                    if e.lora or e.zero_fill:
+                    if e.lora:
                         raise ConvertError(f"{where}: a torch_dist checkpoint is read as a model, not as an adapter")
                     for c in chunker.chunks(key, names[key], e.shape, (ci, f.pp_rank), f.tp_rank, f.ep_rank):
                         expected.add(c.fqn)
-                        _place(index, reader, e, c, where, sources, blocks, padding)
+                        placed = _place(index, reader, e, c, where, sources, blocks, padding)
+                        if e.zero_fill:  # rows no source fills (a fused k bias the model lacks): checked zero
+                            zero_blocks |= placed
     finally:
         reader.close()
     _check_unexpected(index, expected)
@@ -306,7 +309,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             raise ConvertError(f"{where}: the chunks of {name} have different dtypes {sorted(kinds)}")
         dtypes[name] = kinds.pop()
     ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
-    return MmView(ckpt, layout, sources, ordered, {}, dtypes, padding)
+    return MmView(ckpt, layout, sources, ordered, {}, dtypes, padding, zero_blocks)
 
 
 def _check_unexpected(index: TorchDistIndex, expected: set[str]) -> None:
@@ -363,8 +366,9 @@ def _place(
     sources: dict[str, TensorMeta],
     blocks: dict[str, list[Piece]],
     padding: dict[str, int],
-) -> None:
-    """Blocks of the chunks on disk that cover the chunk `c` of forward entry `e` (canonical pieces)."""
+) -> set[str]:
+    """Blocks of the chunks on disk that cover the chunk `c` of forward entry `e` (canonical pieces); the names
+    of the disk blocks it took."""
     t = index.tensors.get(c.fqn)
     if t is None:
         raise ConvertError(
@@ -381,6 +385,7 @@ def _place(
     want_hi = tuple(o + s for o, s in zip(want_lo, c.shape[lead:], strict=True))
     rows_real = (e.shape[0] if e.shape else 1) - e.pad_rows
     covered: list[Rect] = []
+    used: set[str] = set()
     for d in t.chunks:
         if not all(d.offset[i] <= c.offset[i] < d.offset[i] + d.size[i] for i in range(lead)):
             continue
@@ -403,6 +408,7 @@ def _place(
             meta = TensorMeta(f"{d.file}/{meta.name}", meta.dtype, meta.shape, meta.file, meta.begin, meta.nbytes,
                               meta.record)  # fmt: skip
         sources[meta.name] = meta
+        used.add(meta.name)
         d_lo = d.offset[lead:]
         # the overlap in the entry's rows and columns, and in the disk chunk's
         r0, r1 = c.rows[0] + lo[0] - want_lo[0], c.rows[0] + hi[0] - want_lo[0]
@@ -426,6 +432,7 @@ def _place(
             )  # fmt: skip
             blocks.setdefault(p.source, []).append(block)
     _check_covered(c, e, covered, where)
+    return used
 
 
 def _check_covered(c: Chunk, e: Entry, covered: list[Rect], where: str) -> None:

@@ -220,6 +220,30 @@ def test_internvl_with_an_unsplit_vision_encoder(tiny_internvls: dict[str, Path]
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
+def test_omni_with_audio_and_a_zero_k_bias(tmp_path: Path) -> None:
+    """Qwen2.5-Omni: three modules (the audio encoder at its own TP), Whisper's fused qkv bias whose k rows are
+    zeros by layout (checked zero on the way back): written and read back to the same HF files."""
+    from tests.fixtures.tiny_omni import build_tiny_omni
+
+    hf = build_tiny_omni(tmp_path / "omni")
+    cfg = {"mm_dir": str(tmp_path / "td"), "hf_config": {"hf_dir": str(hf)}, "format": "torch_dist"}
+    layout = {
+        "tp_size": 2,
+        "audio_tp_size": 1,
+        "llm_pp_layers": [[3]],
+        "vit_pp_layers": [[2]],
+        "audio_pp_layers": [[3]],
+    }
+    td = convert("hf_to_mm", cfg | {"parallel_config": layout}, tmp_path / "td", "Qwen2_5_OmniConverter")
+    tensors, _ = _structure(_index(td / "release"))
+    audio = [k for k in tensors if k.startswith("audio_encoder.") and ".layers." in k]
+    assert audio and all(len(tensors[k]) == 3 for k in audio)  # stacked, one chunk per layer (audio at TP 1)
+    cfg = {"mm_dir": str(td), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}}
+    out = convert("mm_to_hf", cfg, tmp_path / "hf", "Qwen2_5_OmniConverter")
+    for f in hf.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
 @pytest.mark.oracle
 def test_megatron_core_loads_each_module_strictly(vlm: dict[str, Path], qwen2vl_dir: Path) -> None:
     """The text decoder into GPTModel (sharded_state_dict(prefix="text_decoder.")), load_state_dict(strict=True),
