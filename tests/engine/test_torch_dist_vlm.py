@@ -24,8 +24,8 @@ VIT = "image_encoder.encoder.blocks."
 CONVERTER = "Qwen2VLConverter"
 
 
-def _cfg(hf: Path, out: Path, fmt: str, tp: int, llm: list[int], vit: list[int], vit_tp: int | None = None) -> dict:
-    layout = {"tp_size": tp, "llm_pp_layers": [llm], "vit_pp_layers": [vit], "vit_tp_size": vit_tp}
+def _cfg(hf: Path, out: Path, fmt: str, tp: int, llm: list, vit: list, vit_tp: int | None = None) -> dict:
+    layout = {"tp_size": tp, "llm_pp_layers": llm, "vit_pp_layers": vit, "vit_tp_size": vit_tp}
     return {"mm_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": fmt}
 
 
@@ -33,6 +33,7 @@ LAYOUTS = {  # name: format, tp, llm_pp_layers, vit_pp_layers, vit_tp_size
     "td_split": ("torch_dist", 2, [1, 3], [3, 0], None),  # TP 2, PP 2: the vision encoder on stage 0
     "td_hetero": ("torch_dist", 2, [4], [3], 1),  # the vision encoder at TP 1, repeated over the TP group
     "legacy_hetero": ("legacy", 2, [4], [3], 1),
+    "td_vpp": ("torch_dist", 1, [[1, 1], [1, 1]], [[2, 1], [0, 0]], None),  # VPP 2: one global layer axis
 }
 
 
@@ -115,7 +116,7 @@ def _expected_objects() -> set[str]:
 
 def test_global_tensors_are_mindspeed_mms(vlm: dict[str, Path], qwen2vl_dir: Path) -> None:
     want = _naive_global(qwen2vl_dir)
-    for name in ("td_split", "td_hetero"):
+    for name in ("td_split", "td_hetero", "td_vpp"):
         it = vlm[name] / "release"
         got = _dcp_tensors(it)  # torch's own DCP reader
         assert sorted(got) == sorted(want), name
