@@ -43,7 +43,7 @@ from .torch_dist_names import (
     NOT_MODEL,
     Chunk,
     Chunker,
-    written_names,
+    detect_impl,
 )
 from .torch_dist_pickle import Record, load_index
 from .torch_zip import STORAGES
@@ -248,14 +248,12 @@ def _chunk_tensor(path: Path, fd: int, file_size: int, c: DiskChunk, label: str)
 # layout and view
 
 
-EMBEDDING = "embedding.word_embeddings.weight"
-
-
 def torch_dist_layout(info: ModelInfo, index: TorchDistIndex) -> ParallelConfig:
     """The layout a torch_dist checkpoint is read in: TP 1, one stage, its vocabulary padding."""
     step = None
-    emb = index.tensors.get(EMBEDDING)
-    for m in info.preset.modules:
+    for mp in info.preset.mappings:
+        m = info.preset.module_of_target(mp.mm)
+        emb = index.tensors.get(mp.mm + ".weight") if mp.pad_vocab else None
         if m.vocab and emb is not None:
             vocab, rows = info.field_int(m.vocab), emb.shape[0]
             if rows > vocab:
@@ -277,26 +275,30 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             "parallel_config out (it is read from the disk)"
         )
     fqns = list(index.tensors)
-    stacked = not any(re.match(r"decoder\.layers\.\d+\.", k) for k in fqns)  # mixed dense / MoE layers
-    impl = "transformer_engine" if any("pre_mlp_layernorm." in k for k in fqns) else "local"  # MoE norm's name
-    chunker = Chunker(info, layout, field, stacked)
+    # each module's layers stacked, or each its own tensors (mixed dense / MoE layers)
+    stacked = {m.name: not any(re.match(re.escape(m.layer_prefix) + r"\d+\.", k) for k in fqns)
+               for m in info.preset.modules}  # fmt: skip
+    chunker = Chunker(info, layout, field, stacked, detect_impl(info, fqns))
     reader = _ChunkReader(index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
     padding: dict[str, int] = {}
+    zero_blocks: set[str] = set()
     expected: set[str] = set()
     try:
         for f in forward.files:
             for ci, chunk in enumerate(f.chunks):
                 local = to_local([e.key for e in chunk])
                 keys = [local.get(e.key, e.key) for e in chunk]
-                names = written_names(keys, impl)
+                names = chunker.names(keys)
                 for key, e in zip(keys, chunk, strict=True):
-                    if e.lora or e.zero_fill:
+                    if e.lora:
                         raise ConvertError(f"{where}: a torch_dist checkpoint is read as a model, not as an adapter")
                     for c in chunker.chunks(key, names[key], e.shape, (ci, f.pp_rank), f.tp_rank, f.ep_rank):
                         expected.add(c.fqn)
-                        _place(index, reader, e, c, where, sources, blocks, padding)
+                        placed = _place(index, reader, e, c, where, sources, blocks, padding)
+                        if e.zero_fill:  # rows no source fills (a fused k bias the model lacks): checked zero
+                            zero_blocks |= placed
     finally:
         reader.close()
     _check_unexpected(index, expected)
@@ -307,7 +309,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
             raise ConvertError(f"{where}: the chunks of {name} have different dtypes {sorted(kinds)}")
         dtypes[name] = kinds.pop()
     ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
-    return MmView(ckpt, layout, sources, ordered, {}, dtypes, padding)
+    return MmView(ckpt, layout, sources, ordered, {}, dtypes, padding, zero_blocks)
 
 
 def _check_unexpected(index: TorchDistIndex, expected: set[str]) -> None:
@@ -364,8 +366,9 @@ def _place(
     sources: dict[str, TensorMeta],
     blocks: dict[str, list[Piece]],
     padding: dict[str, int],
-) -> None:
-    """Blocks of the chunks on disk that cover the chunk `c` of forward entry `e` (canonical pieces)."""
+) -> set[str]:
+    """Blocks of the chunks on disk that cover the chunk `c` of forward entry `e` (canonical pieces); the names
+    of the disk blocks it took."""
     t = index.tensors.get(c.fqn)
     if t is None:
         raise ConvertError(
@@ -382,6 +385,7 @@ def _place(
     want_hi = tuple(o + s for o, s in zip(want_lo, c.shape[lead:], strict=True))
     rows_real = (e.shape[0] if e.shape else 1) - e.pad_rows
     covered: list[Rect] = []
+    used: set[str] = set()
     for d in t.chunks:
         if not all(d.offset[i] <= c.offset[i] < d.offset[i] + d.size[i] for i in range(lead)):
             continue
@@ -404,6 +408,7 @@ def _place(
             meta = TensorMeta(f"{d.file}/{meta.name}", meta.dtype, meta.shape, meta.file, meta.begin, meta.nbytes,
                               meta.record)  # fmt: skip
         sources[meta.name] = meta
+        used.add(meta.name)
         d_lo = d.offset[lead:]
         # the overlap in the entry's rows and columns, and in the disk chunk's
         r0, r1 = c.rows[0] + lo[0] - want_lo[0], c.rows[0] + hi[0] - want_lo[0]
@@ -427,6 +432,7 @@ def _place(
             )  # fmt: skip
             blocks.setdefault(p.source, []).append(block)
     _check_covered(c, e, covered, where)
+    return used
 
 
 def _check_covered(c: Chunk, e: Entry, covered: list[Rect], where: str) -> None:

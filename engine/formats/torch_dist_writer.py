@@ -15,6 +15,7 @@ data files; each data file checks that it wrote exactly the lengths the index pr
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -35,7 +36,6 @@ from .torch_dist_names import (
     METADATA_NAME,
     Chunk,
     Chunker,
-    written_names,
 )
 from .torch_zip import STORAGES, StreamingCheckpointWriter, _Global, pickle_checkpoint, torch_global
 
@@ -80,26 +80,32 @@ def data_file_name(rank: int) -> str:
 def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig, impl: str = "local") -> Plan:
     """The legacy plan (local names) as a torch_dist plan in the same directory (`release/` or `iter_N/`), for
     Megatron-LM's --transformer-impl `impl` (it names an MoE layer's pre-MLP norm)."""
-    chunker = Chunker(info, layout)
+    chunker = Chunker(info, layout, impl=impl)
     it = plan.iteration
     files: list[OutputFile] = []
+    seen: set[str] = set()  # a tensor two stages hold (the MTP stage's embedding) is written once
     for f in plan.files:
         entries: list[Entry] = []
         extra: list[str] = []
         for ci, chunk in enumerate(f.chunks):
             cell = (ci, f.pp_rank)
-            names = written_names([e.key for e in chunk], impl)
+            names = chunker.names([e.key for e in chunk])
             for e in chunk:
                 for c in chunker.chunks(e.key, names[e.key], e.shape, cell, f.tp_rank, f.ep_rank):
-                    entries.append(_chunk_entry(e, c))
-            extra += chunker.extra_states(list(names.values()), cell, f.tp_rank, f.ep_rank)
+                    if c.label not in seen:
+                        seen.add(c.label)
+                        entries.append(_chunk_entry(e, c))
+            for key in chunker.extra_states(list(names.values()), cell, f.tp_rank, f.ep_rank):
+                if key not in seen:
+                    seen.add(key)
+                    extra.append(key)
         if not entries and not extra:
             continue
         rank = (f.pp_rank * layout.ep_size + f.ep_rank) * layout.tp_size + f.tp_rank  # TP fastest, as Megatron
         out = OutputFile(f"{it}/{data_file_name(rank)}", f.tp_rank, f.pp_rank, f.ep_rank, [entries], KIND)
         out.empty = [extra]
         files.append(out)
-    args = megatron_args(info, layout)
+    args = megatron_args(info, layout) if _is_gpt(info) else _parallel_args(layout)
     args.ckpt_format = KIND
     head = {
         "args": args,
@@ -113,11 +119,25 @@ def to_torch_dist(plan: Plan, info: ModelInfo, layout: ParallelConfig, impl: str
     out_plan = replace(plan, files=files, texts={TRACKER_NAME: plan.tracker_text, f"{it}/{CONFIG_NAME}": CONFIG_TEXT})
     out_plan.notes = [
         *plan.notes,
-        f"Megatron-Core torch_dist: {chunker.num_layers} layers "
-        + ("stacked per tensor" if chunker.stacked else "each their own tensors (dense and MoE layers mixed)")
-        + ", one .distcp file per TP x PP x EP rank",
+        chunker.note(),
     ]
     return out_plan
+
+
+def _is_gpt(info: ModelInfo) -> bool:
+    return [m.name for m in info.preset.modules] == ["llm"] and not info.preset.modules[0].target_prefix
+
+
+def _parallel_args(layout: ParallelConfig) -> argparse.Namespace:
+    """A multimodal model's `args`: only the layout Megatron-LM's loader reads (the model's shape is
+    MindSpeed-MM's model JSON, not Megatron-LM's arguments)."""
+    ns = argparse.Namespace()
+    ns.tensor_model_parallel_size = layout.tp_size
+    ns.pipeline_model_parallel_size = layout.pp_size
+    ns.expert_model_parallel_size = layout.ep_size
+    if layout.vpp_size > 1:
+        ns.virtual_pipeline_model_parallel_size = layout.vpp_size
+    return ns
 
 
 # ---------------------------------------------------------------------------------------
