@@ -29,6 +29,7 @@ from .zero_parts import check_zero_parts
 
 if TYPE_CHECKING:
     from .job import (
+        DcpToHfConfig,
         HfToDcpConfig,
         HfToMmConfig,
         Job,
@@ -122,6 +123,21 @@ def lora_mm_to_hf(job: Job, cfg: LoraMmToHfConfig) -> tuple[ModelInfo, Plan]:
 def hf_to_dcp(job: Job, cfg: HfToDcpConfig) -> tuple[ModelInfo, Plan]:
     info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
     return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
+
+
+def dcp_to_hf(job: Job, cfg: DcpToHfConfig) -> tuple[ModelInfo, Plan]:
+    """MindSpeed-MM's DCP (HF names under a prefix) straight to hf_dir's files; hf_to_dcp's (Megatron names)
+    through the TP 1 layout's view, as mm_to_hf reads a rank file."""
+    from .formats.dcp_reader import dcp_hf_plan, dcp_megatron_view, hf_tensors, naming, open_dcp
+
+    assert cfg.hf_config is not None and cfg.dcp_dir is not None
+    info = _inspect(job, cfg.hf_config.hf_dir)
+    ckpt = open_dcp(cfg.dcp_dir)
+    hf = hf_tensors(info.hf_dir)
+    prefix = naming(ckpt, info, hf, cfg.dcp_prefix, cfg.hf_prefix)
+    if prefix is not None:
+        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix)
+    return info, build_mm_to_hf_plan(info, dcp_megatron_view(info, ckpt))
 
 
 def resplit(job: Job, cfg: ResplitConfig) -> tuple[ModelInfo, Plan]:

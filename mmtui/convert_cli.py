@@ -36,6 +36,7 @@ COMMAND_HELP = {
     "mm_to_hf": "MindSpeed-MM / Megatron -> Hugging Face safetensors",
     "resplit": "re-cut a MindSpeed-MM / Megatron checkpoint to another layout",
     "hf_to_dcp": "Hugging Face -> one torch.distributed.checkpoint directory",
+    "dcp_to_hf": "torch.distributed.checkpoint (MindSpeed-MM FSDP2, or hf_to_dcp's) -> Hugging Face safetensors",
     "merge_lora": "merge a LoRA adapter into a Hugging Face checkpoint",
     "lora_hf_to_mm": "a PEFT LoRA adapter -> MindSpeed-MM / Megatron layout, unmerged",
     "lora_mm_to_hf": "a MindSpeed-MM / Megatron LoRA checkpoint -> PEFT adapter, unmerged",
