@@ -266,6 +266,9 @@ class DcpToHfConfig(_CommandConfig):
     dcp_prefix; its Qwen3-VL converter uses `model.`); default: read from the checkpoint."""
     hf_prefix: str = ""
     """The start of HF names that the checkpoint leaves out (GenericDCPConverter's hf_prefix)."""
+    hf_dtype: bool = False
+    """Write each tensor in hf_dir's dtype: a float tensor saved in another (FSDP2's float32 master weights of a
+    bfloat16 model) is rounded as tensor.to(dtype) rounds it; false: another dtype than hf_dir's is an error."""
     overwrite: bool = False
     """Replace an existing, non-empty save_hf_dir."""
     load_dir: Path | None = None

@@ -136,7 +136,7 @@ def dcp_to_hf(job: Job, cfg: DcpToHfConfig) -> tuple[ModelInfo, Plan]:
     hf = hf_tensors(info.hf_dir)
     prefix = naming(ckpt, info, hf, cfg.dcp_prefix, cfg.hf_prefix)
     if prefix is not None:
-        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix)
+        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix, hf_dtype=cfg.hf_dtype)
     return info, build_mm_to_hf_plan(info, dcp_megatron_view(info, ckpt))
 
 

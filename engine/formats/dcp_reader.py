@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cast import FLOATS, CastMeta
 from ..errors import ConvertError
 from ..hf_source import ModelInfo, read_weights, weight_files
 from ..layout import one_stage
@@ -26,7 +27,7 @@ from ..mm_view import MmView
 from ..plan import TRACKER_NAME, Entry, Piece, Plan, build_plan, grid
 from ..regular_file import read_regular
 from ..tie import is_tied
-from .safetensors_header import TensorMeta
+from .safetensors_header import TensorMeta, itemsize
 from .torch_dist_names import CONFIG_NAME, Chunk
 from .torch_dist_reader import DistTensor, TorchDistIndex, _ChunkReader, _place, read_index
 
@@ -162,9 +163,20 @@ def _check_rest(ckpt: DcpCheckpoint, used: set[str], dropped: dict[str, str], fi
 
 
 def dcp_hf_plan(
-    info: ModelInfo, ckpt: DcpCheckpoint, hf: HfTensors, dcp_prefix: str, hf_prefix: str, field: str = "dcp_dir"
+    info: ModelInfo,
+    ckpt: DcpCheckpoint,
+    hf: HfTensors,
+    dcp_prefix: str,
+    hf_prefix: str,
+    *,
+    hf_dtype: bool = False,
+    field: str = "dcp_dir",
 ) -> Plan:
-    """MindSpeed-MM's naming: each HF tensor of hf_dir, in its file and place, from the chunks of its DCP tensor."""
+    """MindSpeed-MM's naming: each HF tensor of hf_dir, in its file and place, from the chunks of its DCP tensor.
+
+    With `hf_dtype`, a float tensor saved in another float dtype (FSDP2's float32 master weights of a bfloat16
+    model) is rounded to hf_dir's dtype a band at a time (engine/cast.py); without it that is an error.
+    """
     from ..hf_out import _hf_file, _index_text, _metadata, non_weight_files, safetensors_name
     from ..hf_source import INDEX_NAME
 
@@ -175,6 +187,7 @@ def dcp_hf_plan(
     padding: dict[str, int] = {}
     groups: dict[Path, list[Entry]] = {}
     used: set[str] = set()
+    casts = 0
     try:
         for raw, m in hf.metas.items():
             fqn = MODEL + dcp_prefix + _stripped(raw, hf_prefix)
@@ -184,15 +197,23 @@ def dcp_hf_plan(
                     f"{where}: {raw} of hf_config.hf_dir is missing (no {fqn} in its {METADATA_NAME}); is hf_dir "
                     "the model this checkpoint holds?"
                 )
-            if t.shape != m.shape or t.dtype != m.dtype:
+            floats = t.dtype in FLOATS and m.dtype in FLOATS
+            cast = t.dtype != m.dtype and floats and hf_dtype
+            if t.shape != m.shape or (t.dtype != m.dtype and not cast):
+                hint = " (or hf_dtype true: write hf_dir's dtype)" if t.shape == m.shape and floats else ""
                 raise ConvertError(
                     f"{where}: {fqn} is {t.dtype} {list(t.shape)}, hf_config.hf_dir's {raw} is {m.dtype} "
-                    f"{list(m.shape)} ({m.file.name}); they must match"
+                    f"{list(m.shape)} ({m.file.name}); they must match{hint}"
                 )
             used.add(fqn)
             e = Entry(raw, m.shape, m.dtype, (Piece(raw, (0, grid(m.shape)[0])),), "rename")
             _place(ckpt.index, reader, e, _whole(fqn, m.shape), where, sources, blocks, padding)
             pieces = tuple(sorted(blocks[raw], key=lambda p: (p.at, p.col_at)))
+            for p in pieces if cast else ():
+                c = sources[p.source]
+                n = c.numel * itemsize(m.dtype)
+                sources[p.source] = CastMeta(c.name, m.dtype, c.shape, c.file, c.begin, n, raw=c)
+                casts += 1
             groups.setdefault(m.file, []).append(Entry(raw, m.shape, m.dtype, pieces, "DCP chunks"))
     finally:
         reader.close()
@@ -211,6 +232,8 @@ def dcp_hf_plan(
         f"{len(copies)} non-weight files copied from {info.hf_dir}",
     ]
     notes += [f"{k}: {why}" for k, why in dropped.items()]
+    if casts:
+        notes.append(f"{casts} chunks rounded to hf_dir's dtype (hf_dtype)")
     return Plan(files, sources, dropped, "release", notes, texts, copies)
 
 

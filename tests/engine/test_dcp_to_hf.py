@@ -209,6 +209,29 @@ def test_keys_shapes_and_dtypes_must_be_hf_dirs(llama99: Path, tmp_path: Path) -
     )
 
 
+def test_another_float_dtype_with_hf_dtype(llama99: Path, tmp_path: Path) -> None:
+    """FSDP2 keeps float32 master weights of a bfloat16 model: hf_dtype rounds them as tensor.to does."""
+    state = _hf_state(llama99)
+    norm = "model.norm.weight"
+    wide = state[norm].double() * (1 + 3e-7)  # 2.5 ulp away: needs rounding back to float32
+    dcp = _single(llama99, tmp_path / "dtype", state | {norm: wide})
+    _refused(llama99, dcp, tmp_path / "o", "float64 [64]", "(or hf_dtype true: write hf_dir's dtype)")
+    out = _back(llama99, dcp, tmp_path / "hf", hf_dtype=True)
+    got = _hf_state(out)
+    assert got[norm].dtype == torch.float32 and torch.equal(got[norm], wide.to(torch.float32))
+    assert not torch.equal(got[norm], state[norm])  # the change survived: a real rounding was tested
+    assert all(torch.equal(got[k], t) for k, t in state.items() if k != norm)
+
+
+def test_a_tied_models_saved_output_layer(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpeed-MM's hf_to_dcp with tie_weight saves lm_head.weight though hf_dir has none: not written."""
+    hf = tiny_llms["qwen2_tied"]
+    state = _hf_state(hf)
+    assert "lm_head.weight" not in state
+    dcp = _single(hf, tmp_path / "dcp", state | {"lm_head.weight": state["model.embed_tokens.weight"]})
+    _same_files(hf, _back(hf, dcp, tmp_path / "hf"))
+
+
 def test_hostile_or_broken_directories(llama99: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
