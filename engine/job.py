@@ -266,6 +266,9 @@ class DcpToHfConfig(_CommandConfig):
     dcp_prefix; its Qwen3-VL converter uses `model.`); default: read from the checkpoint."""
     hf_prefix: str = ""
     """The start of HF names that the checkpoint leaves out (GenericDCPConverter's hf_prefix)."""
+    fused_linear_names: list[str] = ["gate_up_proj", "down_proj"]
+    """HF tensors (MoE experts [experts, in, out]) that may be stored as their 2-D view [experts * in, out], as
+    MindSpeed-MM's converters and FSDP2 models hold them (its fused_linear_names; these are its Qwen3-VL ones)."""
     hf_dtype: bool = False
     """Write each tensor in hf_dir's dtype: a float tensor saved in another (FSDP2's float32 master weights of a
     bfloat16 model) is rounded as tensor.to(dtype) rounds it; false: another dtype than hf_dir's is an error."""

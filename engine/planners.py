@@ -128,16 +128,18 @@ def hf_to_dcp(job: Job, cfg: HfToDcpConfig) -> tuple[ModelInfo, Plan]:
 def dcp_to_hf(job: Job, cfg: DcpToHfConfig) -> tuple[ModelInfo, Plan]:
     """MindSpeed-MM's DCP (HF names under a prefix) straight to hf_dir's files; hf_to_dcp's (Megatron names)
     through the TP 1 layout's view, as mm_to_hf reads a rank file."""
-    from .formats.dcp_reader import dcp_hf_plan, dcp_megatron_view, hf_tensors, naming, open_dcp
+    from .formats.dcp_reader import dcp_forward, dcp_hf_plan, dcp_megatron_view, hf_tensors, naming, open_dcp
 
     assert cfg.hf_config is not None and cfg.dcp_dir is not None
     info = _inspect(job, cfg.hf_config.hf_dir)
     ckpt = open_dcp(cfg.dcp_dir)
     hf = hf_tensors(info.hf_dir)
-    prefix = naming(ckpt, info, hf, cfg.dcp_prefix, cfg.hf_prefix)
+    forward = dcp_forward(info)
+    prefix = naming(ckpt, info, hf, forward, cfg.dcp_prefix, cfg.hf_prefix)
     if prefix is not None:
-        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix, hf_dtype=cfg.hf_dtype)
-    return info, build_mm_to_hf_plan(info, dcp_megatron_view(info, ckpt))
+        names = tuple(cfg.fused_linear_names)
+        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix, hf_dtype=cfg.hf_dtype, fused_linear_names=names)
+    return info, build_mm_to_hf_plan(info, dcp_megatron_view(info, ckpt, forward))
 
 
 def resplit(job: Job, cfg: ResplitConfig) -> tuple[ModelInfo, Plan]:

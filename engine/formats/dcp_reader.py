@@ -112,15 +112,18 @@ def hf_tensors(hf_dir: Path) -> HfTensors:
     return HfTensors(files, metas)
 
 
-def naming(ckpt: DcpCheckpoint, info: ModelInfo, hf: HfTensors, dcp_prefix: str | None, hf_prefix: str) -> str | None:
-    """The `dcp_prefix` of MindSpeed-MM's naming, or None for our hf_to_dcp's Megatron names."""
+def naming(
+    ckpt: DcpCheckpoint, info: ModelInfo, hf: HfTensors, forward: Plan, dcp_prefix: str | None, hf_prefix: str
+) -> str | None:
+    """The `dcp_prefix` of MindSpeed-MM's naming, or None for our hf_to_dcp's Megatron names (`forward`'s keys):
+    whichever names more of the checkpoint's model tensors."""
     names = [k.removeprefix(MODEL) for k in ckpt.model]
     if dcp_prefix is not None:
         return dcp_prefix
     hf_keys = {_stripped(k, hf_prefix) for k in hf.metas}
     counts = hf_prefix_counts(names, hf_keys)
     best, n = counts.most_common(1)[0] if counts else ("", 0)
-    megatron = {e.key for f in _forward(info).files for e in f.entries}
+    megatron = {e.key for f in forward.files for e in f.entries}
     m = sum(1 for k in names if k in megatron)
     if n == 0 and m == 0:
         shown = next(iter(ckpt.model), "(none)")
@@ -132,7 +135,7 @@ def naming(ckpt: DcpCheckpoint, info: ModelInfo, hf: HfTensors, dcp_prefix: str 
     return best if n >= m else None
 
 
-def _forward(info: ModelInfo) -> Plan:
+def dcp_forward(info: ModelInfo) -> Plan:
     """The plan hf_to_dcp writes (engine/plan.py build_dcp_plan): the TP 1 / PP 1 layout."""
     return build_plan(info, one_stage(info))
 
@@ -170,12 +173,14 @@ def dcp_hf_plan(
     hf_prefix: str,
     *,
     hf_dtype: bool = False,
+    fused_linear_names: tuple[str, ...] = (),
     field: str = "dcp_dir",
 ) -> Plan:
     """MindSpeed-MM's naming: each HF tensor of hf_dir, in its file and place, from the chunks of its DCP tensor.
 
     With `hf_dtype`, a float tensor saved in another float dtype (FSDP2's float32 master weights of a bfloat16
-    model) is rounded to hf_dir's dtype a band at a time (engine/cast.py); without it that is an error.
+    model) is rounded to hf_dir's dtype a band at a time (engine/cast.py); without it that is an error. A
+    tensor named by `fused_linear_names` may be stored as its 2-D view (MindSpeed-MM's MoE experts).
     """
     from ..hf_out import _hf_file, _index_text, _metadata, non_weight_files, safetensors_name
     from ..hf_source import INDEX_NAME
@@ -187,7 +192,7 @@ def dcp_hf_plan(
     padding: dict[str, int] = {}
     groups: dict[Path, list[Entry]] = {}
     used: set[str] = set()
-    casts = 0
+    casts = flats = 0
     try:
         for raw, m in hf.metas.items():
             fqn = MODEL + dcp_prefix + _stripped(raw, hf_prefix)
@@ -199,25 +204,31 @@ def dcp_hf_plan(
                 )
             floats = t.dtype in FLOATS and m.dtype in FLOATS
             cast = t.dtype != m.dtype and floats and hf_dtype
-            if t.shape != m.shape or (t.dtype != m.dtype and not cast):
+            flat = t.shape != m.shape and t.shape == _flattened(m.shape) and any(n in raw for n in fused_linear_names)
+            if (t.shape != m.shape and not flat) or (t.dtype != m.dtype and not cast):
                 hint = " (or hf_dtype true: write hf_dir's dtype)" if t.shape == m.shape and floats else ""
                 raise ConvertError(
                     f"{where}: {fqn} is {t.dtype} {list(t.shape)}, hf_config.hf_dir's {raw} is {m.dtype} "
                     f"{list(m.shape)} ({m.file.name}); they must match{hint}"
                 )
             used.add(fqn)
-            e = Entry(raw, m.shape, m.dtype, (Piece(raw, (0, grid(m.shape)[0])),), "rename")
-            _place(ckpt.index, reader, e, _whole(fqn, m.shape), where, sources, blocks, padding)
+            e = Entry(raw, t.shape, m.dtype, (Piece(raw, (0, grid(t.shape)[0])),), "rename")
+            _place(ckpt.index, reader, e, _whole(fqn, t.shape), where, sources, blocks, padding)
             pieces = tuple(sorted(blocks[raw], key=lambda p: (p.at, p.col_at)))
             for p in pieces if cast else ():
                 c = sources[p.source]
                 n = c.numel * itemsize(m.dtype)
                 sources[p.source] = CastMeta(c.name, m.dtype, c.shape, c.file, c.begin, n, raw=c)
                 casts += 1
-            groups.setdefault(m.file, []).append(Entry(raw, m.shape, m.dtype, pieces, "DCP chunks"))
+            if flat:  # assembled as the 2-D view on disk, written with hf_dir's shape: the same bytes
+                out: Entry = FlatEntry(raw, t.shape, m.dtype, pieces, "DCP chunks, 2-D view", hf_shape=m.shape)
+                flats += 1
+            else:
+                out = Entry(raw, m.shape, m.dtype, pieces, "DCP chunks")
+            groups.setdefault(m.file, []).append(out)
     finally:
         reader.close()
-    dropped = _tied_copy(info, ckpt, hf, dcp_prefix, hf_prefix, used)
+    dropped = _tied_copy(info, ckpt, dcp_prefix, used)
     _check_rest(ckpt, used, dropped, field)
     files = [_hf_file(safetensors_name(p.name), groups.get(p, []), _metadata(p)) for p in hf.files]
     texts: dict[str, str] = {}
@@ -234,12 +245,33 @@ def dcp_hf_plan(
     notes += [f"{k}: {why}" for k, why in dropped.items()]
     if casts:
         notes.append(f"{casts} chunks rounded to hf_dir's dtype (hf_dtype)")
+    if flats:
+        notes.append(f"{flats} fused expert tensors stored as their 2-D view [experts * in, out] (fused_linear_names)")
     return Plan(files, sources, dropped, "release", notes, texts, copies)
 
 
-def _tied_copy(
-    info: ModelInfo, ckpt: DcpCheckpoint, hf: HfTensors, dcp_prefix: str, hf_prefix: str, used: set[str]
-) -> dict[str, str]:
+def _flattened(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """MindSpeed-MM's `view(-1, shape[-1])` of a fused experts tensor [experts, in, out]."""
+    if len(shape) < 3:
+        return None
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return (n, shape[-1])
+
+
+@dataclass(slots=True)
+class FlatEntry(Entry):
+    """A tensor assembled as the 2-D view the checkpoint holds and written with hf_dir's shape (same bytes)."""
+
+    hf_shape: tuple[int, ...] = ()
+
+    @property
+    def disk_shape(self) -> tuple[int, ...]:
+        return self.hf_shape
+
+
+def _tied_copy(info: ModelInfo, ckpt: DcpCheckpoint, dcp_prefix: str, used: set[str]) -> dict[str, str]:
     """MindSpeed-MM's hf_to_dcp may save a tied model's output layer (tie_weight): hf_dir has none; not written."""
     out: dict[str, str] = {}
     if not is_tied(info):
@@ -251,9 +283,8 @@ def _tied_copy(
     return out
 
 
-def dcp_megatron_view(info: ModelInfo, ckpt: DcpCheckpoint, field: str = "dcp_dir") -> MmView:
-    """Our hf_to_dcp's naming: the canonical tensors as blocks of the chunks of the TP 1 layout's tensors."""
-    forward = _forward(info)
+def dcp_megatron_view(info: ModelInfo, ckpt: DcpCheckpoint, forward: Plan, field: str = "dcp_dir") -> MmView:
+    """Our hf_to_dcp's naming: the canonical tensors as blocks of the chunks of `forward`'s (the TP 1 layout's)."""
     where = f"{field} {ckpt.root}"
     reader = _ChunkReader(ckpt.index)
     sources: dict[str, TensorMeta] = {}
