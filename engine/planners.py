@@ -65,7 +65,16 @@ def _inspect(job: Job, hf_dir: Path, naming: str | None = None) -> ModelInfo:
     return info if getattr(job.cfg, "mtp", True) else without_mtp(info)
 
 
+GENERIC = "GenericDCPConverter"  # MindSpeed-MM's model-agnostic DCP converter: the family comes from config.json
+
+
 def _inspect_family(job: Job, hf_dir: Path, naming: str) -> ModelInfo:
+    if job.converter == GENERIC:
+        if job.command != "dcp_to_hf":
+            raise ConvertError(
+                f"converter {GENERIC} takes dcp_to_hf only; name the model's converter for {job.command}"
+            )
+        return inspect_hf(hf_dir)
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
     preset = preset_for_converter(job.converter, seen, naming)
     if seen and seen not in preset.model_types:

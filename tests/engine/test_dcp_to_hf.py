@@ -312,8 +312,11 @@ def test_hostile_or_broken_directories(llama99: Path, tmp_path: Path) -> None:
 
 
 def test_command_line_with_mindspeed_mm_names(llama99: Path, fsdp_dcp: Path, tmp_path: Path) -> None:
+    """As MindSpeed-MM's docs spell it: GenericDCPConverter, load_dir = the release directory, save_dir,
+    model_assets_dir (the family is read from config.json)."""
     out = tmp_path / "hf"
-    args = ["LlamaConverter", "dcp_to_hf", "--cfg.load_dir", str(fsdp_dcp), "--cfg.model_assets_dir", str(llama99)]
+    release = str(fsdp_dcp / "release")
+    args = ["GenericDCPConverter", "dcp_to_hf", "--cfg.load_dir", release, "--cfg.model_assets_dir", str(llama99)]
     r = mm_convert(*args, "--cfg.save_dir", str(out))
     assert r.returncode == 0, r.stderr
     _same_files(llama99, out)
@@ -324,6 +327,9 @@ def test_command_line_with_mindspeed_mm_names(llama99: Path, fsdp_dcp: Path, tmp
                    str(llama99), "--cfg.save_hf_dir", str(tmp_path / "three"))  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such directory" in r.stderr, r.stderr
     assert not (tmp_path / "three").exists()
+    r = mm_convert("GenericDCPConverter", "hf_to_dcp", "--cfg.dcp_dir", str(tmp_path / "four"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "GenericDCPConverter takes dcp_to_hf only; name the model's converter for hf_to_dcp" in r.stderr
 
 
 def test_job_file_replays(llama99: Path, fsdp_dcp: Path, tmp_path: Path) -> None:
