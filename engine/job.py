@@ -495,7 +495,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
 
 def first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
     err = e.errors()[0]
-    loc = prefix + ".".join(str(p) for p in err["loc"])
+    loc = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".")  # a whole-config check: "cfg"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     msg = err["msg"].removeprefix("Value error, ")

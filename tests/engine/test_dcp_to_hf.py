@@ -327,6 +327,11 @@ def test_command_line_with_mindspeed_mm_names(llama99: Path, fsdp_dcp: Path, tmp
                    str(llama99), "--cfg.save_hf_dir", str(tmp_path / "three"))  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such directory" in r.stderr, r.stderr
     assert not (tmp_path / "three").exists()
+    r = mm_convert("LlamaConverter", "dcp_to_hf", "--cfg.dcp_dir", str(fsdp_dcp), "--cfg.hf_dir", str(llama99))
+    assert (
+        r.returncode == 2
+        and r.stderr == "mm-convert: error: cfg: give save_hf_dir (or save_dir, as MindSpeed-MM calls it)\n"
+    )
     r = mm_convert("GenericDCPConverter", "hf_to_dcp", "--cfg.dcp_dir", str(tmp_path / "four"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "GenericDCPConverter takes dcp_to_hf only; name the model's converter for hf_to_dcp" in r.stderr
@@ -342,6 +347,15 @@ def test_job_file_replays(llama99: Path, fsdp_dcp: Path, tmp_path: Path) -> None
     job.write_text(tomli_w.dumps(job_to_dict(Job(converter="LlamaConverter", command="dcp_to_hf", cfg=cfg))))
     assert load_job(job).cfg == cfg
     assert "dcp_dir" in job.read_text() and "load_dir" not in job.read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(job.read_text().replace("hf_config", "other_config"))
+    with pytest.raises(ConvertError, match=r"bad.toml: cfg.other_config: Extra inputs are not permitted"):
+        load_job(bad)
+    bad.write_text('converter = "LlamaConverter"\ncommand = "dcp_to_hf"\n[cfg]\nload_dir = "d"\nsave_dir = "s"\n')
+    with pytest.raises(
+        ConvertError, match=r"bad.toml: cfg: give hf_config.hf_dir \(or model_assets_dir or hf_dir, as "
+    ):
+        load_job(bad)
     r = subprocess.run([str(BIN / "mmtui"), "--replay", str(job)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     _same_files(llama99, tmp_path / "hf")
