@@ -249,6 +249,77 @@ class HfToDcpConfig(_CommandConfig):
         return hf_to_dcp(job, self)
 
 
+class DcpToHfConfig(_CommandConfig):
+    """Convert a torch.distributed.checkpoint directory back to Hugging Face safetensors: MindSpeed-MM's FSDP2
+    checkpoints (model.<dcp_prefix><HF name>, sharded across ranks) and hf_to_dcp's output."""
+
+    save_hf_dir: Path | None = None
+    """Output directory for the Hugging Face model (MindSpeed-MM: save_dir)."""
+    dcp_dir: Path | None = None
+    """The DCP checkpoint: a directory holding .metadata (release/, iter_NNNNNNN/), or the save directory whose
+    latest_checkpointed_iteration.txt names it (MindSpeed-MM: load_dir)."""
+    hf_config: HfConfig | None = None
+    """The original Hugging Face directory: shard files, tensor order, config and tokenizer come from it
+    (MindSpeed-MM: model_assets_dir, or hf_dir)."""
+    dcp_prefix: str | None = None
+    """What stands between `model.` and the HF name in the checkpoint (MindSpeed-MM's GenericDCPConverter
+    dcp_prefix; its Qwen3-VL converter uses `model.`); default: read from the checkpoint."""
+    hf_prefix: str = ""
+    """The start of HF names that the checkpoint leaves out (GenericDCPConverter's hf_prefix)."""
+    fused_linear_names: list[str] = ["gate_up_proj", "down_proj"]
+    """HF tensors (MoE experts [experts, in, out]) that may be stored as their 2-D view [experts * in, out], as
+    MindSpeed-MM's converters and FSDP2 models hold them (its fused_linear_names; these are its Qwen3-VL ones)."""
+    hf_dtype: bool = False
+    """Write each tensor in hf_dir's dtype: a float tensor saved in another (FSDP2's float32 master weights of a
+    bfloat16 model) is rounded as tensor.to(dtype) rounds it; false: another dtype than hf_dir's is an error."""
+    overwrite: bool = False
+    """Replace an existing, non-empty save_hf_dir."""
+    load_dir: Path | None = None
+    """MindSpeed-MM's name for dcp_dir."""
+    save_dir: Path | None = None
+    """MindSpeed-MM's name for save_hf_dir."""
+    model_assets_dir: Path | None = None
+    """MindSpeed-MM's name for hf_config.hf_dir."""
+    hf_dir: Path | None = None
+    """MindSpeed-MM's DcpConverter name for hf_config.hf_dir."""
+
+    @model_validator(mode="after")
+    def _one_name_each(self) -> DcpToHfConfig:
+        """MindSpeed-MM's names are read as ours: each directory given once, under either name."""
+        hf = self.hf_config.hf_dir if self.hf_config else None
+        for ours, theirs, mine in (
+            ("dcp_dir", ("load_dir",), self.dcp_dir),
+            ("save_hf_dir", ("save_dir",), self.save_hf_dir),
+            ("hf_config.hf_dir", ("model_assets_dir", "hf_dir"), hf),
+        ):
+            given = {n: v for n, v in [(ours, mine), *((t, getattr(self, t)) for t in theirs)] if v is not None}
+            if not given:
+                raise ValueError(f"give {ours} (or {' or '.join(theirs)}, as MindSpeed-MM calls it)")
+            if len({Path(v) for v in given.values()}) > 1:
+                shown = ", ".join(map(str, given.values()))
+                raise ValueError(f"{' and '.join(given)} name different directories ({shown}); give one")
+            value = Path(next(iter(given.values())))
+            for t in theirs:
+                setattr(self, t, None)
+            if ours == "dcp_dir":
+                self.dcp_dir = value
+            elif ours == "save_hf_dir":
+                self.save_hf_dir = value
+            else:
+                self.hf_config = HfConfig(hf_dir=value)
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        assert self.save_hf_dir is not None
+        return self.save_hf_dir
+
+    def plan(self, job: Job) -> tuple[ModelInfo, Plan]:
+        from .planners import dcp_to_hf
+
+        return dcp_to_hf(job, self)
+
+
 class MergeLoraConfig(_CommandConfig):
     """Merge a LoRA adapter into a Hugging Face checkpoint: merged HF safetensors, sharded like the base."""
 
@@ -329,6 +400,7 @@ COMMANDS: dict[str, type[_Config]] = {
     "mm_to_hf": MmToHfConfig,
     "resplit": ResplitConfig,
     "hf_to_dcp": HfToDcpConfig,
+    "dcp_to_hf": DcpToHfConfig,
     "merge_lora": MergeLoraConfig,
     "lora_hf_to_mm": LoraHfToMmConfig,
     "lora_mm_to_hf": LoraMmToHfConfig,
@@ -339,12 +411,15 @@ class Job(_Config):
     """A saved job: `converter = "Qwen2VLConverter"`, `command = "hf_to_mm"`, then `[cfg]`."""
 
     converter: str
-    command: Literal["hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "merge_lora", "lora_hf_to_mm", "lora_mm_to_hf"]
+    command: Literal[
+        "hf_to_mm", "mm_to_hf", "resplit", "hf_to_dcp", "dcp_to_hf", "merge_lora", "lora_hf_to_mm", "lora_mm_to_hf"
+    ]
     cfg: (
         HfToMmConfig
         | MmToHfConfig
         | ResplitConfig
         | HfToDcpConfig
+        | DcpToHfConfig
         | MergeLoraConfig
         | LoraHfToMmConfig
         | LoraMmToHfConfig
@@ -378,7 +453,9 @@ class Job(_Config):
             out.append(("mm_dir", Path(cfg.mm_dir)))
         if isinstance(cfg, ResplitConfig):
             out.append(("source_dir", Path(cfg.source_dir)))
-        if cfg.lora is not None:
+        if isinstance(cfg, DcpToHfConfig):
+            out.append(("dcp_dir", Path(cfg.dcp_dir or "")))
+        if getattr(cfg, "lora", None) is not None:
             out.append(("lora.adapter_dir", Path(cfg.lora.adapter_dir)))
         return out
 
@@ -392,6 +469,7 @@ OUT_FIELDS = {
     "mm_to_hf": "save_hf_dir",
     "resplit": "target_dir",
     "hf_to_dcp": "dcp_dir",
+    "dcp_to_hf": "save_hf_dir",
     "merge_lora": "save_hf_dir",
     "lora_hf_to_mm": "mm_dir",
     "lora_mm_to_hf": "save_hf_dir",
@@ -417,7 +495,7 @@ def _prepare(job: Job, check_out: bool) -> tuple[ModelInfo, Plan]:
 
 def first_error(e: ValidationError, where: str, prefix: str = "") -> ConvertError:
     err = e.errors()[0]
-    loc = prefix + ".".join(str(p) for p in err["loc"])
+    loc = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".")  # a whole-config check: "cfg"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     msg = err["msg"].removeprefix("Value error, ")

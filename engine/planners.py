@@ -30,6 +30,7 @@ from .source.zero_parts import check_zero_parts
 
 if TYPE_CHECKING:
     from .job import (
+        DcpToHfConfig,
         HfToDcpConfig,
         HfToMmConfig,
         Job,
@@ -65,7 +66,16 @@ def _inspect(job: Job, hf_dir: Path, naming: str | None = None) -> ModelInfo:
     return info if getattr(job.cfg, "mtp", True) else without_mtp(info)
 
 
+GENERIC = "GenericDCPConverter"  # MindSpeed-MM's model-agnostic DCP converter: the family comes from config.json
+
+
 def _inspect_family(job: Job, hf_dir: Path, naming: str) -> ModelInfo:
+    if job.converter == GENERIC:
+        if job.command != "dcp_to_hf":
+            raise ConvertError(
+                f"converter {GENERIC} takes dcp_to_hf only; name the model's converter for {job.command}"
+            )
+        return inspect_hf(hf_dir)
     seen = read_config(hf_dir).get("model_type")  # the family first: its fields would not be found
     preset = preset_for_converter(job.converter, seen, naming)
     if seen and seen not in preset.model_types:
@@ -123,6 +133,23 @@ def lora_mm_to_hf(job: Job, cfg: LoraMmToHfConfig) -> tuple[ModelInfo, Plan]:
 def hf_to_dcp(job: Job, cfg: HfToDcpConfig) -> tuple[ModelInfo, Plan]:
     info = with_params_dtype(_inspect(job, cfg.hf_config.hf_dir), cfg.params_dtype)
     return info, _merged(build_dcp_plan(info), _adapter(cfg.lora, info, None))
+
+
+def dcp_to_hf(job: Job, cfg: DcpToHfConfig) -> tuple[ModelInfo, Plan]:
+    """MindSpeed-MM's DCP (HF names under a prefix) straight to hf_dir's files; hf_to_dcp's (Megatron names)
+    through the TP 1 layout's view, as mm_to_hf reads a rank file."""
+    from .formats.dcp_reader import dcp_forward, dcp_hf_plan, dcp_megatron_view, hf_tensors, naming, open_dcp
+
+    assert cfg.hf_config is not None and cfg.dcp_dir is not None
+    info = _inspect(job, cfg.hf_config.hf_dir)
+    ckpt = open_dcp(cfg.dcp_dir)
+    hf = hf_tensors(info.hf_dir)
+    forward = dcp_forward(info)
+    prefix = naming(ckpt, info, hf, forward, cfg.dcp_prefix, cfg.hf_prefix)
+    if prefix is not None:
+        names = tuple(cfg.fused_linear_names)
+        return info, dcp_hf_plan(info, ckpt, hf, prefix, cfg.hf_prefix, hf_dtype=cfg.hf_dtype, fused_linear_names=names)
+    return info, build_mm_to_hf_plan(info, dcp_megatron_view(info, ckpt, forward))
 
 
 def resplit(job: Job, cfg: ResplitConfig) -> tuple[ModelInfo, Plan]:

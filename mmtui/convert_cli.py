@@ -36,6 +36,7 @@ COMMAND_HELP = {
     "mm_to_hf": "MindSpeed-MM / Megatron -> Hugging Face safetensors",
     "resplit": "re-cut a MindSpeed-MM / Megatron checkpoint to another layout",
     "hf_to_dcp": "Hugging Face -> one torch.distributed.checkpoint directory",
+    "dcp_to_hf": "torch.distributed.checkpoint (MindSpeed-MM FSDP2, or hf_to_dcp's) -> Hugging Face safetensors",
     "merge_lora": "merge a LoRA adapter into a Hugging Face checkpoint",
     "lora_hf_to_mm": "a PEFT LoRA adapter -> MindSpeed-MM / Megatron layout, unmerged",
     "lora_mm_to_hf": "a MindSpeed-MM / Megatron LoRA checkpoint -> PEFT adapter, unmerged",
@@ -46,6 +47,7 @@ CONFIG_HELP = (
 )
 PRINT_CONFIG_HELP = "print the job as YAML (converter, command, cfg: every field) and exit; =comments adds the help"
 TOP_FLAGS = ("-h", "--help", "--config", "--print_config")
+GENERIC = "GenericDCPConverter"  # engine/planners.py GENERIC: the family from config.json, for dcp_to_hf
 
 
 def _converters() -> dict[str, str]:
@@ -57,6 +59,7 @@ def _converters() -> dict[str, str]:
     out: dict[str, str] = {}
     for p in default_presets():
         out[p.converter] = f"{out[p.converter]} / {p.title}" if p.converter in out else p.title
+    out[GENERIC] = "dcp_to_hf of any family above, told by config.json (MindSpeed-MM's FSDP2 name)"
     return out
 
 
@@ -191,6 +194,8 @@ def route(args: list[str], prog: str = "mm-convert") -> tuple[str, str, list[str
         fail(prog, "give a converter and a command (mm-convert -h lists them), or --config JOB")
     if head is not None and head != (converter, command):
         fail(prog, f"{head_file}: names {head[0]} {head[1]}, the command line {converter} {command}")
+    if converter == GENERIC and command != "dcp_to_hf":
+        fail(prog, f"{GENERIC} {command}: {GENERIC} takes dcp_to_hf only; name the model's converter for {command}")
     return converter, command, (["-h"] if want_help else []) + own + tail
 
 

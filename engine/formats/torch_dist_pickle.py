@@ -86,6 +86,14 @@ def _enum(*args: object) -> object:
     return args[0] if args else None
 
 
+def _path(*parts: object) -> str:
+    return "/".join(str(p) for p in parts).replace("//", "/")  # torch's StorageMeta.checkpoint_id: kept as text
+
+
+_PATHS = {(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                                  "PureWindowsPath", "Path")}
+
+
 def _layout(name: object) -> object:
     return name  # torch.serialization._get_layout("torch.strided"): kept as the name
 
@@ -107,6 +115,8 @@ class _Unpickler(pickle.Unpickler):
             return name
         if module == "torch" and name in ("strided", "contiguous_format"):
             return name
+        if (module, name) in _PATHS:  # the checkpoint_id torch's own save records (a path, built as text)
+            return _path
         if (module, name) == ("torch.serialization", "_get_layout"):
             return _layout
         if (module, name) == ("copyreg", "__newobj__"):
