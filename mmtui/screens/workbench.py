@@ -17,13 +17,14 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Header, Input, RichLog, Select, Static, TabbedContent
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, RichLog, Select, Static, TabbedContent
 
 from ..planning import Form, Planned
 from ..widgets.format import count, rate, size
-from ..widgets.preview import PlanPreview
+from ..widgets.preview import PlanPreview, label_of
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
+from ..widgets.write_options import FORMAT_TITLE, WriteOptions
 from .help import TextScreen, help_screen
 from .pick_dir import PickDirScreen, is_model_dir
 from .workbench_panes import (
@@ -34,6 +35,7 @@ from .workbench_panes import (
     OUT_FROM,
     OUT_SUFFIX,
     SHORT,
+    TORCH_DIST_CAPTION,
     compose_tabs,
 )
 
@@ -75,6 +77,7 @@ class WorkbenchScreen(Screen[None]):
         self._planning = False  # a planning worker is running
         self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
         self._disk: dict[str, Any] = {}  # noop layers, vocab padding, experts' layout last read from disk
+        self._read_format: str | None = None  # the format of the Megatron dir (legacy or torch_dist), once read
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -85,11 +88,12 @@ class WorkbenchScreen(Screen[None]):
 
     def on_resize(self) -> None:
         self.set_class(self.size.width < 110, "narrow")  # the summary goes below the form: both fit 80x24
+        self._retitle()
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
         self.set_class(True, "cost-params")
-        self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
+        self._retitle()
         if self.hf_dir:
             self.open_model(self.hf_dir)
         else:
@@ -235,6 +239,7 @@ class WorkbenchScreen(Screen[None]):
             self._default_out()
         if event.input.id == "src":
             self._disk = {}
+            self._format_read(None)
             self._read_disk()
         self.replan()
 
@@ -255,10 +260,17 @@ class WorkbenchScreen(Screen[None]):
         from engine.formats.mm_source import open_checkpoint
 
         try:
-            layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))
+            ckpt = open_checkpoint(Path(src).expanduser())
+            fmt = "legacy" if ckpt.dist is None else "torch_dist"
+            self.app.call_from_thread(self._disk_format, fmt, info, src, direction)
+            layout = infer_layout(info, ckpt)
         except (ConvertError, OSError):
             return  # not (yet) a checkpoint of this model: the plan says what is wrong with it
         self.app.call_from_thread(self._disk_read, layout, info, src, direction)
+
+    def _disk_format(self, fmt: str, info: ModelInfo, src: str, direction: str) -> None:
+        if info is self.info and src == self._value("src") and direction == self.direction:
+            self._format_read(fmt)
 
     async def _disk_read(self, layout: Any, info: ModelInfo, src: str, direction: str) -> None:
         if info is not self.info or src != self._value("src") or direction != self.direction:
@@ -280,19 +292,49 @@ class WorkbenchScreen(Screen[None]):
         await self._rebuild_grid(layers)
         self.notify(f"layout read from {src}: TP {layout.tp_size}, PP {len(next(iter(layers.values()))[0])}")
 
+    @on(Select.Changed, "#format")
+    def _format_changed(self) -> None:
+        self._retitle()
+        self.replan()
+
+    def _retitle(self) -> None:
+        """The header says what this screen will do, and in which format it reads or writes: the longest
+        wording that fits the terminal's width."""
+        label = dict((d, label) for label, d in DIRECTIONS)[self.direction]
+        out, read = self.query_one(WriteOptions).value, self._read_format
+        if self.direction == "hf_to_mm":
+            words = [f"{label} · {FORMAT_TITLE[out]}", f"{label} · {out}"]
+        elif self.direction == "resplit":
+            words = [f"{label} · {read} → {FORMAT_TITLE[out]}"] if read else []
+            words += [f"{label} → {FORMAT_TITLE[out]}", f"{label} → {out}"]
+        elif self.direction == "mm_to_hf" and read:
+            words = [f"{label} · from {FORMAT_TITLE[read]}", f"{label} · from {read}"]
+        else:
+            words = [label]
+        room = self.size.width - 18 - len(f"{self.app.title} — ")  # the header's icon and clock take 18
+        self.sub_title = next((w for w in words if len(w) <= room), words[-1])
+
+    def _format_read(self, fmt: str | None) -> None:
+        """What the Megatron dir was found to be (None: not read yet), beside it and in the header."""
+        self._read_format = fmt
+        self.query_one("#src-format", Label).update(f" {fmt}" if fmt else "")
+        if self.direction == "mm_to_hf":
+            caption = TORCH_DIST_CAPTION if fmt == "torch_dist" else LAYOUT_CAPTION["mm_to_hf"]
+            self.query_one("#layout-caption", Static).update(caption)
+        self._retitle()
+
     @on(Checkbox.Changed)
     def _overwrite_changed(self) -> None:
         self.replan()
 
     @on(Select.Changed, "#direction")
     def _direction_changed(self) -> None:
-        for label, d in DIRECTIONS:
+        for _, d in DIRECTIONS:
             self.set_class(d == self.direction, f"dir-{d}")
-            if d == self.direction:
-                self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
         self._disk = {}
+        self._format_read(None)
         self._read_disk()
         self.replan()
 
@@ -324,6 +366,7 @@ class WorkbenchScreen(Screen[None]):
             llm_tokens=self._value("llm_tokens"),
             dp=self._value("dp"),
             device_gib=self._value("device_gib"),
+            out_format=self.query_one(WriteOptions).value,
         )
 
     def replan(self) -> None:
@@ -373,6 +416,7 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
         for name in INPUTS:
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
+        self.query_one("#format", Select).set_class("format" in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
         from engine.balance import format_cost
@@ -415,7 +459,7 @@ class WorkbenchScreen(Screen[None]):
         self._cancel = False
         self.action_tab("run")
         panel = self.query_one(RunPanel)
-        panel.reset([(f.label, f.nbytes) for f in self.plan.files])
+        panel.reset([(label_of(f), f.nbytes) for f in self.plan.files])
         panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
         self.convert(self.plan, self.job, panel)
 

@@ -12,6 +12,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static, Tabb
 from ..widgets.preview import PlanPreview
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
+from ..widgets.write_options import WriteOptions
 
 DIRECTIONS = [
     ("HF → Megatron / MindSpeed", "hf_to_mm"),
@@ -49,9 +50,12 @@ LAYOUT_CAPTION = {
     "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
 }
 
+# mm_to_hf of a torch_dist checkpoint: its global tensors are read whole, whatever layout it was trained with
+TORCH_DIST_CAPTION = "torch_dist: tensors that do not depend on a layout, read as TP 1, one stage"
 
-def _field(label: str, widget, *classes: str) -> Horizontal:
-    return Horizontal(Label(label), widget, classes=" ".join(("row", *classes)))
+
+def _field(label: str, widget, *classes: str, after: Label | None = None) -> Horizontal:
+    return Horizontal(Label(label), widget, *([after] if after else []), classes=" ".join(("row", *classes)))
 
 
 def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
@@ -63,7 +67,7 @@ def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
                 yield _field("Direction", direction)
                 yield _field("HF dir", Input(str(hf_dir or ""), id="hf_dir", placeholder="path, enter"))
                 src = Input(id="src", placeholder="holds latest_checkpointed_iteration.txt")
-                yield _field("Megatron dir", src, "needs-src")
+                yield _field("Megatron dir", src, "needs-src", after=Label("", id="src-format"))  # what was read
                 yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
                 yield _field("Source EP", Input("1", id="src_ep"), "needs-src-layout", "needs-experts")
                 yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
@@ -102,6 +106,7 @@ def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
                 yield Input("", id="dp", placeholder="= EP", restrict=r"\d*")
                 yield Label("device GiB")
                 yield Input("", id="device_gib", placeholder="e.g. 64", restrict=r"[\d.]*")
+            yield WriteOptions(id="write-opts", classes="needs-write")
             yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
             yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
             yield Static("", id="flags", classes="needs-layout")
