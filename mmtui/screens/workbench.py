@@ -292,7 +292,7 @@ class WorkbenchScreen(Screen[None]):
         await self._rebuild_grid(layers)
         self.notify(f"layout read from {src}: TP {layout.tp_size}, PP {len(next(iter(layers.values()))[0])}")
 
-    @on(Select.Changed, "#format")
+    @on(Select.Changed, "#format, #grouped_gemm")
     def _format_changed(self) -> None:
         self._retitle()
         self.replan()
@@ -367,6 +367,7 @@ class WorkbenchScreen(Screen[None]):
             dp=self._value("dp"),
             device_gib=self._value("device_gib"),
             out_format=self.query_one(WriteOptions).value,
+            grouped_gemm="off" if self.has_class("no-experts") else self.query_one(WriteOptions).grouped_gemm,
         )
 
     def replan(self) -> None:
@@ -416,7 +417,8 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
         for name in INPUTS:
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
-        self.query_one("#format", Select).set_class("format" in result.bad_fields, "-invalid")
+        for name in ("format", "grouped_gemm"):
+            self.query_one(f"#{name}", Select).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
         from engine.balance import format_cost

@@ -264,3 +264,42 @@ async def test_a_torch_dist_checkpoint_from_disk(tiny_llms: dict[str, Path], tmp
     assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)
     run(build_plan(info, ParallelConfig(llm_pp_layers=layers["llm"])), tmp_path / "headless")
     assert _equal(tmp_path / "recut", tmp_path / "headless")
+
+
+async def test_grouped_gemm_for_a_mixture_of_experts(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
+    """Grouped GEMM is offered beside the format for a MoE model only; legacy writes GroupedMLP's weight1/weight2
+    (Megatron-Core's names) in place of the local experts, as a headless conversion does, and is saved in the job."""
+    app = make_app(tiny_llms["llama"], out_dir=tmp_path / "llama")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        assert not app.screen.query_one("#grouped_gemm", Select).display
+    hf = tiny_llms["mixtral"]
+    out = tmp_path / "tui"
+    app = make_app(hf, out_dir=out)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        await pilot.press("f3")
+        select = screen.query_one("#grouped_gemm", Select)
+        assert select.display and select.region.right <= 80
+        await _choose_gemm(pilot, app, "legacy")
+        assert _problems(screen) == "layout OK"
+        plan = screen.plan
+        assert plan is not None
+        keys = {e.key for e in plan.files[0].entries}
+        assert {f"decoder.layers.{i}.mlp.experts.weight{n}" for i in range(4) for n in (1, 2)} <= keys
+        assert not any("local_experts" in k for k in keys)
+        await pilot.press("ctrl+s")
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert "done" in str(screen.query_one("#status", Static).render())
+    saved = tomllib.loads((tmp_path / "tui.job.toml").read_text())
+    assert saved["cfg"]["parallel_config"]["moe_grouped_gemm"] == "legacy"
+    run(build_plan(inspect_hf(hf), ParallelConfig(llm_pp_layers=[[4]], moe_grouped_gemm="legacy")), tmp_path / "headless")
+    assert _equal(out, tmp_path / "headless")
+
+
+async def _choose_gemm(pilot, app, value: str) -> None:
+    app.screen.query_one("#grouped_gemm", Select).value = value
+    await settle(pilot, app)
