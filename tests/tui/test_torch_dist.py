@@ -3,6 +3,8 @@ chunk, saved in the job file, run; a checkpoint opened from disk says which form
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -17,7 +19,6 @@ from engine.job import Job, load_job, prepare
 from engine.layout import ParallelConfig
 from engine.plan import build_plan
 from mmtui.app import make_app
-from mmtui.runner import run_job
 from tests.tui.test_workbench import _equal, _problems, settle
 
 SMALL = ["common.pt", ".metadata", "metadata.json"]
@@ -141,9 +142,10 @@ async def test_torch_dist_from_the_wizard(tiny_llms: dict[str, Path], tmp_path: 
     assert _written_chunks(release) == shown
     saved = tomllib.loads((tmp_path / "tui.job.toml").read_text())
     assert saved["cfg"]["format"] == "torch_dist"
-    job = load_job(tmp_path / "tui.job.toml")
-    job.cfg.mm_dir = tmp_path / "replayed"
-    run_job(job, quiet=True)
+    assert load_job(tmp_path / "tui.job.toml").cfg.format == "torch_dist"
+    replay = [str(Path(sys.executable).parent / "mmtui"), "--replay", str(tmp_path / "tui.job.toml")]
+    r = subprocess.run([*replay, "--cfg.mm_dir", str(tmp_path / "replayed")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     for p in sorted(release.iterdir()):
         assert p.read_bytes() == (tmp_path / "replayed" / "release" / p.name).read_bytes(), p.name
 
