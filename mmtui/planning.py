@@ -43,6 +43,8 @@ class Form:
     dp: str = ""  # data-parallel size (empty: EP, the smallest there is) and device memory (GiB) for "will it fit?"
     device_gib: str = ""  # noop layers / vocab padding of the layout read from disk
     src_audio: str = ""  # the source layout's audio-encoder lists (a model with an audio encoder)
+    out_format: str = "legacy"  # what hf_to_mm / resplit write: legacy rank files or torch_dist
+    grouped_gemm: str = "off"  # the experts' layout they write: off (SequentialMLP), legacy or te (a MoE model)
 
 
 @dataclass
@@ -63,6 +65,7 @@ _FIELD_WORDS = {
     "audio_tp_size": "tp",
     "audio_pp_layers": "audio",
     "ep_size": "ep",
+    "moe_grouped_gemm": "grouped_gemm",
     "llm_pp_layers": "llm",
     "vit_pp_layers": "vit",
     "pipeline stage": "pp",
@@ -80,9 +83,12 @@ _FIELD_WORDS = {
 
 
 def _fields_of(message: str, source_side: bool) -> set[str]:
+    if message.startswith("format = "):  # the output format cannot hold this model or layout
+        return {"format"}
     out = {f for w, f in _FIELD_WORDS.items() if w in message}
     if source_side:  # a message about the source checkpoint's layout names the source inputs
         source = {"tp": "src_tp", "ep": "src_ep", "llm": "src_llm", "vit": "src_vit", "audio": "src_audio"}
+        source["grouped_gemm"] = "src"  # the source's experts' layout is the disk's
         out = {source.get(f, f) for f in out} | {"src"}
     return out
 
@@ -113,7 +119,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     tokens = {"vit_tokens": int(form.vit_tokens), "llm_tokens": int(form.llm_tokens)}
     cells = cell_costs(info, form.layers, form.cost, **tokens)  # type: ignore[arg-type]
     reads_grid = form.direction in ("mm_to_hf", "lora_mm_to_hf")  # the grid is the layout on disk
-    layout = _layout(form.tp, form.ep, form.layers, form.disk if reads_grid else None)
+    writes = {"moe_grouped_gemm": form.grouped_gemm} if form.grouped_gemm != "off" else None
+    layout = _layout(form.tp, form.ep, form.layers, form.disk if reads_grid else writes)
     problems = layout_problems(layout, info) if form.direction not in ("merge_lora", "hf_to_dcp") else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
@@ -168,6 +175,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         }
     if lora is not None:
         cfg["lora"] = lora
+    if form.direction in ("hf_to_mm", "resplit") and form.out_format != "legacy":
+        cfg["format"] = form.out_format
     if form.direction in ("mm_to_hf", "resplit", "lora_mm_to_hf") and not form.src:
         return Planned(["Megatron dir is empty: give the checkpoint to read"], {"src"}, None, None, cells)
     if form.overwrite:
@@ -198,7 +207,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     if form.direction in ("merge_lora", "hf_to_dcp"):
         return Planned([], bad, plan, job, cells, notes)
     try:
-        memory = will_it_fit(plan if form.direction == "hf_to_mm" else info, layout, form.dp, form.device_gib)
+        rank_files = form.direction == "hf_to_mm" and form.out_format == "legacy"  # a torch_dist plan keeps one replica
+        memory = will_it_fit(plan if rank_files else info, layout, form.dp, form.device_gib)
     except ConvertError as e:
         field_name = "dp" if str(e).startswith("dp") else "device_gib"
         return Planned([str(e)], bad | {field_name}, None, None, cells, notes)  # every problem stops Run

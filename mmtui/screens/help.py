@@ -12,7 +12,7 @@ HELP = """\
 
 [b]Steps[/b] (tabs: click them or press the key)
   F2  Source   the direction (each mm-convert command) and the directories
-  F3  Layout   TP, EP, PP, VPP, layers per stage; checked as you type
+  F3  Layout   TP/EP/PP/VPP, layers per stage, format; checked as you type
   F4  Preview  one row per output file; enter lists its tensors; filter
   F5  Run      progress, files done, log, summary
 [b]Keys[/b]

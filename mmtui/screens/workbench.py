@@ -16,74 +16,33 @@ from typing import TYPE_CHECKING, Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import (
-    Button,
-    Checkbox,
-    Footer,
-    Header,
-    Input,
-    Label,
-    RichLog,
-    Select,
-    Static,
-    TabbedContent,
-    TabPane,
-)
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, RichLog, Select, Static, TabbedContent
 
 from ..planning import Form, Planned
 from ..widgets.format import count, rate, size
-from ..widgets.preview import PlanPreview
+from ..widgets.preview import PlanPreview, label_of
 from ..widgets.run_panel import RunPanel
 from ..widgets.stage_grid import StageGrid
+from ..widgets.write_options import FORMAT_TITLE, WriteOptions
 from .help import TextScreen, help_screen
 from .pick_dir import PickDirScreen, is_model_dir
+from .workbench_panes import (
+    DIRECTIONS,
+    DISK_FILLS,
+    INPUTS,
+    LAYOUT_CAPTION,
+    OUT_FROM,
+    OUT_SUFFIX,
+    SHORT,
+    TORCH_DIST_CAPTION,
+    compose_tabs,
+)
 
 if TYPE_CHECKING:
     from engine.job import Job
     from engine.planning.plan import Plan
     from engine.source.hf_source import ModelInfo
-
-DIRECTIONS = [
-    ("HF → Megatron / MindSpeed", "hf_to_mm"),
-    ("Megatron → HF", "mm_to_hf"),
-    ("Re-split Megatron", "resplit"),
-    ("HF → torch DCP (resharded at load)", "hf_to_dcp"),
-    ("Merge a LoRA adapter into HF", "merge_lora"),
-    ("LoRA adapter: PEFT → Megatron", "lora_hf_to_mm"),
-    ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
-]
-COSTS = [("parameters", "params"), ("forward FLOPs", "flops")]
-# the inputs a problem can mark
-INPUTS = ("tp", "ep", "pp", "vpp", "src", "src_tp", "src_ep", "src_llm", "src_vit", "src_audio", "out", "hf_dir")
-INPUTS += ("lora", "lora_r", "lora_alpha", "vit_tokens", "llm_tokens", "dp", "device_gib")
-DISK_FILLS = ("mm_to_hf", "resplit", "lora_mm_to_hf")  # directions whose source layout is on a disk
-TABS = ["source", "layout", "preview", "run"]
-SHORT = {"vit": "ViT", "audio": "Audio", "llm": "LLM"}
-OUT_SUFFIX = {
-    "hf_to_mm": "-mm",
-    "mm_to_hf": "-hf",
-    "resplit": "-resplit",
-    "hf_to_dcp": "-dcp",
-    "merge_lora": "-merged",
-    "lora_hf_to_mm": "-mm",
-    "lora_mm_to_hf": "-peft",
-}
-OUT_FROM = {"mm_to_hf": "src", "resplit": "src", "lora_mm_to_hf": "src", "lora_hf_to_mm": "lora"}  # else hf_dir
-LAYOUT_CAPTION = {
-    "hf_to_mm": "Layout to write",
-    "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
-    "resplit": "Layout to write (the source layout is on the Source tab)",
-    "hf_to_dcp": "No layout: a torch.distributed.checkpoint is resharded when it is loaded",
-    "merge_lora": "No layout: the merged model is Hugging Face files, sharded like the base",
-    "lora_hf_to_mm": "Layout to cut the adapter for (the base model's training layout)",
-    "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
-}
-
-
-def _field(label: str, widget, *classes: str) -> Horizontal:
-    return Horizontal(Label(label), widget, classes=" ".join(("row", *classes)))
 
 
 class WorkbenchScreen(Screen[None]):
@@ -118,74 +77,23 @@ class WorkbenchScreen(Screen[None]):
         self._planning = False  # a planning worker is running
         self._next_plan: tuple[ModelInfo, Form, int] | None = None  # what to plan when it is done
         self._disk: dict[str, Any] = {}  # noop layers, vocab padding, experts' layout last read from disk
+        self._read_format: str | None = None  # the format of the Megatron dir (legacy or torch_dist), once read
 
     # -- layout of the screen -----------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        with TabbedContent(initial="source", id="tabs"):
-            with TabPane("Source F2", id="source"), Horizontal(id="source-top"):
-                with Vertical(id="form"):
-                    direction = Select(DIRECTIONS, value="hf_to_mm", allow_blank=False, id="direction")
-                    yield _field("Direction", direction)
-                    yield _field("HF dir", Input(str(self.hf_dir or ""), id="hf_dir", placeholder="path, enter"))
-                    src = Input(id="src", placeholder="holds latest_checkpointed_iteration.txt")
-                    yield _field("Megatron dir", src, "needs-src")
-                    yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
-                    yield _field("Source EP", Input("1", id="src_ep"), "needs-src-layout", "needs-experts")
-                    yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
-                    src_vit = Input(id="src_vit", placeholder="[[3,0]]")
-                    yield _field("Source ViT", src_vit, "needs-src-layout", "needs-vit")
-                    src_audio = Input(id="src_audio", placeholder="[[1,2]]")
-                    yield _field("Source audio", src_audio, "needs-src-layout", "needs-audio")
-                    lora = Input(id="lora", placeholder="optional: a PEFT adapter to merge in")
-                    yield _field("LoRA adapter", lora, "needs-lora")
-                    rank = Input(id="lora_r", placeholder="only for an adapter mmtui did not write", restrict=r"\d*")
-                    yield _field("LoRA r", rank, "needs-lora-rank")
-                    alpha = Input(id="lora_alpha", placeholder="its --lora-alpha")
-                    yield _field("LoRA alpha", alpha, "needs-lora-rank")
-                    yield _field("Output dir", Input(str(self.out_dir or ""), id="out"))
-                    yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
-                with VerticalScroll(id="summary-box"):
-                    yield Static("Give a Hugging Face model directory and press enter.", id="summary")
-            with TabPane("Layout F3", id="layout"):
-                with Horizontal(id="layout-top", classes="needs-layout"):
-                    yield Label("TP")
-                    yield Input("1", id="tp", restrict=r"\d*")
-                    yield Label("EP", classes="needs-experts")
-                    yield Input("1", id="ep", restrict=r"\d*", classes="needs-experts")
-                    yield Label("PP")
-                    yield Input("1", id="pp", restrict=r"\d*")
-                    yield Label("VPP")
-                    yield Input("1", id="vpp", restrict=r"\d*")
-                    yield Select(COSTS, value="params", allow_blank=False, id="cost")
-                    yield Button("Suggest", id="suggest", variant="primary")
-                with Horizontal(id="layout-opts", classes="needs-layout"):
-                    yield Label("ViT tokens", classes="needs-flops needs-vit")
-                    yield Input("1024", id="vit_tokens", restrict=r"\d*", classes="needs-flops needs-vit")
-                    yield Label("LLM tokens", classes="needs-flops")
-                    yield Input("4096", id="llm_tokens", restrict=r"\d*", classes="needs-flops")
-                    yield Label("DP")
-                    yield Input("", id="dp", placeholder="= EP", restrict=r"\d*")
-                    yield Label("device GiB")
-                    yield Input("", id="device_gib", placeholder="e.g. 64", restrict=r"[\d.]*")
-                yield Static(LAYOUT_CAPTION["hf_to_mm"], id="layout-caption")
-                yield StageGrid([], {"llm": [[0]]}, id="grid", classes="needs-layout")
-                yield Static("", id="flags", classes="needs-layout")
-                yield Static("", id="fits", classes="needs-layout")
-            with TabPane("Preview F4", id="preview-tab"):
-                yield PlanPreview(id="plan-preview")
-            with TabPane("Run F5", id="run"):
-                yield RunPanel(id="runpanel")
+        yield from compose_tabs(self.hf_dir, self.out_dir)
         yield Static("", id="problems")
         yield Footer()
 
     def on_resize(self) -> None:
         self.set_class(self.size.width < 110, "narrow")  # the summary goes below the form: both fit 80x24
+        self._retitle()
 
     def on_mount(self) -> None:
         self.set_class(True, "dir-hf_to_mm")
         self.set_class(True, "cost-params")
-        self.sub_title = dict((d, label) for label, d in DIRECTIONS)["hf_to_mm"]
+        self._retitle()
         if self.hf_dir:
             self.open_model(self.hf_dir)
         else:
@@ -331,6 +239,7 @@ class WorkbenchScreen(Screen[None]):
             self._default_out()
         if event.input.id == "src":
             self._disk = {}
+            self._format_read(None)
             self._read_disk()
         self.replan()
 
@@ -351,10 +260,17 @@ class WorkbenchScreen(Screen[None]):
         from engine.source.disk_layout import infer_layout
 
         try:
-            layout = infer_layout(info, open_checkpoint(Path(src).expanduser()))
+            ckpt = open_checkpoint(Path(src).expanduser())
+            fmt = "legacy" if ckpt.dist is None else "torch_dist"
+            self.app.call_from_thread(self._disk_format, fmt, info, src, direction)
+            layout = infer_layout(info, ckpt)
         except (ConvertError, OSError):
             return  # not (yet) a checkpoint of this model: the plan says what is wrong with it
         self.app.call_from_thread(self._disk_read, layout, info, src, direction)
+
+    def _disk_format(self, fmt: str, info: ModelInfo, src: str, direction: str) -> None:
+        if info is self.info and src == self._value("src") and direction == self.direction:
+            self._format_read(fmt)
 
     async def _disk_read(self, layout: Any, info: ModelInfo, src: str, direction: str) -> None:
         if info is not self.info or src != self._value("src") or direction != self.direction:
@@ -376,19 +292,49 @@ class WorkbenchScreen(Screen[None]):
         await self._rebuild_grid(layers)
         self.notify(f"layout read from {src}: TP {layout.tp_size}, PP {len(next(iter(layers.values()))[0])}")
 
+    @on(Select.Changed, "#format, #grouped_gemm")
+    def _format_changed(self) -> None:
+        self._retitle()
+        self.replan()
+
+    def _retitle(self) -> None:
+        """The header says what this screen will do, and in which format it reads or writes: the longest
+        wording that fits the terminal's width."""
+        label = dict((d, label) for label, d in DIRECTIONS)[self.direction]
+        out, read = self.query_one(WriteOptions).value, self._read_format
+        if self.direction == "hf_to_mm":
+            words = [f"{label} · {FORMAT_TITLE[out]}", f"{label} · {out}"]
+        elif self.direction == "resplit":
+            words = [f"{label} · {read} → {FORMAT_TITLE[out]}"] if read else []
+            words += [f"{label} → {FORMAT_TITLE[out]}", f"{label} → {out}"]
+        elif self.direction == "mm_to_hf" and read:
+            words = [f"{label} · from {FORMAT_TITLE[read]}", f"{label} · from {read}"]
+        else:
+            words = [label]
+        room = self.size.width - 18 - len(f"{self.app.title} — ")  # the header's icon and clock take 18
+        self.sub_title = next((w for w in words if len(w) <= room), words[-1])
+
+    def _format_read(self, fmt: str | None) -> None:
+        """What the Megatron dir was found to be (None: not read yet), beside it and in the header."""
+        self._read_format = fmt
+        self.query_one("#src-format", Label).update(f" {fmt}" if fmt else "")
+        if self.direction == "mm_to_hf":
+            caption = TORCH_DIST_CAPTION if fmt == "torch_dist" else LAYOUT_CAPTION["mm_to_hf"]
+            self.query_one("#layout-caption", Static).update(caption)
+        self._retitle()
+
     @on(Checkbox.Changed)
     def _overwrite_changed(self) -> None:
         self.replan()
 
     @on(Select.Changed, "#direction")
     def _direction_changed(self) -> None:
-        for label, d in DIRECTIONS:
+        for _, d in DIRECTIONS:
             self.set_class(d == self.direction, f"dir-{d}")
-            if d == self.direction:
-                self.sub_title = label  # the title says what this screen will do
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
         self._default_out()
         self._disk = {}
+        self._format_read(None)
         self._read_disk()
         self.replan()
 
@@ -420,6 +366,8 @@ class WorkbenchScreen(Screen[None]):
             llm_tokens=self._value("llm_tokens"),
             dp=self._value("dp"),
             device_gib=self._value("device_gib"),
+            out_format=self.query_one(WriteOptions).value,
+            grouped_gemm="off" if self.has_class("no-experts") else self.query_one(WriteOptions).grouped_gemm,
         )
 
     def replan(self) -> None:
@@ -469,6 +417,8 @@ class WorkbenchScreen(Screen[None]):
             box.update("\n".join(["layout OK", *(f"[yellow]{n}[/yellow]" for n in result.notes)]))
         for name in INPUTS:
             self.query_one(f"#{name}", Input).set_class(name in result.bad_fields, "-invalid")
+        for name in ("format", "grouped_gemm"):
+            self.query_one(f"#{name}", Select).set_class(name in result.bad_fields, "-invalid")
         grid = self.query_one("#grid", StageGrid)
         grid.mark_invalid(result.bad_fields)
         from engine.planning.balance import format_cost
@@ -511,7 +461,7 @@ class WorkbenchScreen(Screen[None]):
         self._cancel = False
         self.action_tab("run")
         panel = self.query_one(RunPanel)
-        panel.reset([(f.label, f.nbytes) for f in self.plan.files])
+        panel.reset([(label_of(f), f.nbytes) for f in self.plan.files])
         panel.query_one("#ranks").focus()  # off any text field, so q and escape reach their bindings
         self.convert(self.plan, self.job, panel)
 
