@@ -5,7 +5,7 @@ Two namings reach us, both as DCP's flattening of `{"model": state_dict}` (`mode
   `dcp_prefix` after removing its `hf_prefix`; Qwen3-VL's converter uses `model.`), each tensor possibly
   in several chunks (FSDP2's Shard(0): one `__R_0.distcp` per rank), next to `optimizer.*` and other
   training state;
-- our own hf_to_dcp: `model.<Megatron name>` of the TP 1 / PP 1 layout (engine/plan.py build_dcp_plan).
+- our own hf_to_dcp: `model.<Megatron name>` of the TP 1 / PP 1 layout (engine/planning/build.py build_dcp_plan).
 
 The index is read with torch_dist_pickle.py's restricted unpickler (torch_dist_reader.read_index), each
 chunk's `torch.save` archive is parsed as the torch_dist reader does (CRC-checked records), and every HF
@@ -19,14 +19,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cast import FLOATS, CastMeta
 from ..errors import ConvertError
-from ..hf_source import ModelInfo, read_weights, weight_files
 from ..layout import one_stage
-from ..mm_view import MmView
-from ..plan import TRACKER_NAME, Entry, Piece, Plan, build_plan, grid
-from ..regular_file import read_regular
-from ..tie import is_tied
+from ..planning.build import build_plan
+from ..planning.plan import TRACKER_NAME, Entry, Piece, Plan, grid
+from ..source.cast import FLOATS, CastMeta
+from ..source.hf_source import ModelInfo, read_weights, weight_files
+from ..source.mm_view import MmView
+from ..source.tie import is_tied
+from .regular_file import read_regular
 from .safetensors_header import TensorMeta, itemsize
 from .torch_dist_names import CONFIG_NAME, Chunk
 from .torch_dist_reader import DistTensor, TorchDistIndex, _ChunkReader, _place, read_index
@@ -136,7 +137,7 @@ def naming(
 
 
 def dcp_forward(info: ModelInfo) -> Plan:
-    """The plan hf_to_dcp writes (engine/plan.py build_dcp_plan): the TP 1 / PP 1 layout."""
+    """The plan hf_to_dcp writes (engine/planning/build.py build_dcp_plan): the TP 1 / PP 1 layout."""
     return build_plan(info, one_stage(info))
 
 
@@ -179,11 +180,11 @@ def dcp_hf_plan(
     """MindSpeed-MM's naming: each HF tensor of hf_dir, in its file and place, from the chunks of its DCP tensor.
 
     With `hf_dtype`, a float tensor saved in another float dtype (FSDP2's float32 master weights of a bfloat16
-    model) is rounded to hf_dir's dtype a band at a time (engine/cast.py); without it that is an error. A
+    model) is rounded to hf_dir's dtype a band at a time (engine/source/cast.py); without it that is an error. A
     tensor named by `fused_linear_names` may be stored as its 2-D view (MindSpeed-MM's MoE experts).
     """
-    from ..hf_out import _hf_file, _index_text, _metadata, non_weight_files, safetensors_name
-    from ..hf_source import INDEX_NAME
+    from ..planning.hf_out import _hf_file, _index_text, _metadata, non_weight_files, safetensors_name
+    from ..source.hf_source import INDEX_NAME
 
     where = f"{field} {ckpt.root}"
     reader = _ChunkReader(ckpt.index)

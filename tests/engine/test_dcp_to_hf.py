@@ -23,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.check import check_plan
 from engine.errors import ConvertError
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import DcpToHfConfig, HfConfig, HfToDcpConfig, Job, prepare
+from engine.planning.check import check_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from tests.fixtures.tiny_llm import build_tiny_llm
 from tests.fixtures.tiny_vlm import write_weights
 from tests.test_cli import BIN, mm_convert

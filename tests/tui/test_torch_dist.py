@@ -13,11 +13,11 @@ import pytest
 import torch
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from engine.execute import run
-from engine.hf_source import inspect_hf
 from engine.job import Job, load_job, prepare
 from engine.layout import ParallelConfig
-from engine.plan import build_plan
+from engine.planning.build import build_plan
+from engine.run.execute import run
+from engine.source.hf_source import inspect_hf
 from mmtui.app import make_app
 from tests.tui.test_workbench import _equal, _problems, settle
 
