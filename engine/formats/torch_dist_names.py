@@ -161,10 +161,10 @@ class Chunker:
     def note(self) -> str:
         """What the plan writes, for its notes."""
         parts = [
-            f"{s.prefix} {s.num_layers} layers " + ("stacked" if s.stacked else "each their own tensors (dense and MoE "
-                                                     "layers mixed)")
-            for s in self.stacks
-        ]  # fmt: skip
+            f"{st.prefix.rstrip('.')}: {st.num_layers} layers "
+            + ("stacked" if st.stacked else "each their own tensors (dense and MoE layers mixed)")
+            for st in self.stacks
+        ]
         return "Megatron-Core torch_dist: " + "; ".join(parts) + "; one .distcp file per TP x PP x EP rank"
 
     def rule(self, key: str) -> Mapping:

@@ -141,7 +141,7 @@ def test_global_tensors_are_mindspeed_mms(vlm: dict[str, Path], qwen2vl_dir: Pat
 def test_plan_notes_say_what_is_written(qwen2vl_dir: Path, tmp_path: Path) -> None:
     _, plan = prepare(_job("hf_to_mm", _cfg(qwen2vl_dir, tmp_path / "o", "torch_dist", 2, [1, 3], [3, 0]), CONVERTER))
     assert (
-        "Megatron-Core torch_dist: image_encoder.encoder.blocks.layers. 3 layers stacked; text_decoder.decoder.layers. "
+        "Megatron-Core torch_dist: image_encoder.encoder.blocks.layers: 3 layers stacked; text_decoder.decoder.layers: "
         "4 layers stacked; one .distcp file per TP x PP x EP rank"
     ) in plan.notes
 
