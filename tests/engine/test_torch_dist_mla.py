@@ -130,6 +130,29 @@ def test_way_back_to_hf_and_to_legacy(mla: dict[str, Path], tmp_path: Path) -> N
     _same_tree(back, mla["legacy_split"])
 
 
+def test_transformer_engine_names(mla: dict[str, Path], tmp_path: Path) -> None:
+    """TE's MLA spec (gpt_layer_specs.py, megatron-core 0.16) fuses the q/kv norms into the up projections and a
+    dense layer's pre-MLP norm into fc1; input_layernorm and an MoE layer's pre-MLP norm stay norms of their own.
+    Written so with transformer_impl transformer_engine (no MTP: refused with TE), read back without being told."""
+    hf = mla["hf_plain"]
+    cfg = _cfg(hf, tmp_path / "te", "torch_dist", 2, 1, [3]) | {"transformer_impl": "transformer_engine"}
+    td = convert("hf_to_mm", cfg, tmp_path / "te", CONVERTER)
+    tensors, objects = _structure(_index(td / "release"))
+    for name in (
+        "decoder.layers.0.input_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight", "decoder.layers.1.pre_mlp_layernorm.weight",
+    ):  # fmt: skip
+        assert name in tensors, name
+    assert not any("q_layernorm" in k or "kv_layernorm" in k for k in tensors)
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" not in tensors
+    assert "decoder.layers.1.input_layernorm._extra_state/shard_0_1" in objects
+    cfg = {"mm_dir": str(td), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}}
+    out = convert("mm_to_hf", cfg, tmp_path / "hf", CONVERTER)
+    for f in hf.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
 def test_mindspeed_llm_names_are_refused(mla: dict[str, Path], tmp_path: Path) -> None:
     cfg = _cfg(mla["hf"], tmp_path / "o", "torch_dist", 1, 1, [3])
     with pytest.raises(ConvertError) as e:
