@@ -35,9 +35,8 @@ def _cfg(hf: Path, out: Path, fmt: str, tp: int, ep: int, pp: list[int]) -> dict
     return {"mm_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": fmt}
 
 
-@pytest.fixture(scope="module")
-def mla(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("td_mla")
+def outputs(root: Path) -> dict[str, Path]:
+    """The `mla` fixture (tests/engine/conftest.py): the HF models and our conversions of them."""
     out = {
         "hf": build_tiny_deepseek(root / "hf", mtp_layers=1, shards=2),
         "hf_plain": build_tiny_deepseek(root / "hf_plain"),  # the same model without MTP, for transformers
@@ -164,21 +163,25 @@ def test_mindspeed_llm_names_are_refused(mla: dict[str, Path], tmp_path: Path) -
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.oracle
-def test_megatron_core_loads_it_strictly_with_transformers_logits(mla: dict[str, Path]) -> None:
-    """dist_checkpointing.load into GPTModel (MLA, MoE, MTP block; local spec), load_state_dict(strict=True), at
-    TP 2 from the checkpoint written at TP 1, and at TP 1 / EP 2 from the one written at TP 2 / EP 2 / PP 2."""
-    pytest.importorskip("megatron.core")
+def oracle_tasks(mla: dict[str, Path]) -> list:
+    """megatron-core's loads (run with the VLM's in one start of megatron-core: tests/engine/conftest.py)."""
     from tests.engine.test_family_deepseek import deepseek_arch
-    from tests.fixtures.megatron_dist import Load, run_megatron
-    from tests.fixtures.tiny_deepseek import tiny_deepseek_model
+    from tests.fixtures.megatron_dist import Load
 
     arch = deepseek_arch(mla["hf"])
     arch.extra = (arch.extra or {}) | {"mtp_num_layers": 1}
-    tasks = [Load(mla["td_one"] / "release", arch, 2), Load(mla["td_split"] / "release", arch, 1, 2)]
-    got = run_megatron(tasks, TOKENS)
+    return [Load(mla["td_one"] / "release", arch, 2), Load(mla["td_split"] / "release", arch, 1, 2)]
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_it_strictly_with_transformers_logits(mla: dict[str, Path], td_oracle: dict) -> None:
+    """dist_checkpointing.load into GPTModel (MLA, MoE, MTP block; local spec), load_state_dict(strict=True), at
+    TP 2 from the checkpoint written at TP 1, and at TP 1 / EP 2 from the one written at TP 2 / EP 2 / PP 2."""
+    from tests.fixtures.tiny_deepseek import tiny_deepseek_model
+
     model, _ = tiny_deepseek_model(mla["hf_plain"])
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
-    for logits in got:
+    assert len(td_oracle["mla"]) == 2
+    for logits in td_oracle["mla"]:
         torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
