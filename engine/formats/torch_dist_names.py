@@ -161,10 +161,10 @@ class Chunker:
     def note(self) -> str:
         """What the plan writes, for its notes."""
         parts = [
-            f"{s.prefix} {s.num_layers} layers " + ("stacked" if s.stacked else "each their own tensors (dense and MoE "
-                                                     "layers mixed)")
-            for s in self.stacks
-        ]  # fmt: skip
+            f"{st.prefix.rstrip('.')}: {st.num_layers} layers "
+            + ("stacked" if st.stacked else "each their own tensors (dense and MoE layers mixed)")
+            for st in self.stacks
+        ]
         return "Megatron-Core torch_dist: " + "; ".join(parts) + "; one .distcp file per TP x PP x EP rank"
 
     def rule(self, key: str) -> Mapping:
@@ -262,6 +262,8 @@ class Chunker:
         te = extra_state_keys(names)
         if self.impl == "local":  # the local spec's norms are torch's; the final norms' are kept for TE's spec
             te = [k for k in te if k.endswith("final_layernorm._extra_state")]
+        else:  # TE's MLA spec keeps input_layernorm a TENorm of its own (an entry too many is never an error)
+            te += [f"{k[: -len('.weight')]}._extra_state" for k in names if k.endswith(".input_layernorm.weight")]
         modules = dict.fromkeys([*te, *(f"{m[1]}._extra_state" for k in names if (m := _LINEAR.match(k)))])
         out = []
         for key in modules:

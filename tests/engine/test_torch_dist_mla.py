@@ -35,9 +35,8 @@ def _cfg(hf: Path, out: Path, fmt: str, tp: int, ep: int, pp: list[int]) -> dict
     return {"mm_dir": str(out), "hf_config": {"hf_dir": str(hf)}, "parallel_config": layout, "format": fmt}
 
 
-@pytest.fixture(scope="module")
-def mla(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("td_mla")
+def outputs(root: Path) -> dict[str, Path]:
+    """The `mla` fixture (tests/engine/conftest.py): the HF models and our conversions of them."""
     out = {
         "hf": build_tiny_deepseek(root / "hf", mtp_layers=1, shards=2),
         "hf_plain": build_tiny_deepseek(root / "hf_plain"),  # the same model without MTP, for transformers
@@ -130,6 +129,29 @@ def test_way_back_to_hf_and_to_legacy(mla: dict[str, Path], tmp_path: Path) -> N
     _same_tree(back, mla["legacy_split"])
 
 
+def test_transformer_engine_names(mla: dict[str, Path], tmp_path: Path) -> None:
+    """TE's MLA spec (gpt_layer_specs.py, megatron-core 0.16) fuses the q/kv norms into the up projections and a
+    dense layer's pre-MLP norm into fc1; input_layernorm and an MoE layer's pre-MLP norm stay norms of their own.
+    Written so with transformer_impl transformer_engine (no MTP: refused with TE), read back without being told."""
+    hf = mla["hf_plain"]
+    cfg = _cfg(hf, tmp_path / "te", "torch_dist", 2, 1, [3]) | {"transformer_impl": "transformer_engine"}
+    td = convert("hf_to_mm", cfg, tmp_path / "te", CONVERTER)
+    tensors, objects = _structure(_index(td / "release"))
+    for name in (
+        "decoder.layers.0.input_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight", "decoder.layers.1.pre_mlp_layernorm.weight",
+    ):  # fmt: skip
+        assert name in tensors, name
+    assert not any("q_layernorm" in k or "kv_layernorm" in k for k in tensors)
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" not in tensors
+    assert "decoder.layers.1.input_layernorm._extra_state/shard_0_1" in objects
+    cfg = {"mm_dir": str(td), "save_hf_dir": str(tmp_path / "hf"), "hf_config": {"hf_dir": str(hf)}}
+    out = convert("mm_to_hf", cfg, tmp_path / "hf", CONVERTER)
+    for f in hf.glob("*.safetensors"):
+        assert filecmp.cmp(f, out / f.name, shallow=False), f.name
+
+
 def test_mindspeed_llm_names_are_refused(mla: dict[str, Path], tmp_path: Path) -> None:
     cfg = _cfg(mla["hf"], tmp_path / "o", "torch_dist", 1, 1, [3])
     with pytest.raises(ConvertError) as e:
@@ -141,21 +163,25 @@ def test_mindspeed_llm_names_are_refused(mla: dict[str, Path], tmp_path: Path) -
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.oracle
-def test_megatron_core_loads_it_strictly_with_transformers_logits(mla: dict[str, Path]) -> None:
-    """dist_checkpointing.load into GPTModel (MLA, MoE, MTP block; local spec), load_state_dict(strict=True), at
-    TP 2 from the checkpoint written at TP 1, and at TP 1 / EP 2 from the one written at TP 2 / EP 2 / PP 2."""
-    pytest.importorskip("megatron.core")
+def oracle_tasks(mla: dict[str, Path]) -> list:
+    """megatron-core's loads (run with the VLM's in one start of megatron-core: tests/engine/conftest.py)."""
     from tests.engine.test_family_deepseek import deepseek_arch
-    from tests.fixtures.megatron_dist import Load, run_megatron
-    from tests.fixtures.tiny_deepseek import tiny_deepseek_model
+    from tests.fixtures.megatron_dist import Load
 
     arch = deepseek_arch(mla["hf"])
     arch.extra = (arch.extra or {}) | {"mtp_num_layers": 1}
-    tasks = [Load(mla["td_one"] / "release", arch, 2), Load(mla["td_split"] / "release", arch, 1, 2)]
-    got = run_megatron(tasks, TOKENS)
+    return [Load(mla["td_one"] / "release", arch, 2), Load(mla["td_split"] / "release", arch, 1, 2)]
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_it_strictly_with_transformers_logits(mla: dict[str, Path], td_oracle: dict) -> None:
+    """dist_checkpointing.load into GPTModel (MLA, MoE, MTP block; local spec), load_state_dict(strict=True), at
+    TP 2 from the checkpoint written at TP 1, and at TP 1 / EP 2 from the one written at TP 2 / EP 2 / PP 2."""
+    from tests.fixtures.tiny_deepseek import tiny_deepseek_model
+
     model, _ = tiny_deepseek_model(mla["hf_plain"])
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
-    for logits in got:
+    assert len(td_oracle["mla"]) == 2
+    for logits in td_oracle["mla"]:
         torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)

@@ -37,9 +37,8 @@ LAYOUTS = {  # name: format, tp, llm_pp_layers, vit_pp_layers, vit_tp_size
 }
 
 
-@pytest.fixture(scope="module")
-def vlm(qwen2vl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("td_vlm")
+def outputs(qwen2vl_dir: Path, root: Path) -> dict[str, Path]:
+    """The `vlm` fixture (tests/engine/conftest.py): our conversions of the tiny Qwen2-VL."""
     out = {}
     for name, (fmt, tp, llm, vit, vit_tp) in LAYOUTS.items():
         out[name] = convert(
@@ -141,7 +140,7 @@ def test_global_tensors_are_mindspeed_mms(vlm: dict[str, Path], qwen2vl_dir: Pat
 def test_plan_notes_say_what_is_written(qwen2vl_dir: Path, tmp_path: Path) -> None:
     _, plan = prepare(_job("hf_to_mm", _cfg(qwen2vl_dir, tmp_path / "o", "torch_dist", 2, [1, 3], [3, 0]), CONVERTER))
     assert (
-        "Megatron-Core torch_dist: image_encoder.encoder.blocks.layers. 3 layers stacked; text_decoder.decoder.layers. "
+        "Megatron-Core torch_dist: image_encoder.encoder.blocks.layers: 3 layers stacked; text_decoder.decoder.layers: "
         "4 layers stacked; one .distcp file per TP x PP x EP rank"
     ) in plan.notes
 
@@ -245,16 +244,10 @@ def test_omni_with_audio_and_a_zero_k_bias(tmp_path: Path) -> None:
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
 
 
-@pytest.mark.oracle
-def test_megatron_core_loads_each_module_strictly(vlm: dict[str, Path], qwen2vl_dir: Path) -> None:
-    """The text decoder into GPTModel (sharded_state_dict(prefix="text_decoder.")), load_state_dict(strict=True),
-    transformers' text-only logits (all mrope sections at the same position: plain rope) at TP 1 and TP 2; the
-    vision layers into a TransformerBlock (prefix image_encoder.encoder.blocks.) strictly, each rank's tensors
-    the HF ones, at TP 2 and (from the vit_tp_size 1 checkpoint) TP 1."""
-    pytest.importorskip("megatron.core")
+def oracle_tasks(vlm: dict[str, Path]) -> list:
+    """megatron-core's loads (run with the MLA model's in one start of megatron-core: tests/engine/conftest.py)."""
     from mmtui.megatron_logits import GPTArch
-    from tests.fixtures.megatron_dist import Load, LoadBlock, run_megatron
-    from tests.fixtures.tiny_vlm import tiny_text_model
+    from tests.fixtures.megatron_dist import Load, LoadBlock
 
     arch = GPTArch(
         num_layers=L, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, vocab_size=128,
@@ -262,13 +255,23 @@ def test_megatron_core_loads_each_module_strictly(vlm: dict[str, Path], qwen2vl_
     )  # fmt: skip
     block = {"num_layers": VL, "hidden_size": 32, "num_attention_heads": HEADS, "ffn_hidden_size": 64}
     split, hetero = vlm["td_split"] / "release", vlm["td_hetero"] / "release"
-    tasks = [
+    return [
         Load(split, arch, 1, prefix="text_decoder."),
         Load(hetero, arch, 2, prefix="text_decoder."),
         LoadBlock(split, VIT, block, 2),
         LoadBlock(hetero, VIT, block, 1),
     ]
-    tp1, tp2, vit_tp2, vit_tp1 = run_megatron(tasks, TOKENS)
+
+
+@pytest.mark.oracle
+def test_megatron_core_loads_each_module_strictly(qwen2vl_dir: Path, td_oracle: dict) -> None:
+    """The text decoder into GPTModel (sharded_state_dict(prefix="text_decoder.")), load_state_dict(strict=True),
+    transformers' text-only logits (all mrope sections at the same position: plain rope) at TP 1 and TP 2; the
+    vision layers into a TransformerBlock (prefix image_encoder.encoder.blocks.) strictly, each rank's tensors
+    the HF ones, at TP 2 and (from the vit_tp_size 1 checkpoint) TP 1."""
+    from tests.fixtures.tiny_vlm import tiny_text_model
+
+    tp1, tp2, vit_tp2, vit_tp1 = td_oracle["vlm"]
     model, _ = tiny_text_model(qwen2vl_dir)
     with torch.no_grad():
         want = model(input_ids=torch.tensor([TOKENS])).logits[0]
