@@ -79,7 +79,8 @@ async def test_torch_dist_from_the_wizard(tiny_llms: dict[str, Path], tmp_path: 
         assert screen.sub_title == "HF → Megatron / MindSpeed · torch_dist (Megatron-Core)"
         assert "for Megatron-LM" in str(screen.query_one("#format-users", Label).render())
         lines = _problems(screen).splitlines()
-        assert lines[0] == "layout OK" and any("Megatron-Core torch_dist: decoder.layers: 4 layers stacked" in n for n in lines)
+        stacked = "Megatron-Core torch_dist: decoder.layers: 4 layers stacked"
+        assert lines[0] == "layout OK" and any(stacked in n for n in lines)
         await pilot.press("f4")
         preview = screen.query_one("#preview", DataTable)
         names = _cells(preview, 0)
