@@ -4,9 +4,9 @@ DCP's own `save` wants the whole state dict in memory. Its on-disk format is sim
 one data file holding, per tensor, the bytes `torch.save(tensor)` would write (a small
 zip archive), and a pickled `Metadata` naming each tensor's dtype, shape and
 (offset, length) in that file. So we write the archives one tensor at a time with the
-same zip writer the Megatron files use (whole rows are copied in the kernel), and build
-the `Metadata` from torch's own dataclasses so `torch.distributed.checkpoint.load` and
-`dcp_to_torch_save` read it as if DCP had written it.
+same zip writer the Megatron files use (whole rows are copied in the kernel), and write
+the `Metadata` as torch's own dataclasses pickle (dcp_index.py, shared with torch_dist) so
+`torch.distributed.checkpoint.load` and `dcp_to_torch_save` read it as if DCP had written it.
 
 Keys are flattened the way DCP's default planner does: `{"model": {k: t}}` -> "model.k",
 with the path kept in the planner data so loaders can rebuild the nesting.
@@ -15,12 +15,12 @@ with the path kept in the planner data so loaders can rebuild the nesting.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..run.out_file import Span
+from .dcp_index import DcpIndex
 from .torch_zip import StreamingCheckpointWriter
 
 DATA_NAME = "__0_0.distcp"
@@ -77,44 +77,17 @@ class DcpWriter:
         os.close(self._fd)
         self._fd = -1
         with open(self.directory / METADATA_NAME, "wb") as f:
-            pickle.dump(self._metadata(), f)
+            f.write(self._metadata())
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
-    def _metadata(self) -> object:
-        import torch
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
-        from torch.distributed.checkpoint.metadata import (
-            BytesStorageMetadata,
-            ChunkStorageMetadata,
-            Metadata,
-            MetadataIndex,
-            StorageMeta,
-            TensorProperties,
-            TensorStorageMetadata,
-        )
-
-        state: dict[str, object] = {}
-        storage: dict[object, object] = {}
+    def _metadata(self) -> bytes:
+        index = DcpIndex()
         for fqn, (dtype, shape, at, n) in self._tensors.items():
-            zero = torch.Size([0] * len(shape))
-            props = TensorProperties(dtype=getattr(torch, dtype))
-            state[fqn] = TensorStorageMetadata(
-                props, torch.Size(shape), [ChunkStorageMetadata(zero, torch.Size(shape))]
-            )
-            storage[MetadataIndex(fqn, zero, 0)] = _StorageInfo(DATA_NAME, at, n)
+            index.add_tensor(fqn, dtype, shape, (DATA_NAME, at, n))
         for fqn, (at, n) in self._objects.items():
-            state[fqn] = BytesStorageMetadata()
-            storage[MetadataIndex(fqn)] = _StorageInfo(DATA_NAME, at, n)
-        return Metadata(
-            state_dict_metadata=state,
-            planner_data=dict(self._paths),
-            storage_data=storage,
-            # no checkpoint_id: this directory is a temporary name until the rename, and
-            # without it the same input converts to the same bytes wherever it is written
-            storage_meta=StorageMeta(checkpoint_id=None, save_id=None),
-            version=CURRENT_DCP_VERSION,
-        )
+            index.add_object(fqn, (DATA_NAME, at, n))
+        return index.pickled(planner_data=dict(self._paths))

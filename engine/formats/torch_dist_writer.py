@@ -27,6 +27,7 @@ from ..planning.megatron_args import CHECKPOINT_VERSION, iteration_number, megat
 from ..planning.plan import TRACKER_NAME, Entry, OutputFile, Piece, Plan
 from ..run.execute import FILE_MODE, bands, whole_row_spans
 from ..source.hf_source import ModelInfo, TensorReader
+from .dcp_index import DcpIndex
 from .record_check import Record
 from .torch_dist_names import (
     COMMON_NAME,
@@ -37,7 +38,7 @@ from .torch_dist_names import (
     Chunk,
     Chunker,
 )
-from .torch_zip import STORAGES, StreamingCheckpointWriter, _Global, pickle_checkpoint, torch_global
+from .torch_zip import STORAGES, StreamingCheckpointWriter
 
 KIND = "torch_dist"  # a `.distcp` data file
 KIND_INDEX = "torch_dist_index"  # `.metadata`
@@ -278,58 +279,13 @@ def write_common(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) ->
 def write_index(plan: Plan, f: OutputFile, path: Path, reader: TensorReader) -> Iterator[Entry]:
     """`.metadata`: torch DCP's Metadata for every chunk of every data file, computed from the plan."""
     with open(path, "wb") as out:
-        out.write(pickle_checkpoint(build_index(plan)))
+        out.write(build_index(plan).pickled())
     yield from ()
 
 
-# torch's DCP classes, pickled by name as pickle pickles them (copyreg.__newobj__(cls), then the instance's state),
-# so writing the index needs no `import torch`: that alone takes seconds and a few hundred MB
-_MD = "torch.distributed.checkpoint.metadata"
-_NEWOBJ = _Global("copyreg", "__newobj__")
-DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION (checked by the tests)
-
-
-class _New:
-    __slots__ = ("cls", "state")
-
-    def __init__(self, module: str, name: str, state: object) -> None:
-        self.cls, self.state = _Global(module, name), state
-
-    def __reduce__(self) -> tuple:
-        return (_NEWOBJ, (self.cls,), self.state)
-
-
-class _Call:
-    __slots__ = ("args", "fn")
-
-    def __init__(self, module: str, name: str, *args: object) -> None:
-        self.fn, self.args = _Global(module, name), args
-
-    def __reduce__(self) -> tuple:
-        return (self.fn, self.args)
-
-
-def _size(dims: tuple[int, ...]) -> _Call:
-    return _Call("torch", "Size", tuple(dims))
-
-
-def _index(fqn: str, offset: tuple[int, ...] | None = None) -> _New:
-    return _New(_MD, "MetadataIndex", {"fqn": fqn, "offset": None if offset is None else _size(offset), "index": None})
-
-
-def _stored(name: str, at: int, length: int) -> _New:
-    return _New(
-        "torch.distributed.checkpoint.filesystem",
-        "_StorageInfo",
-        {"relative_path": name, "offset": at, "length": length},
-    )
-
-
-def build_index(plan: Plan) -> object:
-    """torch DCP's `Metadata` of the plan's data files, as pickle-ready stand-ins of torch's classes."""
-    tensors: dict[str, tuple[str, tuple[int, ...], list[Chunk]]] = {}
-    objects: list[str] = []
-    storage: dict[object, object] = {}
+def build_index(plan: Plan) -> DcpIndex:
+    """torch DCP's index of the plan's data files: every chunk and byte entry, where it lies."""
+    index = DcpIndex()
     for f in plan.files:
         if f.kind != KIND:
             continue
@@ -337,40 +293,13 @@ def build_index(plan: Plan) -> object:
         at = 0
         for key, length, e in _items(f):
             if e is None:
-                objects.append(key)
-                storage[_index(key)] = _stored(name, at, length)
+                index.add_object(key, (name, at, length))
             else:
                 c = e.chunk
                 assert c is not None
-                dtype, shape, chunks = tensors.setdefault(c.fqn, (e.dtype, c.global_shape, []))
-                if (dtype, shape) != (e.dtype, c.global_shape):
-                    raise AssertionError(f"{c.fqn}: chunks disagree on dtype or shape")  # a bug
-                chunks.append(c)
-                storage[_index(c.fqn, c.offset)] = _stored(name, at, length)
+                index.add_chunk(c.fqn, e.dtype, c.global_shape, c.offset, c.shape, (name, at, length))
             at += length
-    state: dict[str, object] = {}
-    contiguous = _Call(_MD, "_MEM_FORMAT_ENCODING", 0)
-    strided = _Call("torch.serialization", "_get_layout", "torch.strided")
-    for fqn, (dtype, shape, chunks) in tensors.items():
-        chunks.sort(key=lambda c: c.offset)
-        props = _New(_MD, "TensorProperties", (torch_global(dtype), strided, False, contiguous, False))
-        state[fqn] = _New(_MD, "TensorStorageMetadata", {
-            "properties": props,
-            "size": _size(shape),
-            "chunks": [_New(_MD, "ChunkStorageMetadata", {"offsets": _size(c.offset), "sizes": _size(c.shape)})
-                       for c in chunks],
-        })  # fmt: skip
-    for key in objects:
-        state[key] = _New(_MD, "BytesStorageMetadata", None)
-    # no checkpoint_id or save_id: the same input gives the same bytes wherever it is written
-    meta = {"checkpoint_id": None, "save_id": None, "load_id": None, "modules": []}
-    return _New(_MD, "Metadata", {
-        "state_dict_metadata": state,
-        "planner_data": None,
-        "storage_data": storage,
-        "storage_meta": _New(_MD, "StorageMeta", meta),
-        "version": DCP_VERSION,
-    })  # fmt: skip
+    return index
 
 
 WRITERS = {KIND: write_data, KIND_COMMON: write_common, KIND_INDEX: write_index}
