@@ -212,6 +212,8 @@ def dcp_hf_plan(
                     f"{where}: {fqn} is {t.dtype} {list(t.shape)}, hf_config.hf_dir's {raw} is {m.dtype} "
                     f"{list(m.shape)} ({m.file.name}); they must match{hint}"
                 )
+            if not m.shape:
+                raise ConvertError(f"{where}: {fqn} is a 0-d tensor; dcp_to_hf reads tensors of one dim or more")
             used.add(fqn)
             e = Entry(raw, t.shape, m.dtype, (Piece(raw, (0, grid(t.shape)[0])),), "rename")
             _place(ckpt.index, reader, e, _whole(fqn, t.shape), where, sources, blocks, padding)
