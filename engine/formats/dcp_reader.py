@@ -30,7 +30,7 @@ from ..source.tie import is_tied
 from .regular_file import read_regular
 from .safetensors_header import TensorMeta, itemsize
 from .torch_dist_names import CONFIG_NAME, Chunk
-from .torch_dist_reader import DistTensor, TorchDistIndex, _ChunkReader, _place, read_index
+from .torch_dist_reader import ChunkReader, DistTensor, TorchDistIndex, place_chunk, read_index
 
 METADATA_NAME = ".metadata"
 MODEL = "model."
@@ -146,7 +146,7 @@ def dcp_forward(info: ModelInfo) -> Plan:
 
 
 def _whole(fqn: str, shape: tuple[int, ...]) -> Chunk:
-    """A whole tensor seen as the one chunk torch_dist_reader._place cuts from the disk's chunks."""
+    """A whole tensor seen as the one chunk torch_dist_reader.place_chunk cuts from the disk's chunks."""
     return Chunk(fqn, shape, (0,) * len(shape), shape, (0, grid(shape)[0]))
 
 
@@ -183,11 +183,11 @@ def dcp_hf_plan(
     model) is rounded to hf_dir's dtype a band at a time (engine/source/cast.py); without it that is an error. A
     tensor named by `fused_linear_names` may be stored as its 2-D view (MindSpeed-MM's MoE experts).
     """
-    from ..planning.hf_out import _hf_file, _index_text, _metadata, non_weight_files, safetensors_name
+    from ..planning.hf_out import hf_file, hf_metadata, index_text, non_weight_files, safetensors_name
     from ..source.hf_source import INDEX_NAME
 
     where = f"{field} {ckpt.root}"
-    reader = _ChunkReader(ckpt.index)
+    reader = ChunkReader(ckpt.index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
     padding: dict[str, int] = {}
@@ -216,7 +216,7 @@ def dcp_hf_plan(
                 raise ConvertError(f"{where}: {fqn} is a 0-d tensor; dcp_to_hf reads tensors of one dim or more")
             used.add(fqn)
             e = Entry(raw, t.shape, m.dtype, (Piece(raw, (0, grid(t.shape)[0])),), "rename")
-            _place(ckpt.index, reader, e, _whole(fqn, t.shape), where, sources, blocks, padding)
+            place_chunk(ckpt.index, reader, e, _whole(fqn, t.shape), where, sources, blocks, padding)
             pieces = tuple(sorted(blocks[raw], key=lambda p: (p.at, p.col_at)))
             for p in pieces if cast else ():
                 c = sources[p.source]
@@ -233,11 +233,11 @@ def dcp_hf_plan(
         reader.close()
     dropped = _tied_copy(info, ckpt, dcp_prefix, used)
     _check_rest(ckpt, used, dropped, field)
-    files = [_hf_file(safetensors_name(p.name), groups.get(p, []), _metadata(p)) for p in hf.files]
+    files = [hf_file(safetensors_name(p.name), groups.get(p, []), hf_metadata(p)) for p in hf.files]
     texts: dict[str, str] = {}
     original_index = info.hf_dir / INDEX_NAME
     if len(files) > 1 or original_index.is_file():
-        texts[INDEX_NAME] = _index_text(files, original_index)
+        texts[INDEX_NAME] = index_text(files, original_index)
     copies = non_weight_files(info.hf_dir)
     notes = [
         f"torch DCP {ckpt.it_dir.name}: {len(used)} tensors named model.{dcp_prefix}<HF name> in "
@@ -289,7 +289,7 @@ def _tied_copy(info: ModelInfo, ckpt: DcpCheckpoint, dcp_prefix: str, used: set[
 def dcp_megatron_view(info: ModelInfo, ckpt: DcpCheckpoint, forward: Plan, field: str = "dcp_dir") -> MmView:
     """Our hf_to_dcp's naming: the canonical tensors as blocks of the chunks of `forward`'s (the TP 1 layout's)."""
     where = f"{field} {ckpt.root}"
-    reader = _ChunkReader(ckpt.index)
+    reader = ChunkReader(ckpt.index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
     padding: dict[str, int] = {}
@@ -298,7 +298,7 @@ def dcp_megatron_view(info: ModelInfo, ckpt: DcpCheckpoint, forward: Plan, field
         for e in (e for f in forward.files for e in f.entries):
             fqn = MODEL + e.key
             used.add(fqn)
-            _place(ckpt.index, reader, e, _whole(fqn, e.shape), where, sources, blocks, padding)
+            place_chunk(ckpt.index, reader, e, _whole(fqn, e.shape), where, sources, blocks, padding)
     finally:
         reader.close()
     _check_rest(ckpt, used, {}, field)

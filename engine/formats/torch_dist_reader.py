@@ -279,7 +279,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
     stacked = {m.name: not any(re.match(re.escape(m.layer_prefix) + r"\d+\.", k) for k in fqns)
                for m in info.preset.modules}  # fmt: skip
     chunker = Chunker(info, layout, field, stacked, detect_impl(info, fqns))
-    reader = _ChunkReader(index)
+    reader = ChunkReader(index)
     sources: dict[str, TensorMeta] = {}
     blocks: dict[str, list[Piece]] = {}
     padding: dict[str, int] = {}
@@ -296,7 +296,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
                         raise ConvertError(f"{where}: a torch_dist checkpoint is read as a model, not as an adapter")
                     for c in chunker.chunks(key, names[key], e.shape, (ci, f.pp_rank), f.tp_rank, f.ep_rank):
                         expected.add(c.fqn)
-                        placed = _place(index, reader, e, c, where, sources, blocks, padding)
+                        placed = place_chunk(index, reader, e, c, where, sources, blocks, padding)
                         if e.zero_fill:  # rows no source fills (a fused k bias the model lacks): checked zero
                             zero_blocks |= placed
     finally:
@@ -327,7 +327,7 @@ def _check_unexpected(index: TorchDistIndex, expected: set[str]) -> None:
             )
 
 
-class _ChunkReader:
+class ChunkReader:
     """Opens each .distcp file once and parses each chunk archive once."""
 
     def __init__(self, index: TorchDistIndex) -> None:
@@ -357,9 +357,9 @@ class _ChunkReader:
         self.fds.clear()
 
 
-def _place(
+def place_chunk(
     index: TorchDistIndex,
-    reader: _ChunkReader,
+    reader: ChunkReader,
     e: Entry,
     c: Chunk,
     where: str,

@@ -104,7 +104,7 @@ def build_mm_to_hf_plan(
         for fname, e in entries:
             groups.setdefault(fname, []).append(e)
         for path in info.files:
-            files.append(_hf_file(safetensors_name(path.name), groups.get(path.name, []), _metadata(path)))
+            files.append(hf_file(safetensors_name(path.name), groups.get(path.name, []), hf_metadata(path)))
     else:
         limit = parse_size(max_shard_size)
         shards: list[list[Entry]] = [[]]
@@ -118,10 +118,10 @@ def build_mm_to_hf_plan(
         n = len(shards)
         single = n == 1
         names = [SINGLE_NAME] if single else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        files = [_hf_file(name, shard, {"format": "pt"}) for name, shard in zip(names, shards, strict=True)]
+        files = [hf_file(name, shard, {"format": "pt"}) for name, shard in zip(names, shards, strict=True)]
     original_index = info.hf_dir / INDEX_NAME
     if not single or (original_index.is_file() and max_shard_size is None):
-        texts[INDEX_NAME] = _index_text(files, original_index)
+        texts[INDEX_NAME] = index_text(files, original_index)
     copies = non_weight_files(info.hf_dir)
     notes = [f"{len(copies)} non-weight files copied from {info.hf_dir}", *view.notes]
     if info.left_out:
@@ -155,15 +155,15 @@ def safetensors_name(name: str) -> str:
     return name
 
 
-def _metadata(path: Path) -> dict[str, str] | None:
+def hf_metadata(path: Path) -> dict[str, str] | None:
     return read_metadata(path) if path.suffix == ".safetensors" else {"format": "pt"}
 
 
-def _hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:
+def hf_file(name: str, entries: list[Entry], metadata: dict[str, str] | None) -> OutputFile:
     return OutputFile(name, 0, 0, 0, [entries], kind="safetensors", metadata=metadata)
 
 
-def _index_text(files: list[OutputFile], original: Path) -> str:
+def index_text(files: list[OutputFile], original: Path) -> str:
     """The index of the written files; the original's own text when it says the same thing,
     so a round trip gives back the very bytes whichever tool wrote (and ordered) it."""
     text, meta = None, {}
