@@ -15,8 +15,6 @@ ranks.
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,18 +49,21 @@ class GPTArch:
     post_norms: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(directory: str | Path) -> str:
+    """Where spawned gloo ranks meet: a file in `directory` (a fresh temporary one). A free TCP port, found and
+    then bound by the ranks, can be taken in between by another test running at the same time."""
+    return f"file://{Path(directory) / 'gloo-rendezvous'}"
+
+
+def init_gloo(url: str, rank: int, world: int) -> None:
+    torch.distributed.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
 
 
 def _worker(
-    rank: int, world: int, port: int, arch_d: dict, tp: int, paths: dict[str, str], tokens: list[int], out: str
+    rank: int, world: int, url: str, arch_d: dict, tp: int, paths: dict[str, str], tokens: list[int], out: str
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embeddings move inv_freq "to the GPU"
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(url, rank, world)
     from megatron.core import parallel_state
 
     model = build_gpt_model(GPTArch(**arch_d), tp, world // tp, len(tokens))
@@ -260,5 +261,5 @@ def megatron_logits(
             paths[where] = str(Path(tmp) / f"rank{where}.pt")
             torch.save(sd, paths[where])
         out = str(Path(tmp) / "logits.pt")
-        mp.spawn(_worker, args=(world, _free_port(), asdict(arch), tp, paths, tokens, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, rendezvous(tmp), asdict(arch), tp, paths, tokens, out), nprocs=world, join=True)
         return torch.load(out, weights_only=True)

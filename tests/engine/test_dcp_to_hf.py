@@ -13,9 +13,9 @@ import filecmp
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from engine.job import DcpToHfConfig, HfConfig, HfToDcpConfig, Job, prepare
 from engine.planning.check import check_plan
 from engine.run.execute import run
 from engine.source.hf_source import inspect_hf
+from mmtui.megatron_logits import init_gloo, rendezvous
 from tests.fixtures.tiny_llm import build_tiny_llm
 from tests.fixtures.tiny_vlm import write_weights
 from tests.test_cli import BIN, mm_convert
@@ -63,21 +64,14 @@ def _back(hf: Path, dcp: Path, out: Path, **kw: object) -> Path:
 # DCP as torch itself saves it from FSDP2-style sharded tensors
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _save_rank(rank: int, jobs: list[tuple[str, str]], port: int) -> None:
+def _save_rank(rank: int, jobs: list[tuple[str, str]], url: str) -> None:
     """One of two gloo ranks: every HF tensor of each hf_dir as DTensor Shard(0), saved by torch's DCP."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(url, rank, 2)
     try:
         mesh = init_device_mesh("cpu", (2,))
         for hf, out in jobs:
@@ -101,7 +95,8 @@ def save_sharded(jobs: list[tuple[str, str]]) -> None:
     """For each (hf_dir, root): `root/release` as MindSpeed-MM's FSDP2 saves it (2 ranks), and its tracker."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_save_rank, args=([(hf, str(Path(root) / "release")) for hf, root in jobs], _free_port()), nprocs=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_save_rank, args=([(hf, str(Path(root) / "release")) for hf, root in jobs], rendezvous(tmp)), nprocs=2)
     for _, root in jobs:
         (Path(root) / "latest_checkpointed_iteration.txt").write_text("release")
 
