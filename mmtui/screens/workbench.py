@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,16 @@ class WorkbenchScreen(Screen[None]):
         return self.query_one(f"#{name}", Input).value.strip()
 
     # -- inspect ----------------------------------------------------------------------
+    def _from_worker(self, callback: Callable[..., None], *args: object) -> None:
+        """Hand a worker's result to `callback` on the app's thread, unless the app has begun to quit meanwhile:
+        its widgets are then going, and a late plan or inspection has nowhere to be shown."""
+
+        def deliver() -> None:
+            if self.is_attached:
+                callback(*args)
+
+        self.app.call_from_thread(deliver)
+
     def open_model(self, hf_dir: Path) -> None:
         """Inspect hf_dir in a worker; only the model opened last is shown, whichever answers first."""
         self._opened += 1
@@ -122,9 +133,9 @@ class WorkbenchScreen(Screen[None]):
             info = inspect_hf(hf_dir)
             summary = summarize(info)
         except ConvertError as e:
-            self.app.call_from_thread(self._inspect_failed, str(e), opened)
+            self._from_worker(self._inspect_failed, str(e), opened)
             return
-        self.app.call_from_thread(self._inspected, info, summary, opened)
+        self._from_worker(self._inspected, info, summary, opened)
 
     def _inspect_failed(self, message: str, opened: int) -> None:
         if opened != self._opened:
@@ -262,11 +273,11 @@ class WorkbenchScreen(Screen[None]):
         try:
             ckpt = open_checkpoint(Path(src).expanduser())
             fmt = "legacy" if ckpt.dist is None else "torch_dist"
-            self.app.call_from_thread(self._disk_format, fmt, info, src, direction)
+            self._from_worker(self._disk_format, fmt, info, src, direction)
             layout = infer_layout(info, ckpt)
         except (ConvertError, OSError):
             return  # not (yet) a checkpoint of this model: the plan says what is wrong with it
-        self.app.call_from_thread(self._disk_read, layout, info, src, direction)
+        self._from_worker(self._disk_read, layout, info, src, direction)
 
     def _disk_format(self, fmt: str, info: ModelInfo, src: str, direction: str) -> None:
         if info is self.info and src == self._value("src") and direction == self.direction:
@@ -398,7 +409,7 @@ class WorkbenchScreen(Screen[None]):
         from ..planning import plan_form
 
         result = plan_form(info, form)
-        self.app.call_from_thread(self._planned, result, generation)
+        self._from_worker(self._planned, result, generation)
 
     def _planned(self, result: Planned, generation: int) -> None:
         self._planning = False

@@ -418,3 +418,21 @@ async def test_qwen3_vl_moe(tmp_path: Path) -> None:
 
     hf = build_tiny_qwen3_vl(tmp_path / "hf", "qwen3_vl_moe", tied=False)
     await _suggest_and_run(hf, tmp_path, "Qwen3-VL-MoE", tp=2, files=4)
+
+
+async def test_a_worker_result_arriving_as_the_app_quits_is_dropped(qwen2vl_dir: Path, tmp_path: Path) -> None:
+    """A plan or inspection that finishes after quit was asked is not shown: its widgets are being removed, and
+    showing it crashed the app (seen as a crash log of the demo's first screen under load)."""
+    import asyncio
+
+    app = make_app(qwen2vl_dir, out_dir=tmp_path / "out")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        delivered: list[int] = []
+        await asyncio.to_thread(screen._from_worker, delivered.append, 1)  # as a worker thread hands a result
+        assert delivered == [1]
+        app.exit()
+        await asyncio.to_thread(screen._from_worker, delivered.append, 2)
+        assert delivered == [1]
+    assert not app.crashed
