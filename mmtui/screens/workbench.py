@@ -108,13 +108,12 @@ class WorkbenchScreen(Screen[None]):
         return self.query_one(f"#{name}", Input).value.strip()
 
     # -- inspect ----------------------------------------------------------------------
-    def _from_worker(self, callback: Callable[..., None], *args: object) -> None:
+    def _from_worker(self, callback: Callable[..., object], *args: object) -> None:
         """Hand a worker's result to `callback` on the app's thread, unless the app has begun to quit meanwhile:
         its widgets are then going, and a late plan or inspection has nowhere to be shown."""
 
-        def deliver() -> None:
-            if self.is_attached:
-                callback(*args)
+        def deliver() -> object:
+            return callback(*args) if self.is_attached else None  # an async callback's coroutine is awaited
 
         self.app.call_from_thread(deliver)
 

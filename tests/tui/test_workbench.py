@@ -430,9 +430,16 @@ async def test_a_worker_result_arriving_as_the_app_quits_is_dropped(qwen2vl_dir:
         await settle(pilot, app)
         screen = app.screen
         delivered: list[int] = []
+
+
+        async def later(n: int) -> None:  # the screen's own handlers of worker results are coroutines too
+            delivered.append(n)
+
         await asyncio.to_thread(screen._from_worker, delivered.append, 1)  # as a worker thread hands a result
-        assert delivered == [1]
+        await asyncio.to_thread(screen._from_worker, later, 2)
+        assert delivered == [1, 2]
         app.exit()
-        await asyncio.to_thread(screen._from_worker, delivered.append, 2)
-        assert delivered == [1]
+        await asyncio.to_thread(screen._from_worker, delivered.append, 3)
+        await asyncio.to_thread(screen._from_worker, later, 4)
+        assert delivered == [1, 2]
     assert not app.crashed
