@@ -76,7 +76,7 @@ def test_no_ambiguity_report_and_no_near_miss_invented(qwen2vl_dir: Path, tmp_pa
         (["Qwen2VLConvertr", "hf_to_mm"], "unknown converter 'Qwen2VLConvertr'; did you mean Qwen2VLConverter?"),
         (["Qwen2VLConverter", "hf_to_m"], "unknown command 'hf_to_m'; did you mean hf_to_mm?"),
         (["Qwen2VLConverter"], "give a command after Qwen2VLConverter: hf_to_mm, mm_to_hf, resplit, hf_to_dcp, "
-                               "merge_lora, lora_hf_to_mm, lora_mm_to_hf"),
+                               "dcp_to_hf, merge_lora, lora_hf_to_mm, lora_mm_to_hf"),
         (["--confg", "job.toml"], "unrecognized arguments: --confg; did you mean --config?"),
         (["--cfg.mm_dir", "x"], "unrecognized arguments: --cfg.mm_dir (options go after CONVERTER COMMAND)"),
         ([], "give a converter and a command (mm-convert -h lists them), or --config JOB"),
