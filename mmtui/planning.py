@@ -45,6 +45,7 @@ class Form:
     src_audio: str = ""  # the source layout's audio-encoder lists (a model with an audio encoder)
     out_format: str = "legacy"  # what hf_to_mm / resplit write: legacy rank files or torch_dist
     grouped_gemm: str = "off"  # the experts' layout they write: off (SequentialMLP), legacy or te (a MoE model)
+    hf_dtype: bool = False  # dcp_to_hf: write hf_dir's dtypes (FSDP2's float32 master weights of a bf16 model)
 
 
 @dataclass
@@ -82,9 +83,16 @@ _FIELD_WORDS = {
 }
 
 
-def _fields_of(message: str, source_side: bool) -> set[str]:
+# the directions that read no layout: nothing of the grid is checked or costed against training memory
+NO_LAYOUT = ("merge_lora", "hf_to_dcp", "dcp_to_hf")
+
+
+def _fields_of(message: str, source_side: bool, reads_dcp: bool = False) -> set[str]:
     if message.startswith("format = "):  # the output format cannot hold this model or layout
         return {"format"}
+    if reads_dcp:  # dcp_to_hf: the DCP dir is what is read (the src field), not what is written
+        out = {f for w, f in _FIELD_WORDS.items() if w in message and w != "dcp_dir"}
+        return out | ({"src"} if "dcp_dir" in message or ".metadata" in message else set())
     out = {f for w, f in _FIELD_WORDS.items() if w in message}
     if source_side:  # a message about the source checkpoint's layout names the source inputs
         source = {"tp": "src_tp", "ep": "src_ep", "llm": "src_llm", "vit": "src_vit", "audio": "src_audio"}
@@ -121,7 +129,7 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     reads_grid = form.direction in ("mm_to_hf", "lora_mm_to_hf")  # the grid is the layout on disk
     writes = {"moe_grouped_gemm": form.grouped_gemm} if form.grouped_gemm != "off" else None
     layout = _layout(form.tp, form.ep, form.layers, form.disk if reads_grid else writes)
-    problems = layout_problems(layout, info) if form.direction not in ("merge_lora", "hf_to_dcp") else []
+    problems = layout_problems(layout, info) if form.direction not in NO_LAYOUT else []
     if problems:
         bad = set().union(*(_fields_of(p, False) for p in problems))
         return Planned(problems, bad, None, None, cells)
@@ -140,6 +148,11 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         cfg = {"save_hf_dir": form.out, "hf_config": hf}
     elif form.direction == "hf_to_dcp":
         cfg = {"dcp_dir": form.out, "hf_config": hf}
+    elif form.direction == "dcp_to_hf":
+        if not form.src:
+            return Planned(["DCP dir is empty: give the checkpoint to read"], {"src"}, None, None, cells)
+        cfg = {"save_hf_dir": form.out, "dcp_dir": form.src, "hf_config": hf}
+        cfg |= {"hf_dtype": True} if form.hf_dtype else {}
     elif form.direction == "lora_hf_to_mm":
         cfg = {"mm_dir": form.out, "hf_config": hf, "parallel_config": lay}
     elif form.direction == "lora_mm_to_hf":
@@ -188,7 +201,8 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
         return Planned([str(e).splitlines()[0]], set(), None, None, cells)
     except ConvertError as e:
         source_side = form.direction in ("mm_to_hf", "resplit", "lora_mm_to_hf")
-        return Planned([str(e)], _fields_of(str(e), source_side), None, None, cells)
+        fields = _fields_of(str(e), source_side, form.direction == "dcp_to_hf")
+        return Planned([str(e)], fields, None, None, cells)
     notes = list(plan.notes)
     bad = set()
     out = Path(form.out).expanduser()
@@ -204,7 +218,7 @@ def plan_form(info: ModelInfo, form: Form) -> Planned:
     if full:
         notes.append(f"will not fit: {full}; Run will refuse it")
         bad.add("out")
-    if form.direction in ("merge_lora", "hf_to_dcp"):
+    if form.direction in NO_LAYOUT:
         return Planned([], bad, plan, job, cells, notes)
     try:
         rank_files = form.direction == "hf_to_mm" and form.out_format == "legacy"  # a torch_dist plan keeps one replica

@@ -36,6 +36,8 @@ from .workbench_panes import (
     OUT_FROM,
     OUT_SUFFIX,
     SHORT,
+    SRC_DEFAULT,
+    SRC_WORDS,
     TORCH_DIST_CAPTION,
     compose_tabs,
 )
@@ -342,6 +344,9 @@ class WorkbenchScreen(Screen[None]):
         for _, d in DIRECTIONS:
             self.set_class(d == self.direction, f"dir-{d}")
         self.query_one("#layout-caption", Static).update(LAYOUT_CAPTION[self.direction])
+        label, hint = SRC_WORDS.get(self.direction, SRC_DEFAULT)  # the Megatron dir, or the DCP dir
+        self.query_one("#src-label", Label).update(label)
+        self.query_one("#src", Input).placeholder = hint
         self._default_out()
         self._disk = {}
         self._format_read(None)
@@ -378,6 +383,7 @@ class WorkbenchScreen(Screen[None]):
             device_gib=self._value("device_gib"),
             out_format=self.query_one(WriteOptions).value,
             grouped_gemm="off" if self.has_class("no-experts") else self.query_one(WriteOptions).grouped_gemm,
+            hf_dtype=self.query_one("#hf_dtype", Checkbox).value,
         )
 
     def replan(self) -> None:
@@ -525,6 +531,9 @@ class WorkbenchScreen(Screen[None]):
             return
         self.action_tab("run")
         panel = self.query_one(RunPanel)
+        if self.finished_job.command == "dcp_to_hf":  # engine's verify_job reads no DCP source yet
+            panel.fail(f"verify: {self.finished_job.cfg.dcp_dir} is a torch.distributed.checkpoint; not read yet")
+            return
         panel.query_one("#log", RichLog).write("verifying: reading both sides tensor by tensor…")
         self._verify(self.info, self.finished_job, panel)
 

@@ -19,6 +19,7 @@ DIRECTIONS = [
     ("Megatron → HF", "mm_to_hf"),
     ("Re-split Megatron", "resplit"),
     ("HF → torch DCP (resharded at load)", "hf_to_dcp"),
+    ("torch DCP → HF (FSDP2 or hf_to_dcp's)", "dcp_to_hf"),
     ("Merge a LoRA adapter into HF", "merge_lora"),
     ("LoRA adapter: PEFT → Megatron", "lora_hf_to_mm"),
     ("LoRA adapter: Megatron → PEFT", "lora_mm_to_hf"),
@@ -35,27 +36,37 @@ OUT_SUFFIX = {
     "mm_to_hf": "-hf",
     "resplit": "-resplit",
     "hf_to_dcp": "-dcp",
+    "dcp_to_hf": "-hf",
     "merge_lora": "-merged",
     "lora_hf_to_mm": "-mm",
     "lora_mm_to_hf": "-peft",
 }
-OUT_FROM = {"mm_to_hf": "src", "resplit": "src", "lora_mm_to_hf": "src", "lora_hf_to_mm": "lora"}  # else hf_dir
+OUT_FROM = {"mm_to_hf": "src", "resplit": "src", "lora_mm_to_hf": "src", "dcp_to_hf": "src", "lora_hf_to_mm": "lora"}
+# else hf_dir
 LAYOUT_CAPTION = {
     "hf_to_mm": "Layout to write",
     "mm_to_hf": "Layout of the Megatron checkpoint being read (as it was written)",
     "resplit": "Layout to write (the source layout is on the Source tab)",
     "hf_to_dcp": "No layout: a torch.distributed.checkpoint is resharded when it is loaded",
+    "dcp_to_hf": "No layout: a torch DCP checkpoint is read whole, however many ranks saved it",
     "merge_lora": "No layout: the merged model is Hugging Face files, sharded like the base",
     "lora_hf_to_mm": "Layout to cut the adapter for (the base model's training layout)",
     "lora_mm_to_hf": "Layout of the Megatron adapter being read (as it was written)",
 }
 
+# the source dir's label and hint: a Megatron checkpoint, or (dcp_to_hf) a torch DCP one
+SRC_WORDS = {
+    "dcp_to_hf": ("DCP dir", "holds .metadata, or latest_checkpointed_iteration.txt"),
+}
+SRC_DEFAULT = ("Megatron dir", "holds latest_checkpointed_iteration.txt")
+
 # mm_to_hf of a torch_dist checkpoint: its global tensors are read whole, whatever layout it was trained with
 TORCH_DIST_CAPTION = "torch_dist: tensors that do not depend on a layout, read as TP 1, one stage"
 
 
-def _field(label: str, widget, *classes: str, after: Label | None = None) -> Horizontal:
-    return Horizontal(Label(label), widget, *([after] if after else []), classes=" ".join(("row", *classes)))
+def _field(label: str | Label, widget, *classes: str, after: Label | None = None) -> Horizontal:
+    head = label if isinstance(label, Label) else Label(label)
+    return Horizontal(head, widget, *([after] if after else []), classes=" ".join(("row", *classes)))
 
 
 def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
@@ -66,8 +77,9 @@ def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
                 direction = Select(DIRECTIONS, value="hf_to_mm", allow_blank=False, id="direction")
                 yield _field("Direction", direction)
                 yield _field("HF dir", Input(str(hf_dir or ""), id="hf_dir", placeholder="path, enter"))
-                src = Input(id="src", placeholder="holds latest_checkpointed_iteration.txt")
-                yield _field("Megatron dir", src, "needs-src", after=Label("", id="src-format"))  # what was read
+                src = Input(id="src", placeholder=SRC_DEFAULT[1])
+                head = Label(SRC_DEFAULT[0], id="src-label")
+                yield _field(head, src, "needs-src", after=Label("", id="src-format"))  # what was read
                 yield _field("Source TP", Input("1", id="src_tp"), "needs-src-layout")
                 yield _field("Source EP", Input("1", id="src_ep"), "needs-src-layout", "needs-experts")
                 yield _field("Source LLM", Input(id="src_llm", placeholder="[[1,3]]"), "needs-src-layout")
@@ -82,6 +94,8 @@ def compose_tabs(hf_dir: Path | None, out_dir: Path | None) -> ComposeResult:
                 alpha = Input(id="lora_alpha", placeholder="its --lora-alpha")
                 yield _field("LoRA alpha", alpha, "needs-lora-rank")
                 yield _field("Output dir", Input(str(out_dir or ""), id="out"))
+                hf_dtype = Checkbox("write HF dir's dtypes (FSDP2 float32 → bf16)", id="hf_dtype")
+                yield _field("", hf_dtype, "needs-dcp")
                 yield _field("", Checkbox("overwrite a non-empty output dir", id="overwrite"))
             with VerticalScroll(id="summary-box"):
                 yield Static("Give a Hugging Face model directory and press enter.", id="summary")
