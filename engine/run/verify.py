@@ -20,7 +20,7 @@ from ..formats.mm_source import open_checkpoint
 from ..formats.safetensors_header import TensorMeta
 from ..layout import ParallelConfig
 from ..planning.build import build_plan
-from ..planning.plan import Entry, Piece, grid
+from ..planning.plan import Entry, Piece, Plan, grid
 from ..planning.te_names import TransformerImpl, rename_plan, resolve
 from ..source.disk_layout import infer_layout
 from ..source.hf_source import ModelInfo, TensorReader, inspect_hf
@@ -162,15 +162,49 @@ def status_counts(rows: list[Row]) -> str:
     return ", ".join(f"{n} {s}" for s, n in counts.items())
 
 
+def written_rows(plan: Plan, out_dir: Path) -> Iterator[Row]:
+    """Each tensor of an HF plan as the plan builds it from its source (read again), against the bytes of the
+    file written in `out_dir`, a band at a time: for sources only this plan can read (a DCP checkpoint)."""
+    from ..formats.safetensors_header import read_header
+    from .execute import bands
+
+    reader = TensorReader()
+    try:
+        for f in plan.files:
+            path = out_dir / f.path
+            found = read_header(path) if path.is_file() else {}
+            for e in f.entries:
+                meta = found.get(e.key)
+                if meta is None:
+                    yield Row(e.key, "only in A")
+                    continue
+                if (meta.shape, meta.dtype) != (e.disk_shape, e.dtype):
+                    said = f"{list(e.disk_shape)} {e.dtype} vs {list(meta.shape)} {meta.dtype}"
+                    yield Row(e.key, "shape", None, said)
+                    continue
+                same = True
+                with open(path, "rb") as out:
+                    out.seek(meta.begin)
+                    for band in bands(e, plan, reader):
+                        same = same and out.read(len(band)) == bytes(band)
+                yield Row(e.key, "equal" if same else "differs", 0.0 if same else None)
+    finally:
+        reader.close()
+
+
 def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     """Compare what a finished job wrote with what it read; (identical, one-line summary)."""
-    from ..job import HfToDcpConfig, HfToMmConfig, MmToHfConfig
+    from ..job import DcpToHfConfig, HfToDcpConfig, HfToMmConfig, MmToHfConfig
 
     cfg = job.cfg
     if getattr(cfg, "lora", None) is not None:
         raise ConvertError(f"{job.out_dir}: a LoRA was merged or converted, so it differs from its source by design")
     if isinstance(cfg, HfToDcpConfig):
         raise ConvertError(f"{job.out_dir}: verify does not read torch.distributed.checkpoint directories yet")
+    if isinstance(cfg, DcpToHfConfig):  # the DCP side is read as the plan reads it; the output as written
+        _, plan = cfg.plan(job)
+        rows = list(written_rows(plan, job.out_dir))
+        return _summary(rows)
     if isinstance(cfg, HfToMmConfig):
         a = open_side(Path(cfg.hf_config.hf_dir), info, None, "source")
         b = open_side(job.out_dir, info, cfg.parallel_config, "output", cfg.transformer_impl)
@@ -180,7 +214,10 @@ def verify_job(info: ModelInfo, job: Job) -> tuple[bool, str]:
     else:
         a = open_side(Path(cfg.source_dir), info, cfg.source_parallel_config, "source", cfg.source_transformer_impl)
         b = open_side(job.out_dir, info, cfg.target_parallel_config, "output", cfg.transformer_impl)
-    rows = list(compare(a, b))
+    return _summary(list(compare(a, b)))
+
+
+def _summary(rows: list[Row]) -> tuple[bool, str]:
     first_bad = next((r for r in rows if r.status != "equal"), None)
     tail = f"; first: {first_bad.name} {first_bad.status}" if first_bad else ""
     ok = identical(rows)

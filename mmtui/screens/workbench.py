@@ -531,9 +531,6 @@ class WorkbenchScreen(Screen[None]):
             return
         self.action_tab("run")
         panel = self.query_one(RunPanel)
-        if self.finished_job.command == "dcp_to_hf":  # engine's verify_job reads no DCP source yet
-            panel.fail(f"verify: {self.finished_job.cfg.dcp_dir} is a torch.distributed.checkpoint; not read yet")
-            return
         panel.query_one("#log", RichLog).write("verifying: reading both sides tensor by tensor…")
         self._verify(self.info, self.finished_job, panel)
 
