@@ -336,8 +336,7 @@ def test_every_command_of_the_cli_is_a_direction() -> None:
     from mmtui.screens.workbench import DIRECTIONS
 
     commands = typing.get_args(Job.model_fields["command"].annotation)
-    cli_only = {"dcp_to_hf"}  # not a wizard direction yet (mmtui/screens is another helper's); mm-convert and --replay
-    assert sorted(d for _, d in DIRECTIONS) == sorted(c for c in commands if c not in cli_only)
+    assert sorted(d for _, d in DIRECTIONS) == sorted(commands)
 
 
 async def test_hf_to_dcp_from_the_wizard(qwen2vl_dir: Path, tmp_path: Path) -> None:
