@@ -25,7 +25,7 @@ from ..planning.build import build_plan
 from ..planning.plan import TRACKER_NAME, Entry, Piece, Plan, grid
 from ..source.cast import FLOATS, CastMeta
 from ..source.hf_source import ModelInfo, read_weights, weight_files
-from ..source.mm_view import MmView
+from ..source.mm_view import MmView, ordered_blocks
 from ..source.tie import is_tied
 from .regular_file import read_regular
 from .safetensors_header import TensorMeta, itemsize
@@ -302,13 +302,7 @@ def dcp_megatron_view(info: ModelInfo, ckpt: DcpCheckpoint, forward: Plan, field
     finally:
         reader.close()
     _check_rest(ckpt, used, {}, field)
-    dtypes = {}
-    for name, pieces in blocks.items():
-        kinds = {sources[p.source].dtype for p in pieces}
-        if len(kinds) != 1:
-            raise ConvertError(f"{where}: the chunks of {name} have different dtypes {sorted(kinds)}")
-        dtypes[name] = kinds.pop()
-    ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
+    ordered, dtypes = ordered_blocks(blocks, sources, where)
     view = MmView(None, one_stage(info), sources, ordered, {}, dtypes, padding)
     view.notes.append(f"torch DCP {ckpt.it_dir.name}: the TP 1 layout's Megatron names (as hf_to_dcp writes them)")
     return view

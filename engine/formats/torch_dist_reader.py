@@ -30,7 +30,7 @@ from ..layout import ParallelConfig, one_stage
 from ..planning.plan import Entry, Piece, Plan, grid
 from ..planning.te_names import to_local
 from ..source.hf_source import ModelInfo
-from ..source.mm_view import MmView
+from ..source.mm_view import MmView, ordered_blocks
 from .mm_source import MAX_PICKLE_BYTES, MmCheckpoint, _meta, _MetadataUnpickler, _Tensor
 from .record_check import Record as ZipRecord
 from .regular_file import open_regular, read_regular
@@ -302,13 +302,7 @@ def torch_dist_view(info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig,
     finally:
         reader.close()
     _check_unexpected(index, expected)
-    dtypes = {}
-    for name, pieces in blocks.items():
-        kinds = {sources[p.source].dtype for p in pieces}
-        if len(kinds) != 1:
-            raise ConvertError(f"{where}: the chunks of {name} have different dtypes {sorted(kinds)}")
-        dtypes[name] = kinds.pop()
-    ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
+    ordered, dtypes = ordered_blocks(blocks, sources, where)
     return MmView(ckpt, layout, sources, ordered, {}, dtypes, padding, zero_blocks)
 
 

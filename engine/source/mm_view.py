@@ -49,6 +49,20 @@ def _layout_text(layout: ParallelConfig) -> str:
     return f"tp_size={layout.tp_size}{ep}, {lists}"
 
 
+def ordered_blocks(
+    blocks: dict[str, list[Piece]], sources: dict[str, TensorMeta], where: str
+) -> tuple[dict[str, tuple[Piece, ...]], dict[str, str]]:
+    """Each canonical tensor's blocks in row order, and its dtype: the one all its blocks share (blocks of a
+    tensor in different dtypes are a broken checkpoint: one line)."""
+    dtypes = {}
+    for name, pieces in blocks.items():
+        kinds = {sources[p.source].dtype for p in pieces}
+        if len(kinds) != 1:
+            raise ConvertError(f"{where}: the blocks of {name} have different dtypes {sorted(kinds)}")
+        dtypes[name] = kinds.pop()
+    return {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}, dtypes
+
+
 def open_view(
     info: ModelInfo, ckpt: MmCheckpoint, layout: ParallelConfig, field: str = "mm_dir", forward: Plan | None = None
 ) -> MmView:
@@ -144,14 +158,8 @@ def open_view(
                     mm_cols = None if (p.col_at, p.col_at + c1 - c0) == (0, width) else (p.col_at, p.col_at + c1 - c0)
                     piece = Piece(meta.name, (p.at, p.at + p.nrows), mm_cols, at=p.rows[0], col_at=c0)
                     blocks.setdefault(p.source, []).append(piece)
-    dtypes = {}
-    for name, pieces in blocks.items():
-        kinds = {sources[p.source].dtype for p in pieces}
-        if len(kinds) != 1:
-            raise ConvertError(f"{field} {ckpt.root}: the blocks of {name} have different dtypes {sorted(kinds)}")
-        dtypes[name] = kinds.pop()
+    ordered, dtypes = ordered_blocks(blocks, sources, f"{field} {ckpt.root}")
     dropped = {name: REPLICA for name, used in kept.items() if not used}
-    ordered = {name: tuple(sorted(ps, key=lambda p: (p.at, p.col_at))) for name, ps in blocks.items()}
     view = MmView(ckpt, layout, sources, ordered, dropped, dtypes, padding, zero_blocks)
     if without_output:
         view.notes.append(
