@@ -37,6 +37,7 @@ from .out_file import Span
 from .target import DIR_MODE, WRITE_ERRNOS, check_space, claim, fsync_path, write_error
 
 BAND = 16 << 20  # bytes of a cut or gathered tensor built at a time, per writer
+TRANSPOSE_BAND = 4 << 20  # bytes of a tensor written transposed built at a time (it is built, then transposed)
 FILE_MODE = 0o640
 CHECKPOINT_VERSION = 3.0
 
@@ -125,27 +126,40 @@ def bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview
 
 
 def _transposed_bands(entry: Entry, plan: Plan, reader: TensorReader) -> Iterator[memoryview]:
-    """An entry written transposed (grouped-GEMM experts): each band of written rows is a band of the
-    assembled tensor's columns, built from the pieces that reach them and transposed."""
+    """An entry written transposed (grouped-GEMM experts, HF's fused experts): each band of written rows is a
+    band of the assembled tensor's columns, built from the pieces that reach them and transposed, in two
+    reused buffers (each view is valid until the next). Where the pieces are blocks side by side of one width
+    (an expert's), a band is one block, so each piece is read in whole rows straight into place."""
     rows, cols = entry.shape
     item = entry.nbytes // max(1, rows * cols)
     if entry.lora:  # B @ A is added on whole blocks
         whole = assemble(entry, plan, reader).reshape(rows, cols, item)
         yield memoryview(np.ascontiguousarray(whole.transpose(1, 0, 2)).reshape(-1))
         return
-    step = rows_per_band(rows * item)
-    for a in range(0, cols, step):
+    spans = [(p, p.cols or (0, grid(plan.sources[p.source].shape)[1])) for p in entry.pieces]
+    width = min((c1 - c0 for _, (c0, c1) in spans), default=cols)
+    aligned = width > 0 and cols % width == 0 and all(p.col_at // width == (p.col_at + c1 - c0 - 1) // width
+                                                      for p, (c0, c1) in spans)  # fmt: skip
+    step = width if aligned else max(1, min(cols, TRANSPOSE_BAND // max(1, rows * item)))
+    by_band: dict[int, list[tuple[Piece, tuple[int, int]]]] = {}
+    for p, (c0, c1) in spans:
+        for k in range(p.col_at // step, (p.col_at + c1 - c0 - 1) // step + 1):
+            by_band.setdefault(k, []).append((p, (c0, c1)))
+    built, written = np.empty(rows * step * item, np.uint8), np.empty(rows * step * item, np.uint8)
+    for k, a in enumerate(range(0, cols, step)):
         b = min(cols, a + step)
         pieces = []
-        for p in entry.pieces:
-            s0, s1 = p.cols or (0, grid(plan.sources[p.source].shape)[1])
+        for p, (s0, s1) in by_band.get(k, []):
             lo, hi = max(a, p.col_at), min(b, p.col_at + s1 - s0)
             if lo < hi:
                 c0 = s0 + lo - p.col_at
                 pieces.append(Piece(p.source, p.rows, (c0, c0 + hi - lo), p.at, lo - a))
         band = Entry(entry.key, (rows, b - a), entry.dtype, tuple(pieces), entry.transform)
-        out = assemble_rows(band, plan.sources, reader, 0, rows).reshape(rows, b - a, item)
-        yield memoryview(np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(-1))
+        n = rows * (b - a) * item
+        _fill_rows(band, plan.sources, reader, 0, rows, built[:n])
+        out = written[:n]
+        out.reshape(b - a, rows, item)[...] = built[:n].reshape(rows, b - a, item).transpose(1, 0, 2)
+        yield memoryview(out)
 
 
 def _fill_rows(entry: Entry, sources: dict[str, TensorMeta], reader: TensorReader, r0: int, r1: int, out) -> None:
