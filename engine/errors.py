@@ -10,6 +10,12 @@ class ConvertError(Exception):
     exit_code = 2
 
 
+def short(value: object) -> str:
+    """A value from a user's file as an error message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class WriteError(ConvertError):
     """The output could not be written (full disk, read-only or unwritable target): one line, exit 1.
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvertError
+from ..errors import ConvertError, short
 from ..planning.plan import CKPT_NAME, TRACKER_NAME
 from .record_check import Record
 from .regular_file import open_regular, read_regular
@@ -172,23 +172,18 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ConvertError(f"{self.path}: unexpected storage reference {_short(pid)} in data.pkl")
+            raise ConvertError(f"{self.path}: unexpected storage reference {short(pid)} in data.pkl")
         _, dtype, key, _location, numel = pid
         if not isinstance(dtype, str) or dtype not in STORAGES:
-            shown = f"torch.{dtype.name}" if isinstance(dtype, _UnknownStorage) else _short(dtype)
+            shown = f"torch.{dtype.name}" if isinstance(dtype, _UnknownStorage) else short(dtype)
             known = ", ".join(cls for cls, _ in STORAGES.values())
-            raise ConvertError(f"{self.path}: storage {_short(key)} is a {shown}; supported storage types: {known}")
+            raise ConvertError(f"{self.path}: storage {short(key)} is a {shown}; supported storage types: {known}")
         if not isinstance(key, str) or not _is_count(numel):
             raise ConvertError(
-                f"{self.path}: storage reference {_short(pid)} in data.pkl; expected a string key and "
+                f"{self.path}: storage reference {short(pid)} in data.pkl; expected a string key and "
                 "a whole number of elements"
             )
         return _Storage(key, dtype, numel)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_count(x: object) -> bool:
@@ -313,7 +308,7 @@ def read_rank_file(path: Path, *, prefix: str = "") -> dict[str, dict[str, Tenso
         for key, value in state.items():
             if not isinstance(key, str):
                 raise ConvertError(
-                    f"{path}: [{chunk}] has the key {_short(key)} ({type(key).__name__}); state-dict keys are strings"
+                    f"{path}: [{chunk}] has the key {short(key)} ({type(key).__name__}); state-dict keys are strings"
                 )
             if value is None or key.endswith("._extra_state"):
                 continue  # Transformer Engine's extra state: not a weight
@@ -347,7 +342,7 @@ def read_bin_file(path: Path) -> dict[str, TensorMeta]:
     out = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise ConvertError(f"{path}: has the key {_short(key)} ({type(key).__name__}); state-dict keys are strings")
+            raise ConvertError(f"{path}: has the key {short(key)} ({type(key).__name__}); state-dict keys are strings")
         if not isinstance(value, _Tensor):
             raise ConvertError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
         out[key] = _meta(path, archive, records, key, value, key)
@@ -362,15 +357,15 @@ def _meta(path: Path, archive: str, records: dict[str, Record], name: str, t: _T
     """Where a pickled tensor's bytes are, after checking every number the pickle gave for it."""
     st = t.storage
     if not isinstance(st, _Storage):
-        raise ConvertError(f"{path}: {where} is built from {_short(st)}, not a storage")
+        raise ConvertError(f"{path}: {where} is built from {short(st)}, not a storage")
     if not _is_count(t.offset):
-        raise ConvertError(f"{path}: {where} has storage offset {_short(t.offset)}; expected a whole number >= 0")
+        raise ConvertError(f"{path}: {where} has storage offset {short(t.offset)}; expected a whole number >= 0")
     if not isinstance(t.shape, tuple | list) or not all(_is_count(d) for d in t.shape):
-        raise ConvertError(f"{path}: {where} has shape {_short(t.shape)}; expected a list of whole numbers >= 0")
+        raise ConvertError(f"{path}: {where} has shape {short(t.shape)}; expected a list of whole numbers >= 0")
     shape = tuple(t.shape)
     if not (isinstance(t.stride, tuple | list) and len(t.stride) == len(shape) and all(_is_count(x) for x in t.stride)):
         raise ConvertError(
-            f"{path}: {where} has stride {_short(t.stride)} for shape {list(shape)}; expected one whole "
+            f"{path}: {where} has stride {short(t.stride)} for shape {list(shape)}; expected one whole "
             "number >= 0 per dim"
         )
     stride = tuple(t.stride)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConvertError
+from ..errors import ConvertError, short
 from .regular_file import open_regular
 from .strict_json import parse_json
 
@@ -173,13 +173,8 @@ def _metadata(path: Path, header: dict) -> dict[str, str] | None:
     if meta is None:
         return None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ConvertError(f"{path}: __metadata__ is {_short(meta)}; expected an object of strings to strings")
+        raise ConvertError(f"{path}: __metadata__ is {short(meta)}; expected an object of strings to strings")
     return dict(meta)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_count(x: object) -> bool:
@@ -190,19 +185,19 @@ def _entry(path: Path, name: str, info: object) -> tuple[str, tuple[int, ...], i
     """(safetensors dtype, shape, begin, end) of one header entry, each checked."""
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise ConvertError(
-            f"{path}: header entry for tensor {name!r} is {_short(info)}; expected an object with "
+            f"{path}: header entry for tensor {name!r} is {short(info)}; expected an object with "
             "dtype, shape and data_offsets"
         )
     st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if st_dtype not in DTYPES:
         raise ConvertError(f"{path}: tensor {name!r} has dtype {st_dtype}; supported: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise ConvertError(f"{path}: tensor {name!r} has shape {_short(shape)}; dims are whole numbers >= 0")
+        raise ConvertError(f"{path}: tensor {name!r} has shape {short(shape)}; dims are whole numbers >= 0")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)) or (
         offsets[0] > offsets[1]
     ):
         raise ConvertError(
-            f"{path}: tensor {name!r} has data_offsets {_short(offsets)}; expected [begin, end], "
+            f"{path}: tensor {name!r} has data_offsets {short(offsets)}; expected [begin, end], "
             "whole numbers with 0 <= begin <= end"
         )
     begin, end = offsets

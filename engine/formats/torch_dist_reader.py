@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConvertError
+from ..errors import ConvertError, short
 from ..layout import ParallelConfig, one_stage
 from ..planning.plan import Entry, Piece, Plan, grid
 from ..planning.te_names import to_local
@@ -108,13 +108,8 @@ def detect(it_dir: Path) -> TorchDistIndex | None:
 
 def _ints(value: object, what: str, path: Path) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(type(x) is int and x >= 0 for x in value):
-        raise ConvertError(f"{path}: {what} is {_short(value)}; expected whole numbers >= 0")
+        raise ConvertError(f"{path}: {what} is {short(value)}; expected whole numbers >= 0")
     return tuple(value)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_index(it_dir: Path) -> TorchDistIndex:
@@ -126,27 +121,27 @@ def read_index(it_dir: Path) -> TorchDistIndex:
     where: dict[tuple[str, tuple[int, ...] | None], tuple[str, int, int]] = {}
     for key, info in storage.items():
         if not (isinstance(key, Record) and isinstance(info, Record)):
-            raise ConvertError(f"{path}: storage_data holds {_short(key)}; expected MetadataIndex -> _StorageInfo")
+            raise ConvertError(f"{path}: storage_data holds {short(key)}; expected MetadataIndex -> _StorageInfo")
         fqn, offset = key.get("fqn"), key.get("offset")
         name, at, length = info.get("relative_path"), info.get("offset"), info.get("length")
         if not isinstance(fqn, str):
-            raise ConvertError(f"{path}: a storage entry names {_short(fqn)}; expected a tensor name")
+            raise ConvertError(f"{path}: a storage entry names {short(fqn)}; expected a tensor name")
         if info.get("transform_descriptors"):
             raise ConvertError(
                 f"{path}: {fqn} is stored with transforms {info.get('transform_descriptors')}; only plain "
                 "torch.save chunks are read"
             )
         if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\\" in name:
-            raise ConvertError(f"{path}: {fqn} is stored in {_short(name)}; expected a file name in {it_dir}")
+            raise ConvertError(f"{path}: {fqn} is stored in {short(name)}; expected a file name in {it_dir}")
         if type(at) is not int or type(length) is not int or at < 0 or length <= 0:
-            raise ConvertError(f"{path}: {fqn} is stored at {_short(at)}, length {_short(length)}; expected bytes")
+            raise ConvertError(f"{path}: {fqn} is stored at {short(at)}, length {short(length)}; expected bytes")
         off = None if offset is None else _ints(offset, f"{fqn}'s chunk offset", path)
         where[(fqn, off)] = (name, at, length)
     tensors: dict[str, DistTensor] = {}
     objects: list[str] = []
     for fqn, meta in state.items():
         if not isinstance(fqn, str) or not isinstance(meta, Record):
-            raise ConvertError(f"{path}: state_dict_metadata holds {_short(fqn)}; expected names and records")
+            raise ConvertError(f"{path}: state_dict_metadata holds {short(fqn)}; expected names and records")
         if meta.kind.endswith(".BytesStorageMetadata"):
             objects.append(fqn)
             continue
@@ -155,12 +150,12 @@ def read_index(it_dir: Path) -> TorchDistIndex:
         props = meta.get("properties")
         dtype = props.state[0] if isinstance(props, Record) and isinstance(props.state, tuple) else None
         if dtype not in STORAGES:
-            raise ConvertError(f"{path}: {fqn} has dtype {_short(dtype)}; supported: {', '.join(STORAGES)}")
+            raise ConvertError(f"{path}: {fqn} has dtype {short(dtype)}; supported: {', '.join(STORAGES)}")
         shape = _ints(meta.get("size"), f"{fqn}'s size", path)
         chunks = []
         for c in meta.get("chunks") or ():
             if not isinstance(c, Record):
-                raise ConvertError(f"{path}: {fqn} has a chunk {_short(c)}")
+                raise ConvertError(f"{path}: {fqn} has a chunk {short(c)}")
             off = _ints(c.get("offsets"), f"{fqn}'s chunk offsets", path)
             size = _ints(c.get("sizes"), f"{fqn}'s chunk sizes", path)
             if (

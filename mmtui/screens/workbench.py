@@ -109,15 +109,17 @@ class WorkbenchScreen(Screen[None]):
     def _value(self, name: str) -> str:
         return self.query_one(f"#{name}", Input).value.strip()
 
-    # -- inspect ----------------------------------------------------------------------
     def _from_worker(self, callback: Callable[..., object], *args: object) -> None:
         """Hand a worker's result to `callback` on the app's thread, unless the app has begun to quit meanwhile:
-        its widgets are then going, and a late plan or inspection has nowhere to be shown."""
+        its widgets are then going, and a late inspection, plan, progress or verify has nowhere to be shown.
+        Every worker of this screen hands back through here."""
 
         def deliver() -> object:
             return callback(*args) if self.is_attached else None  # an async callback's coroutine is awaited
 
         self.app.call_from_thread(deliver)
+
+    # -- inspect ----------------------------------------------------------------------
 
     def open_model(self, hf_dir: Path) -> None:
         """Inspect hf_dir in a worker; only the model opened last is shown, whichever answers first."""
@@ -493,7 +495,7 @@ class WorkbenchScreen(Screen[None]):
         from engine.events import FileDone, FileStarted, Finished, Progress
         from engine.run.execute import execute
 
-        call = self.app.call_from_thread
+        call = self._from_worker
         last = 0.0
         try:
             events = execute(plan, job.out_dir, overwrite=job.overwrite)
@@ -542,10 +544,10 @@ class WorkbenchScreen(Screen[None]):
         try:
             ok, summary = verify_job(info, job)
         except ConvertError as e:
-            self.app.call_from_thread(panel.fail, f"verify: {e}")
+            self._from_worker(panel.fail, f"verify: {e}")
             return
         color = "green" if ok else "red"
-        self.app.call_from_thread(panel.finish, f"[{color}]verify: {summary}[/{color}]")
+        self._from_worker(panel.finish, f"[{color}]verify: {summary}[/{color}]")
 
     # -- save / command line / help ----------------------------------------------------
     def action_save(self) -> None:
